@@ -1,0 +1,135 @@
+"""Turn a stage's config class and run function into a typer command.
+
+Each field of the :class:`~dpa_rag.config.StageConfig` becomes a ``--kebab-case`` option whose help is the field's
+``description``; ``--config FILE`` reads a YAML file; flags given on the command line win over the file. Extra option
+names for a field (e.g. the authors' ``--train_data_path``) come from ``json_schema_extra={"cli": [...]}``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import types
+import typing
+from collections.abc import Callable
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin
+
+import typer
+from pydantic.fields import FieldInfo
+
+from dpa_rag.config import ConfigError, StageConfig, load_config
+from dpa_rag.io import DataError
+
+__all__ = ["add_stage_command", "fail"]
+
+_SCALARS = (str, int, float, bool, Path)
+
+
+def fail(message: str, code: int = 2) -> typing.NoReturn:
+    """Print an error for the user and exit (no traceback)."""
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _cli_type(annotation: Any) -> tuple[Any, str]:
+    """Map a field annotation to a type typer understands, plus a note for the help text."""
+    origin = get_origin(annotation)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _cli_type(args[0])
+        return str, ""
+    if origin is Literal:
+        choices = get_args(annotation)
+        return type(choices[0]), "one of: " + ", ".join(map(str, choices))
+    if origin in (list, tuple, typing.List):  # noqa: UP006
+        args = get_args(annotation)
+        inner = args[0] if args and args[0] in _SCALARS else str
+        return list[inner], "repeat the flag for several values"
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return str, "one of: " + ", ".join(str(m.value) for m in annotation)
+    if annotation in _SCALARS:
+        return annotation, ""
+    return None, ""  # dicts and nested models: YAML only
+
+
+def _default_text(field: FieldInfo) -> str:
+    if field.default_factory is not None:
+        try:
+            value = field.default_factory()  # type: ignore[call-arg]
+        except TypeError:
+            return ""
+    else:
+        value = field.default
+    if value is None or value == "" or value == [] or value == {}:
+        return ""
+    if isinstance(value, Enum):
+        value = value.value
+    return f"[default: {value}]"
+
+
+def add_stage_command(
+    app: typer.Typer,
+    name: str,
+    config_cls: type[StageConfig],
+    run: Callable[[Any], Any],
+    help: str,
+    rich_help_panel: str | None = None,
+) -> Callable[..., None]:
+    """Register ``name`` on ``app``: options from ``config_cls`` fields, then ``run(cfg)``."""
+    params = [
+        inspect.Parameter(
+            "config",
+            inspect.Parameter.KEYWORD_ONLY,
+            default=typer.Option(None, "--config", "-c", help="YAML file with any of the options below (flags win)."),
+            annotation=Optional[Path],  # noqa: UP045
+        )
+    ]
+    field_names: list[str] = []
+    yaml_only: list[str] = []
+    for fname, field in config_cls.model_fields.items():
+        cli_type, note = _cli_type(field.annotation)
+        if cli_type is None:
+            yaml_only.append(fname)
+            continue
+        flag = "--" + fname.replace("_", "-")
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        aliases = list(extra.get("cli", []))
+        decls = [f"{flag}/--no-{fname.replace('_', '-')}"] if cli_type is bool else [flag]
+        decls += aliases
+        help_text = " ".join(x for x in (field.description or "", note, _default_text(field)) if x)
+        if field.is_required():
+            help_text += " [required]"
+        params.append(
+            inspect.Parameter(
+                fname,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(None, *decls, help=help_text, show_default=False),
+                annotation=Optional[cli_type],  # noqa: UP045
+            )
+        )
+        field_names.append(fname)
+
+    def command(**kwargs: Any) -> None:
+        config_path = kwargs.pop("config", None)
+        overrides = {k: v for k, v in kwargs.items() if v is not None and v != []}
+        try:
+            cfg = load_config(config_cls, config_path, overrides)
+            result = run(cfg)
+        except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
+            logging.getLogger("dpa_rag").debug("command failed", exc_info=True)
+            fail(str(exc))
+        if result is not None:
+            typer.echo(f"{name}: wrote {result}")
+
+    command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    command.__annotations__ = {p.name: p.annotation for p in params}
+    command.__name__ = name.replace("-", "_")
+    doc = help
+    if yaml_only:
+        doc += "\n\nSet in the YAML file only: " + ", ".join(yaml_only) + "."
+    command.__doc__ = doc
+    app.command(name, help=doc, rich_help_panel=rich_help_panel)(command)
+    return command

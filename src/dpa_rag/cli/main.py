@@ -1,0 +1,74 @@
+"""The ``dpa-rag`` command line: one typer app, one thin command per pipeline stage.
+
+Commands live in ``dpa_rag/cli/commands/<module>.py``; each module has ``register(app)``. They are listed here in
+pipeline order so ``--help`` reads like the pipeline.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+
+import typer
+
+__all__ = ["app", "main"]
+
+COMMAND_MODULES = [
+    "env",
+    "retrieval",  # index, retrieve
+    "mining",  # mine, build-reranker-data, build-llm-data
+    "augment",  # augment, filter
+    "reranker",  # train-reranker, rerank
+    "llm",  # train-llm
+    "answer",  # answer
+    "evaluate",  # evaluate
+    "pipeline",  # run, demo
+]
+
+app = typer.Typer(
+    name="dpa-rag",
+    help=(
+        "DPA-RAG: align retrieval with what the reader LLM can use.\n\n"
+        "Stages: index → retrieve → mine → augment → filter → build-reranker-data → train-reranker → rerank → "
+        "build-llm-data → train-llm → answer → evaluate; `run` chains them from one YAML config."
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_show_locals=False,
+)
+
+
+@app.callback()
+def _global(
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging (and tracebacks on errors)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
+) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def _register_all() -> None:
+    for name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(f"dpa_rag.cli.commands.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name == f"dpa_rag.cli.commands.{name}":
+                continue  # a stage not built in this checkout
+            raise
+        module.register(app)
+
+
+_register_all()
+
+
+def main() -> None:
+    """Entry point of the ``dpa-rag`` script."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Typed stage configuration: pydantic models, YAML files, command-line overrides, resolved copies.
+
+Every stage has a :class:`StageConfig` subclass whose fields carry a ``description`` (it becomes the ``--help`` text).
+Values are merged as *defaults < YAML file < command-line flags*; unknown keys are an error that names the key; the
+resolved configuration is written next to the stage's outputs (``config.yaml``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from dpa_rag.io import write_text
+
+__all__ = ["ConfigError", "StageConfig", "config_hash", "load_config", "load_yaml", "save_config"]
+
+C = TypeVar("C", bound="StageConfig")
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+class StageConfig(BaseModel):
+    """Base class of every stage configuration: strict (unknown keys rejected), validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; an empty file is ``{}``."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values at the top level")
+    return data
+
+
+def _explain(exc: ValidationError, cls: type[BaseModel], source: str) -> str:
+    lines = []
+    for e in exc.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(root)"
+        if e["type"] == "extra_forbidden":
+            known = ", ".join(sorted(cls.model_fields))
+            lines.append(f"unknown key '{key}' (known keys: {known})")
+        else:
+            lines.append(f"'{key}': {e['msg']}")
+    return f"{source}: invalid {cls.__name__}: " + "; ".join(lines)
+
+
+def load_config(
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+    section: str | None = None,
+) -> C:
+    """Build a config from defaults, an optional YAML file and overrides (``None`` values are ignored).
+
+    Args:
+        cls: the stage's config class.
+        path: YAML file; with ``section``, only that top-level key of the file is used (pipeline configs).
+        overrides: values from the command line; they win over the file.
+        section: top-level key to read from the YAML file.
+    """
+    data: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        raw = load_yaml(path)
+        if section is not None:
+            raw = raw.get(section) or {}
+            if not isinstance(raw, dict):
+                raise ConfigError(f"{path}: section '{section}' must be a mapping")
+        data.update(raw)
+        source = str(path)
+    if overrides:
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        source = f"{source} + command line" if path else "command line"
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, cls, source)) from None
+
+
+def save_config(cfg: BaseModel, path: str | Path) -> Path:
+    """Write the resolved config as YAML (atomically)."""
+    text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False, allow_unicode=True)
+    return write_text(path, text)
+
+
+def config_hash(cfg: BaseModel, exclude: set[str] | None = None) -> str:
+    """Stable hash of a config's values (for manifests and caches)."""
+    data = cfg.model_dump(mode="json", exclude=exclude)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

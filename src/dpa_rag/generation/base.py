@@ -1,0 +1,95 @@
+"""The generator protocol every reader/rewriter backend implements, and its shared options.
+
+A backend turns prompts into texts: ``generate(prompts, params) -> list[str]``. A prompt is either a plain string or
+a chat (a list of ``{"role", "content"}`` messages); backends apply the model's chat template to chats.
+:class:`~dpa_rag.generation.cache.CachedGenerator` wraps any backend with the on-disk cache, batching and progress.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal, Protocol, Union, runtime_checkable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["GenerationParams", "Generator", "GeneratorOptions", "Prompt", "prompt_to_text"]
+
+Prompt = Union[str, list[dict[str, str]]]  # noqa: UP007
+
+
+class GenerationParams(BaseModel):
+    """Decoding parameters. ``temperature == 0`` means greedy decoding (the default everywhere)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_new_tokens: int = Field(32, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@runtime_checkable
+class Generator(Protocol):
+    """A text generation backend.
+
+    Attributes:
+        model_id: identifies the model *and its weights* (a fingerprint for local folders); part of the cache key.
+    """
+
+    model_id: str
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[str]:
+        """Return one completion per prompt, in order."""
+        ...
+
+
+def prompt_to_text(prompt: Prompt) -> str:
+    """A plain-text rendering of a prompt (for backends or logs without a chat template)."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
+
+
+class GeneratorOptions(BaseModel):
+    """Options shared by every stage that calls an LLM (mixed into those stages' configs)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    backend: Literal["hf", "openai", "vllm", "fake"] = Field(
+        "hf",
+        description="Generation backend: hf (local transformers), openai (any OpenAI-compatible server), vllm, "
+        "fake (deterministic test double).",
+    )
+    model: str = Field(
+        "smollm2-135m",
+        description="Reader/generator model: a bundled alias (smollm2-135m), a hub id or a local folder; for the "
+        "openai backend, the server's model name.",
+    )
+    base_url: str | None = Field(None, description="OpenAI-compatible server URL, e.g. http://localhost:8000/v1.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (openai).")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="Weights/compute dtype for hf/vllm; auto picks bf16 where the hardware runs it fast."
+    )
+    device: str = Field("auto", description="Device for hf: auto, cpu, cuda, cuda:1, mps.")
+    batch_size: int = Field(16, ge=1, description="Prompts per backend call (hf batch; cache flush unit).")
+    max_new_tokens: int = Field(32, ge=1, description="Maximum new tokens per answer.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 = greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling p (ignored when greedy).")
+    max_concurrency: int = Field(8, ge=1, description="Parallel HTTP requests (openai backend).")
+    timeout: float = Field(60.0, gt=0, description="Seconds per HTTP request (openai backend).")
+    max_retries: int = Field(5, ge=0, description="Retries with exponential backoff on server errors (openai).")
+    cache_dir: Path | None = Field(
+        None, description="Generation cache folder (default: $DPA_RAG_CACHE or ~/.cache/dpa-rag)."
+    )
+    use_cache: bool = Field(True, description="Read and write the on-disk generation cache.")
+
+    def generation_params(self, **override: Any) -> GenerationParams:
+        values = {"max_new_tokens": self.max_new_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        values.update(override)
+        return GenerationParams(**values)

@@ -1,0 +1,53 @@
+"""A deterministic, dependency-free test double for generators (used by tests and offline dry runs)."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+
+from dpa_rag.generation.base import GenerationParams, Prompt, prompt_to_text
+
+__all__ = ["FakeGenerator", "first_capitalised_phrase"]
+
+_CAPS = re.compile(r"\b([A-Z][a-z]+(?:\s+[A-Z][a-z]+)*)")
+
+
+def first_capitalised_phrase(prompt: str) -> str:
+    """The default fake "reader": the first capitalised phrase of the first passage, else "unknown".
+
+    Passages are whatever follows ``Content:`` in the prompt (the rendered-passage layout), so a closed-book prompt
+    answers "unknown" and an open-book one copies a name from the passage — enough to make every preference
+    category occur in tests.
+    """
+    _, sep, rest = prompt.partition("Content:")
+    if not sep:
+        return "unknown"
+    m = _CAPS.search(rest)
+    return m.group(1) if m else "unknown"
+
+
+class FakeGenerator:
+    """Answers with ``fn(prompt_text)``; counts calls and batches so tests can assert on caching.
+
+    Args:
+        fn: maps the prompt's text to the completion (default :func:`first_capitalised_phrase`).
+        model_id: identifies the fake in the cache key.
+        fail_times: raise ``RuntimeError`` on the first ``fail_times`` calls (to test retry and resume).
+    """
+
+    def __init__(
+        self, fn: Callable[[str], str] | None = None, model_id: str = "fake", fail_times: int = 0
+    ) -> None:
+        self.fn = fn or first_capitalised_phrase
+        self.model_id = model_id
+        self.calls = 0
+        self.batches = 0
+        self.fail_times = fail_times
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[str]:
+        if self.fail_times > 0:
+            self.fail_times -= 1
+            raise RuntimeError("fake backend failure")
+        self.batches += 1
+        self.calls += len(prompts)
+        return [self.fn(prompt_to_text(p)) for p in prompts]

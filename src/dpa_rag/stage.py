@@ -1,0 +1,143 @@
+"""What every stage writes next to its outputs: the resolved config and a manifest.
+
+``config.yaml`` is the resolved configuration. ``manifest.json`` records the config hash, the SHA-256 of each input
+file, row counts, timings, versions and the git commit, so ``dpa-rag run`` can tell whether a stage's outputs are
+still valid for its current inputs (see :func:`manifest_matches`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from dpa_rag import __version__
+from dpa_rag.config import config_hash, save_config
+from dpa_rag.io import file_sha256, write_json
+
+__all__ = ["MANIFEST", "StageRecorder", "hash_inputs", "manifest_matches", "read_manifest", "stage_recorder"]
+
+MANIFEST = "manifest.json"
+# Fields that never change a stage's result (where to write, how loud, caches, parallelism).
+RESULT_NEUTRAL_FIELDS = {"out_dir", "cache_dir", "use_cache", "progress", "max_concurrency", "timeout", "max_retries"}
+
+
+def hash_inputs(paths: Iterable[str | Path | None]) -> dict[str, str]:
+    """SHA-256 of each input file; a folder hashes its files' relative names and contents."""
+    out: dict[str, str] = {}
+    for p in paths:
+        if p is None:
+            continue
+        p = Path(p)
+        if p.is_dir():
+            import hashlib
+
+            h = hashlib.sha256()
+            for f in sorted(x for x in p.rglob("*") if x.is_file() and x.name != MANIFEST and x.name != "config.yaml"):
+                h.update(str(f.relative_to(p)).encode())
+                h.update(file_sha256(f).encode())
+            out[str(p)] = h.hexdigest()
+        elif p.exists():
+            out[str(p)] = file_sha256(p)
+        else:
+            out[str(p)] = "missing"
+    return out
+
+
+def _git_sha() -> str | None:
+    try:
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                check=True,
+                timeout=5,
+                cwd=Path(__file__).parent,
+            ).stdout.strip()
+            or None
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def manifest_matches(out_dir: str | Path, cfg: BaseModel, inputs: Iterable[str | Path | None]) -> bool:
+    """True iff ``out_dir`` holds a finished manifest for the same config hash and identical input files."""
+    m = read_manifest(out_dir)
+    if not m or m.get("status") != "complete":
+        return False
+    if m.get("config_hash") != config_hash(cfg, exclude=RESULT_NEUTRAL_FIELDS & set(type(cfg).model_fields)):
+        return False
+    if m.get("inputs") != hash_inputs(inputs):
+        return False
+    return all((Path(out_dir) / o).exists() for o in m.get("outputs", []))
+
+
+class StageRecorder:
+    """Collects counts and timings during a stage; :meth:`finish` writes ``config.yaml`` and ``manifest.json``."""
+
+    def __init__(self, stage: str, cfg: BaseModel, out_dir: str | Path, inputs: Iterable[str | Path | None]) -> None:
+        self.stage = stage
+        self.cfg = cfg
+        self.out_dir = Path(out_dir)
+        self.inputs = [Path(p) for p in inputs if p is not None]
+        self.counts: dict[str, Any] = {}
+        self.timings: dict[str, float] = {}
+        self._t0 = time.time()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, self.out_dir / "config.yaml")
+
+    @contextlib.contextmanager
+    def timer(self, name: str) -> Iterator[None]:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] = round(self.timings.get(name, 0.0) + time.perf_counter() - t, 3)
+
+    def finish(self, outputs: Iterable[str], **counts: Any) -> Path:
+        import torch
+        import transformers
+
+        self.counts.update(counts)
+        neutral = RESULT_NEUTRAL_FIELDS & set(type(self.cfg).model_fields)
+        manifest = {
+            "stage": self.stage,
+            "status": "complete",
+            "config_hash": config_hash(self.cfg, exclude=neutral),
+            "inputs": hash_inputs(self.inputs),
+            "outputs": sorted(outputs),
+            "counts": self.counts,
+            "timings_s": {**self.timings, "total": round(time.time() - self._t0, 3)},
+            "versions": {
+                "dpa_rag": __version__,
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "transformers": transformers.__version__,
+            },
+            "git_sha": _git_sha(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        return write_json(self.out_dir / MANIFEST, manifest)
+
+
+def stage_recorder(stage: str, cfg: BaseModel, out_dir: str | Path, inputs: Iterable[str | Path | None]) -> StageRecorder:
+    """Start recording a stage (writes the resolved config right away)."""
+    return StageRecorder(stage, cfg, out_dir, inputs)
