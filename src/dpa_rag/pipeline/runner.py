@@ -1,0 +1,138 @@
+"""Run a graph of stages with manifest-based skipping, ``--from`` and ``--force``.
+
+A :class:`Step` knows its name, the steps it depends on, how to build its stage config from the pipeline state,
+which input files it reads and how to run. A step is skipped when its folder holds a complete manifest for the same
+config hash and input-file hashes *and* the same upstream run ids (so re-running an upstream step re-runs everything
+after it). A step that was killed has no complete manifest and runs again; the stages themselves resume their own
+partial work (mining, augmentation) or restart quickly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from dpa_rag.io import write_json
+from dpa_rag.stage import MANIFEST, manifest_matches, read_manifest
+
+__all__ = ["Step", "StepResult", "run_steps"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Step:
+    """One node of the pipeline graph.
+
+    Attributes:
+        name: the step's name (also its folder under the run directory, unless ``folder`` is set).
+        deps: names of steps whose outputs this one reads.
+        make_config: builds the stage config; receives the folders of all steps by name.
+        inputs: input files/folders read by the step (hashed for the manifest check), given the same folders.
+        run: runs the stage with its config.
+        enabled: a disabled step is neither run nor required.
+    """
+
+    name: str
+    deps: Sequence[str]
+    make_config: Callable[[dict[str, Path]], BaseModel]
+    inputs: Callable[[BaseModel], Sequence[Path | str | None]]
+    run: Callable[[BaseModel], Any]
+    enabled: bool = True
+    folder: str | None = None
+
+
+@dataclass
+class StepResult:
+    name: str
+    status: str  # "ran" | "skipped" | "disabled"
+    seconds: float = 0.0
+    out_dir: Path | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _run_id(out_dir: Path) -> str | None:
+    m = read_manifest(out_dir)
+    return m.get("run_id") if m else None
+
+
+def _stamp(out_dir: Path, upstream: dict[str, str | None]) -> str:
+    """Add a fresh run id and the upstream run ids to a finished stage's manifest."""
+    path = out_dir / MANIFEST
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"status": "complete"}
+    manifest["run_id"] = uuid.uuid4().hex
+    manifest["upstream"] = upstream
+    write_json(path, manifest)
+    return manifest["run_id"]
+
+
+def run_steps(
+    steps: Sequence[Step],
+    run_dir: Path,
+    from_step: str | None = None,
+    force: bool = False,
+    until: str | None = None,
+    on_step: Callable[[StepResult], None] | None = None,
+) -> list[StepResult]:
+    """Run ``steps`` in order (they must be topologically sorted).
+
+    Args:
+        steps: the graph, dependencies first.
+        run_dir: the run folder; step ``x`` writes to ``run_dir/x``.
+        from_step: re-run this step and every enabled step after it, whatever the manifests say.
+        force: re-run every step.
+        until: stop after this step.
+        on_step: called after each step (progress reporting).
+    """
+    names = [s.name for s in steps]
+    for opt, val in (("--from", from_step), ("--until", until)):
+        if val is not None and val not in names:
+            raise ValueError(f"{opt} {val!r}: unknown step (steps: {', '.join(names)})")
+    folders = {s.name: run_dir / (s.folder or s.name) for s in steps}
+    enabled = {s.name for s in steps if s.enabled}
+    forced_from = names.index(from_step) if from_step else None
+    results: list[StepResult] = []
+    for i, step in enumerate(steps):
+        if not step.enabled:
+            results.append(StepResult(step.name, "disabled"))
+            if on_step:
+                on_step(results[-1])
+            continue
+        missing = [d for d in step.deps if d not in enabled]
+        if missing:
+            raise ValueError(f"step '{step.name}' needs {', '.join(missing)}, which is disabled in this config")
+        out_dir = folders[step.name]
+        cfg = step.make_config(folders)
+        inputs = list(step.inputs(cfg))
+        upstream = {d: _run_id(folders[d]) for d in step.deps}
+        must_run = force or (forced_from is not None and i >= forced_from)
+        manifest = read_manifest(out_dir)
+        up_to_date = (
+            not must_run
+            and manifest_matches(out_dir, cfg, inputs)
+            and manifest is not None
+            and manifest.get("upstream") == upstream
+        )
+        if up_to_date:
+            res = StepResult(step.name, "skipped", out_dir=out_dir)
+            logger.info("step %-20s up to date, skipped", step.name)
+        else:
+            logger.info("step %-20s running", step.name)
+            t = time.perf_counter()
+            step.run(cfg)
+            _stamp(out_dir, upstream)
+            res = StepResult(step.name, "ran", seconds=round(time.perf_counter() - t, 1), out_dir=out_dir)
+        results.append(res)
+        if on_step:
+            on_step(res)
+        if until is not None and step.name == until:
+            break
+    return results
