@@ -67,8 +67,9 @@ def test_cli_builder_options_and_errors(tmp_path):
     assert res.exit_code == 0
     for text in ("--top-k", "Passages per question", "--no-flag", "--authors_mode", "--config"):
         assert text in res.output
-    res = runner.invoke(app, ["demo", "--out-dir", str(tmp_path), "--ranks", "1", "--ranks", "50", "--no-flag",
-                              "--authors_mode", "b"])
+    res = runner.invoke(
+        app, ["demo", "--out-dir", str(tmp_path), "--ranks", "1", "--ranks", "50", "--no-flag", "--authors_mode", "b"]
+    )
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
     assert cfg.ranks == [1, 50] and cfg.flag is False and cfg.mode == "b" and cfg.top_k == 3

@@ -11,7 +11,9 @@ def test_tiny_models_load(tiny_bert_dir, tiny_llm_dir):
     assert out.last_hidden_state.shape[-1] == 32
 
     ltok = AutoTokenizer.from_pretrained(tiny_llm_dir)
-    text = ltok.apply_chat_template([{"role": "user", "content": "who won"}], tokenize=False, add_generation_prompt=True)
+    text = ltok.apply_chat_template(
+        [{"role": "user", "content": "who won"}], tokenize=False, add_generation_prompt=True
+    )
     assert text.endswith("<|im_start|>assistant\n")
     ids = ltok(text, return_tensors="pt")
     model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir)

@@ -79,9 +79,13 @@ def test_corpus_layouts(tmp_path):
 
 
 def test_corpus_dedup_and_conflicts(tmp_path):
-    a = _write(tmp_path / "a.jsonl", ['{"id": "1", "title": "T", "text": "x"}', '{"id": "2", "title": "T", "text": "x"}'])
+    a = _write(
+        tmp_path / "a.jsonl", ['{"id": "1", "title": "T", "text": "x"}', '{"id": "2", "title": "T", "text": "x"}']
+    )
     assert len(load_corpus(a)) == 1
-    b = _write(tmp_path / "b.jsonl", ['{"id": "1", "title": "T", "text": "x"}', '{"id": "1", "title": "U", "text": "y"}'])
+    b = _write(
+        tmp_path / "b.jsonl", ['{"id": "1", "title": "T", "text": "x"}', '{"id": "1", "title": "U", "text": "y"}']
+    )
     with pytest.raises(DataError, match=r"b\.jsonl:2: passage id '1'"):
         load_corpus(b)
     c = _write(tmp_path / "c.jsonl", ['{"id": "1", "title": "T"}'])
@@ -125,8 +129,13 @@ def test_shared_files_load(shared_data):
 
 
 def test_authors_file_validation(tmp_path):
-    f = _write(tmp_path / "t.jsonl", ['{"query": "q", "classification": {"text": "x", "label": 3}, '
-                                      '"rank_list": [], "positive": [], "negative": []}'])
+    f = _write(
+        tmp_path / "t.jsonl",
+        [
+            '{"query": "q", "classification": {"text": "x", "label": 3}, '
+            '"rank_list": [], "positive": [], "negative": []}'
+        ],
+    )
     with pytest.raises(DataError, match=r"t\.jsonl:1: not a RerankerTrainRecord: classification\.label"):
         load_reranker_train(f)
 

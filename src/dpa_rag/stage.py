@@ -138,6 +138,8 @@ class StageRecorder:
         return write_json(self.out_dir / MANIFEST, manifest)
 
 
-def stage_recorder(stage: str, cfg: BaseModel, out_dir: str | Path, inputs: Iterable[str | Path | None]) -> StageRecorder:
+def stage_recorder(
+    stage: str, cfg: BaseModel, out_dir: str | Path, inputs: Iterable[str | Path | None]
+) -> StageRecorder:
     """Start recording a stage (writes the resolved config right away)."""
     return StageRecorder(stage, cfg, out_dir, inputs)

@@ -219,7 +219,7 @@ def load_retrieval(path: str | Path, limit: int | None = None) -> list[Retrieval
                 raise ValueError("'ctxs' must be a list")
             ctxs = [_ctx_of(c) for c in raw]
             qid = str(rec.get("id", rec.get("qid", ""))) or question_id(q)
-            extra = {k: rec[k] for k in ("origin_id", "strategy") if k in rec}
+            extra = {k: rec[k] for k in ("category", "origin_id", "strategy") if k in rec}
             out.append(RetrievalRecord(id=_unique(seen, qid), question=q, answers=answers, ctxs=ctxs, **extra))
         except (ValueError, ValidationError) as exc:
             raise DataError(f"{path}:{pos}: {_msg(exc)}") from None

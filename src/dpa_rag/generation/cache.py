@@ -137,8 +137,8 @@ class CachedGenerator:
                         )
                     self.calls += len(batch_prompts)
                     if self.cache is not None:
-                        self.cache.put_many(self.model_id, list(zip(batch_keys, outs)))
-                    for k, out in zip(batch_keys, outs):
+                        self.cache.put_many(self.model_id, list(zip(batch_keys, outs, strict=True)))
+                    for k, out in zip(batch_keys, outs, strict=True):
                         for i in todo[k]:
                             results[i] = out
                     bar.update(len(batch_keys))

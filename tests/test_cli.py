@@ -1,0 +1,54 @@
+"""Every sub-command answers --help, and the command list matches the pipeline."""
+
+from __future__ import annotations
+
+import pytest
+from typer.main import get_command
+from typer.testing import CliRunner
+
+from dpa_rag.cli.main import app
+
+EXPECTED = {
+    "env",
+    "index",
+    "retrieve",
+    "mine",
+    "build-reranker-data",
+    "build-llm-data",
+    "augment",
+    "filter",
+    "train-reranker",
+    "rerank",
+    "train-llm",
+    "answer",
+    "evaluate",
+    "run",
+    "demo",
+}
+
+
+def _commands() -> dict:
+    return get_command(app).commands  # type: ignore[attr-defined]
+
+
+def test_all_commands_registered():
+    assert EXPECTED <= set(_commands())
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_help(name):
+    if name not in _commands():
+        pytest.fail(f"command {name} is not registered")
+    res = CliRunner().invoke(app, [name, "--help"])
+    assert res.exit_code == 0, res.output
+    assert "Usage" in res.output
+    cmd = _commands()[name]
+    for param in cmd.params:
+        if param.param_type_name == "option" and param.name not in ("help",):
+            assert param.help, f"{name} --{param.name} has no help text"
+
+
+def test_env_runs():
+    res = CliRunner().invoke(app, ["env"])
+    assert res.exit_code == 0
+    assert "torch" in res.output and "transformers" in res.output
