@@ -1,0 +1,99 @@
+"""The pipeline configuration: data, shared reader, ablation switches and per-stage sections.
+
+A pipeline YAML looks like::
+
+    out_dir: runs/nq
+    questions: data/nq_questions.jsonl
+    corpus: [data/corpus.jsonl]
+    reader: {model: smollm2-135m, batch_size: 16}
+    retriever: bm25
+    augmentation: true
+    reranker: true
+    prealign: true
+    train_llm: true
+    sections:
+      mine: {ranks: [1, 5, 10, 20]}
+      train_reranker: {epochs: 3, losses: [point, pair, contrastive], weighting: mgda}
+      train_llm_sft: {max_steps: 40}
+
+A section holds any option of that stage's own command (``dpa-rag <stage> --help``), except the input/output paths,
+which the pipeline wires. Unknown keys are errors that name the key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from dpa_rag.config import StageConfig
+
+__all__ = ["SECTION_NAMES", "PipelineConfig"]
+
+SECTION_NAMES = (
+    "split",
+    "index",
+    "retrieve",
+    "mine",
+    "augment",
+    "filter",
+    "reranker_data",
+    "train_reranker",
+    "rerank",
+    "llm_data",
+    "train_llm",
+    "train_llm_prealign",
+    "train_llm_sft",
+    "answer",
+    "report",
+)
+
+
+class PipelineConfig(StageConfig):
+    """Everything ``dpa-rag run`` needs; see the module docstring for the YAML layout."""
+
+    out_dir: Path = Field(Path("runs/dpa"), description="Run folder; each step writes to a sub-folder.")
+    questions: Path = Field(description="Questions with gold answers (any layout load_questions reads).")
+    eval_questions: Path | None = Field(
+        None, description="Held-out evaluation questions; default: a seeded split of `questions`."
+    )
+    corpus: list[Path] = Field(description="Corpus files for the retrieval index (any layout load_corpus reads).")
+    eval_fraction: float = Field(0.4, gt=0, lt=1, description="Share of `questions` held out when no eval file.")
+    train_limit: int | None = Field(None, ge=1, description="At most N training questions.")
+    eval_limit: int | None = Field(None, ge=1, description="At most N evaluation questions.")
+    seed: int = Field(42, description="Seed for splits and training.")
+    retriever: Literal["bm25", "dense", "hybrid"] = Field("bm25", description="Retriever feeding the system.")
+    compare_retrievers: list[Literal["bm25", "dense", "hybrid"]] = Field(
+        default_factory=list, description="Extra retrievers reported as baselines (their own top-k, base reader)."
+    )
+    retrieve_top_k: int = Field(100, ge=1, description="Candidates retrieved per question (the paper: 100).")
+    top_k: int = Field(3, ge=1, description="Passages the reader sees (the paper: 3; 2 for WebQSP).")
+    reader: dict[str, Any] = Field(
+        default_factory=dict, description="Reader generator options (backend, model, batch_size, dtype, …)."
+    )
+    rewriter: dict[str, Any] | None = Field(
+        None, description="Generator options for query augmentation (default: the reader's)."
+    )
+    augmentation: bool = Field(True, description="Ablation: query augmentation + consistency filter.")
+    filter_backend: Literal["similarity", "nli"] = Field("similarity", description="Consistency filter backend.")
+    reranker: bool = Field(True, description="Ablation: train and use the preference-aligned reranker.")
+    train_llm: bool = Field(True, description="Ablation: self-align the reader (LoRA SFT).")
+    prealign: bool = Field(True, description="Ablation: run the pre-aligned stage before SFT.")
+    sections: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Per-stage options: " + ", ".join(SECTION_NAMES) + "."
+    )
+
+    @field_validator("sections")
+    @classmethod
+    def _known_sections(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        unknown = sorted(set(v) - set(SECTION_NAMES))
+        if unknown:
+            raise ValueError(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTION_NAMES)}")
+        for name, body in v.items():
+            if not isinstance(body, dict):
+                raise ValueError(f"section '{name}' must be a mapping")
+        return v
+
+    def section(self, name: str) -> dict[str, Any]:
+        return dict(self.sections.get(name) or {})

@@ -1,0 +1,276 @@
+"""The DPA-RAG pipeline as a graph of steps over the stage functions.
+
+split → index → retrieve (train/eval, + baseline retrievers) → mine → augment → filter → reranker-data →
+train-reranker → rerank (train/eval) → llm-data → train-llm (prealign → sft) → answer (every system) → report.
+
+Each step's config is built from the pipeline config: the stage's section (any option of the stage's own command)
+plus the input/output paths the pipeline wires. Ablation switches disable steps; the systems compared in the report
+follow from what is enabled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from dpa_rag.config import ConfigError
+from dpa_rag.pipeline.config import PipelineConfig
+from dpa_rag.pipeline.runner import Step
+
+__all__ = ["SYSTEMS", "build_steps", "system_steps"]
+
+# report name → (answer step, description)
+SYSTEMS = {
+    "closed_book": "reader alone, no passages",
+    "retriever": "retriever top-k + base reader (vanilla RAG)",
+    "reranker": "+ aligned reranker (base reader)",
+    "aligned_reader": "retriever top-k + self-aligned reader",
+    "full": "DPA-RAG: aligned reranker + self-aligned reader",
+    "closed_book_aligned": "self-aligned reader alone, no passages",
+}
+
+
+def _make(cls: type[BaseModel], section_name: str, section: dict[str, Any], wired: dict[str, Any]) -> BaseModel:
+    clash = sorted(set(section) & set(wired))
+    if clash:
+        raise ConfigError(
+            f"sections.{section_name}: {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} set by the pipeline"
+        )
+    try:
+        return cls.model_validate({**section, **wired})
+    except ValidationError as exc:
+        msgs = []
+        for e in exc.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            msgs.append(f"unknown key '{key}'" if e["type"] == "extra_forbidden" else f"'{key}': {e['msg']}")
+        raise ConfigError(f"sections.{section_name}: " + "; ".join(msgs)) from None
+
+
+def _reader(cfg: PipelineConfig, **override: Any) -> dict[str, Any]:
+    opts = {"cache_dir": str(cfg.out_dir / "cache"), **cfg.reader, **override}
+    return opts
+
+
+def _lazy(module: str, fn: str) -> Callable[[Any], Any]:
+    def run(stage_cfg: Any) -> Any:
+        import importlib
+
+        return getattr(importlib.import_module(module), fn)(stage_cfg)
+
+    return run
+
+
+def system_steps(cfg: PipelineConfig) -> dict[str, str]:
+    """Which answer step produces each system of the report, for the enabled parts."""
+    out = {"closed_book": "answer-closed-book", "retriever": f"answer-{cfg.retriever}"}
+    if cfg.reranker:
+        out["reranker"] = "answer-reranker"
+    if cfg.train_llm:
+        out["aligned_reader"] = "answer-aligned-reader"
+        out["closed_book_aligned"] = "answer-closed-book-aligned"
+    if cfg.reranker and cfg.train_llm:
+        out["full"] = "answer-full"
+    for method in cfg.compare_retrievers:
+        if method != cfg.retriever:
+            out[method] = f"answer-{method}"
+    return out
+
+
+def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear recipe, easier to read flat
+    """The ordered steps of a run (disabled ones included, marked ``enabled=False``)."""
+    from dpa_rag.augment.augment import AugmentConfig
+    from dpa_rag.augment.filter import FilterConfig
+    from dpa_rag.llm.config import TrainLLMConfig
+    from dpa_rag.mining.llm_data import LLMDataConfig
+    from dpa_rag.mining.mine import MineConfig
+    from dpa_rag.mining.reranker_data import RerankerDataConfig
+    from dpa_rag.pipeline.split import SplitConfig
+    from dpa_rag.rag.answer import AnswerConfig
+    from dpa_rag.reranker.config import RerankConfig, TrainRerankerConfig
+    from dpa_rag.retrieval.index import IndexConfig
+    from dpa_rag.retrieval.retrieve import RetrieveConfig
+
+    s = cfg.section
+    methods = list(dict.fromkeys([cfg.retriever, *cfg.compare_retrievers]))
+    kinds = {"bm25" if m == "bm25" else "dense" if m == "dense" else "both" for m in methods}
+    index_kind = "both" if len(kinds) > 1 or "both" in kinds else kinds.pop()
+    steps: list[Step] = []
+
+    def add(name, deps, cls, section, wired, inputs, run, enabled=True):
+        steps.append(
+            Step(
+                name=name,
+                deps=deps,
+                make_config=lambda f, cls=cls, section=section, wired=wired: _make(cls, section, s(section), wired(f)),
+                inputs=inputs,
+                run=run,
+                enabled=enabled,
+            )
+        )
+
+    add(
+        "split", [], SplitConfig, "split",
+        lambda f: {
+            "questions": cfg.questions, "eval_questions": cfg.eval_questions, "out_dir": f["split"],
+            "eval_fraction": cfg.eval_fraction, "train_limit": cfg.train_limit, "eval_limit": cfg.eval_limit,
+            "seed": cfg.seed,
+        },
+        lambda c: [c.questions, c.eval_questions], _lazy("dpa_rag.pipeline.split", "run_split"),
+    )
+    add(
+        "index", [], IndexConfig, "index",
+        lambda f: {"corpus": cfg.corpus, "out_dir": f["index"], "kind": index_kind},
+        lambda c: list(c.corpus), _lazy("dpa_rag.retrieval.index", "run_index"),
+    )
+    for part in ("train", "eval"):
+        for method in methods if part == "eval" else [cfg.retriever]:
+            name = f"retrieve-{part}" if method == cfg.retriever else f"retrieve-{part}-{method}"
+            add(
+                name, ["split", "index"], RetrieveConfig, "retrieve",
+                lambda f, part=part, method=method, name=name: {
+                    "index_dir": f["index"], "questions": f["split"] / f"{part}_questions.jsonl",
+                    "out_dir": f[name], "method": method, "top_k": cfg.retrieve_top_k,
+                },
+                lambda c: [c.questions], _lazy("dpa_rag.retrieval.retrieve", "run_retrieve"),
+            )
+
+    add(
+        "mine", ["retrieve-train"], MineConfig, "mine",
+        lambda f: {**_reader(cfg), "retrieval": f["retrieve-train"] / "retrieval.jsonl", "out_dir": f["mine"]},
+        lambda c: [c.retrieval], _lazy("dpa_rag.mining.mine", "run"),
+    )
+    aug = cfg.augmentation
+    add(
+        "augment", ["split"], AugmentConfig, "augment",
+        lambda f: {
+            **(cfg.rewriter if cfg.rewriter is not None else _reader(cfg)),
+            "input": f["split"] / "train_questions.jsonl", "out_dir": f["augment"],
+        },
+        lambda c: [c.input], _lazy("dpa_rag.augment.augment", "run"), enabled=aug,
+    )
+    add(
+        "filter", ["augment"], FilterConfig, "filter",
+        lambda f: {"input": f["augment"] / "augmented.jsonl", "out_dir": f["filter"], "backend": cfg.filter_backend},
+        lambda c: [c.input], _lazy("dpa_rag.augment.filter", "run"), enabled=aug,
+    )
+    aug_questions = (lambda f: f["filter"] / "questions_augmented.jsonl") if aug else (lambda f: None)
+    add(
+        "reranker-data", ["mine", *(["filter"] if aug else [])], RerankerDataConfig, "reranker_data",
+        lambda f: {
+            "preferences": f["mine"] / "preferences.jsonl", "out_dir": f["reranker-data"],
+            "include_augmented": aug_questions(f), "seed": cfg.seed,
+        },
+        lambda c: [c.preferences, c.include_augmented], _lazy("dpa_rag.mining.reranker_data", "run"),
+        enabled=cfg.reranker,
+    )
+    add(
+        "train-reranker", ["reranker-data", "retrieve-train", "retrieve-eval"], TrainRerankerConfig, "train_reranker",
+        lambda f: {
+            "train": str(f["reranker-data"] / "train.jsonl"), "valid": str(f["reranker-data"] / "valid.jsonl"),
+            "test": str(f["reranker-data"] / "test.jsonl"), "out_dir": str(f["train-reranker"]),
+            "warmup_retrieval": str(f["retrieve-train"] / "retrieval.jsonl"),
+            "eval_retrieval": str(f["retrieve-eval"] / "retrieval.jsonl"), "seed": cfg.seed,
+        },
+        lambda c: [c.train, c.valid, c.test, c.warmup_retrieval, c.eval_retrieval],
+        _lazy("dpa_rag.reranker.train", "train_reranker"), enabled=cfg.reranker,
+    )
+    for part in ("train", "eval"):
+        add(
+            f"rerank-{part}", ["train-reranker", f"retrieve-{part}"], RerankConfig, "rerank",
+            lambda f, part=part: {
+                "input": str(f[f"retrieve-{part}"] / "retrieval.jsonl"), "model": str(f["train-reranker"] / "model"),
+                "out_dir": str(f[f"rerank-{part}"]), "top_k": cfg.top_k,
+            },
+            lambda c: [c.input], _lazy("dpa_rag.reranker.rerank", "run_rerank"),
+            enabled=cfg.reranker and (part == "eval" or cfg.train_llm),
+        )
+    sft_source = "rerank-train" if cfg.reranker else "retrieve-train"
+    sft_file = "reranked.jsonl" if cfg.reranker else "retrieval.jsonl"
+    add(
+        "llm-data", ["mine", sft_source, *(["filter"] if aug else [])], LLMDataConfig, "llm_data",
+        lambda f: {
+            "preferences": f["mine"] / "preferences.jsonl", "retrieval": f[sft_source] / sft_file,
+            "out_dir": f["llm-data"], "k": cfg.top_k, "include_augmented": aug_questions(f), "seed": cfg.seed,
+        },
+        lambda c: [c.preferences, c.retrieval, c.include_augmented], _lazy("dpa_rag.mining.llm_data", "run"),
+        enabled=cfg.train_llm,
+    )
+    reader_model = cfg.reader.get("model", "smollm2-135m")
+    llm_common = {"model": reader_model, "seed": cfg.seed}
+    add(
+        "train-llm-prealign", ["llm-data"], TrainLLMConfig, "train_llm_prealign",
+        lambda f: {
+            **s("train_llm"), **llm_common, "stage": "prealign", "data": [f["llm-data"] / "prealign.jsonl"],
+            "out_dir": f["train-llm-prealign"],
+        },
+        lambda c: list(c.data), _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm and cfg.prealign,
+    )
+    add(
+        "train-llm-sft", ["llm-data", *(["train-llm-prealign"] if cfg.prealign else [])], TrainLLMConfig,
+        "train_llm_sft",
+        lambda f: {
+            **s("train_llm"), **llm_common, "stage": "sft", "data": [f["llm-data"] / "sft.jsonl"],
+            "out_dir": f["train-llm-sft"], "merge": True,
+            "init_adapter": (f["train-llm-prealign"] / "adapter") if cfg.prealign else None,
+        },
+        lambda c: list(c.data), _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm,
+    )
+
+    def aligned_model(f: dict[str, Path]) -> str:
+        return str(f["train-llm-sft"] / "merged")
+
+    answers = {
+        "answer-closed-book": (["split"], lambda f: {"questions": f["split"] / "eval_questions.jsonl", "top_k": 0},
+                               True),
+        f"answer-{cfg.retriever}": (["retrieve-eval"],
+                                    lambda f: {"retrieval": f["retrieve-eval"] / "retrieval.jsonl"}, True),
+        "answer-reranker": (["rerank-eval"], lambda f: {"retrieval": Path(f["rerank-eval"]) / "reranked.jsonl"},
+                            cfg.reranker),
+        "answer-aligned-reader": (
+            ["retrieve-eval", "train-llm-sft"],
+            lambda f: {"retrieval": f["retrieve-eval"] / "retrieval.jsonl", "model": aligned_model(f)},
+            cfg.train_llm,
+        ),
+        "answer-closed-book-aligned": (
+            ["split", "train-llm-sft"],
+            lambda f: {"questions": f["split"] / "eval_questions.jsonl", "top_k": 0, "model": aligned_model(f)},
+            cfg.train_llm,
+        ),
+        "answer-full": (
+            ["rerank-eval", "train-llm-sft"],
+            lambda f: {"retrieval": Path(f["rerank-eval"]) / "reranked.jsonl", "model": aligned_model(f)},
+            cfg.reranker and cfg.train_llm,
+        ),
+    }
+    for method in methods:
+        if method != cfg.retriever:
+            answers[f"answer-{method}"] = (
+                [f"retrieve-eval-{method}"],
+                lambda f, m=method: {"retrieval": f[f"retrieve-eval-{m}"] / "retrieval.jsonl"},
+                True,
+            )
+    for name, (deps, wired, enabled) in answers.items():
+        add(
+            name, deps, AnswerConfig, "answer",
+            lambda f, wired=wired, name=name: {
+                **_reader(cfg), "top_k": cfg.top_k, **wired(f), "out_dir": f[name],
+            },
+            lambda c: [c.retrieval, c.questions],
+            _lazy("dpa_rag.rag.answer", "run_answer"), enabled=enabled,
+        )
+    from dpa_rag.pipeline.report import ReportConfig
+
+    report_deps = list(system_steps(cfg).values())
+    add(
+        "report", report_deps, ReportConfig, "report",
+        lambda f: {
+            "out_dir": f["report"], "run_dir": cfg.out_dir, "systems": {k: str(f[v]) for k, v in system_steps(cfg).items()},
+            "top_k": cfg.top_k, "retriever": cfg.retriever,
+        },
+        lambda c: [Path(p) / "predictions.jsonl" for p in c.systems.values()],
+        _lazy("dpa_rag.pipeline.report", "run_report"),
+    )
+    return steps

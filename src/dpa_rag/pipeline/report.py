@@ -1,0 +1,271 @@
+"""The pipeline's final report: systems table, how alignment shifts the reader's outcomes, training curves.
+
+Written to ``<run>/report/``: ``report.md``, ``metrics.json`` (per system) + ``summary.json`` (everything else),
+``systems.png`` (Hits@1/EM/F1 bars), ``outcomes.png`` (aligned / unaligned / both-correct / both-wrong shares before
+and after alignment) and ``training_curves.png``.
+
+Outcome categories follow the paper's analysis (method.md §2.2, Fig. 4): per evaluation question, compare the
+reader's closed-book answer with its answer given the top-k passages (hit rule): *aligned* = wrong → right,
+*unaligned* = right → wrong, *both-correct*, *both-wrong*. "Before" = base reader with the retriever's passages;
+"after" = self-aligned reader with the aligned reranker's passages (the best aligned system that was run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from dpa_rag.config import StageConfig
+from dpa_rag.eval.evaluate import evaluate_predictions, load_predictions
+from dpa_rag.eval.metrics import hit
+from dpa_rag.eval.report import bar_plot, write_report
+from dpa_rag.io import write_json
+from dpa_rag.stage import read_manifest, stage_recorder
+
+__all__ = ["OUTCOMES", "ReportConfig", "outcome_shares", "run_report"]
+
+logger = logging.getLogger(__name__)
+
+OUTCOMES = ("aligned", "unaligned", "both_correct", "both_wrong")
+DESCRIPTIONS = {
+    "closed_book": "reader alone, no passages",
+    "retriever": "retriever top-k + base reader (vanilla RAG)",
+    "reranker": "aligned reranker top-k + base reader",
+    "aligned_reader": "retriever top-k + self-aligned reader",
+    "full": "DPA-RAG: aligned reranker top-k + self-aligned reader",
+    "closed_book_aligned": "self-aligned reader alone, no passages",
+    "bm25": "BM25 top-k + base reader",
+    "dense": "dense top-k + base reader",
+    "hybrid": "hybrid (RRF) top-k + base reader",
+}
+
+
+class ReportConfig(StageConfig):
+    """Inputs of the report step (wired by the pipeline)."""
+
+    out_dir: Path = Field(description="Report folder.")
+    run_dir: Path = Field(description="The pipeline's run folder (for stage manifests and training logs).")
+    systems: dict[str, str] = Field(description="System name → answer step folder holding predictions.jsonl.")
+    top_k: int = Field(3, description="Passages per question (for the table's caption).")
+    retriever: str = Field("bm25", description="Retriever of the system (for the caption).")
+
+
+def outcome_shares(closed: list[dict[str, Any]], opened: list[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and shares of the four outcomes, matching records by ``id`` (pure; hit rule)."""
+    by_id = {r["id"]: r for r in closed}
+    counts: Counter[str] = Counter()
+    for r in opened:
+        c = by_id.get(r["id"])
+        if c is None or not r.get("answers"):
+            continue
+        before = hit(c["prediction"], r["answers"])
+        after = hit(r["prediction"], r["answers"])
+        key = (
+            "aligned"
+            if after and not before
+            else "unaligned"
+            if before and not after
+            else "both_correct"
+            if before
+            else "both_wrong"
+        )
+        counts[key] += 1
+    total = sum(counts.values())
+    return {
+        "n": total,
+        "counts": {k: counts.get(k, 0) for k in OUTCOMES},
+        "shares": {k: (100.0 * counts.get(k, 0) / total if total else 0.0) for k in OUTCOMES},
+    }
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _outcome_plot(shift: dict[str, dict[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"aligned": "#2a9d8f", "unaligned": "#e76f51", "both_correct": "#8ab17d", "both_wrong": "#bbbbbb"}
+    fig, ax = plt.subplots(figsize=(6, 2.2 + 0.4 * len(shift)))
+    try:
+        names = list(shift)
+        for i, name in enumerate(names):
+            left = 0.0
+            for k in OUTCOMES:
+                v = shift[name]["shares"][k]
+                ax.barh(i, v, left=left, color=colors[k], label=k.replace("_", "-") if i == 0 else None)
+                if v >= 6:
+                    ax.text(left + v / 2, i, f"{v:.0f}%", ha="center", va="center", fontsize=8)
+                left += v
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlim(0, 100)
+        ax.set_xlabel("share of evaluation questions (%)")
+        ax.legend(ncol=4, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35))
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+    curves: dict[str, list[tuple[float, float]]] = {}
+    rr = _read_json(run_dir / "train-reranker" / "train_log.json")
+    history = rr.get("log_history", rr.get("history", [])) if isinstance(rr, dict) else rr or []
+    for entry in history if isinstance(history, list) else []:
+        if isinstance(entry, dict) and "loss" in entry and "step" in entry:
+            curves.setdefault("reranker loss", []).append((entry["step"], entry["loss"]))
+            for k, v in entry.items():
+                if k.startswith("weight") and isinstance(v, (int, float)):
+                    curves.setdefault(f"reranker {k}", []).append((entry["step"], v))
+    for stage in ("prealign", "sft"):
+        log = _read_json(run_dir / f"train-llm-{stage}" / "train_log.json")
+        history = log.get("log_history", []) if isinstance(log, dict) else log or []
+        for entry in history if isinstance(history, list) else []:
+            if isinstance(entry, dict) and "loss" in entry and "step" in entry:
+                curves.setdefault(f"reader {stage} loss", []).append((entry["step"], entry["loss"]))
+    return curves
+
+
+def _curves_plot(curves: dict[str, list[tuple[float, float]]], path: Path) -> Path | None:
+    if not curves:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {
+        "reranker loss": [k for k in curves if k == "reranker loss"],
+        "MGDA/loss weights": [k for k in curves if k.startswith("reranker weight")],
+        "reader loss": [k for k in curves if k.startswith("reader")],
+    }
+    groups = {g: ks for g, ks in groups.items() if ks}
+    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3), squeeze=False)
+    try:
+        for ax, (title, keys) in zip(axes[0], groups.items(), strict=True):
+            for k in keys:
+                xs, ys = zip(*curves[k], strict=True)
+                ax.plot(xs, ys, label=k.replace("reranker ", "").replace("reader ", ""), linewidth=1.2)
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("step")
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+    finally:
+        plt.close(fig)
+    return path
+
+
+def _timings(run_dir: Path) -> str:
+    rows = []
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+        m = read_manifest(d)
+        if m and "timings_s" in m:
+            rows.append((d.name, m["timings_s"].get("total", 0.0)))
+    if not rows:
+        return ""
+    body = "\n".join(f"| {n} | {t:.1f} |" for n, t in rows)
+    return f"## Step timings (last run of each step)\n\n| step | seconds |\n|---|---:|\n{body}"
+
+
+def _context_sections(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
+    sections: list[str] = []
+    summary: dict[str, Any] = {}
+    rm = _read_json(run_dir / "retrieve-eval" / "retrieval_metrics.json")
+    if isinstance(rm, dict):
+        summary["retrieval_eval"] = rm
+        flat = {k: v for k, v in rm.items() if isinstance(v, (int, float))}
+        if flat:
+            cells = ", ".join(f"{k} {v:.3g}" for k, v in flat.items())
+            sections.append(f"## Retrieval (evaluation questions)\n\n{cells}")
+    mine_summary = run_dir / "mine" / "summary.md"
+    if mine_summary.exists():
+        text = mine_summary.read_text(encoding="utf-8").replace("# Preference mining summary", "").strip()
+        sections.append("## Preference knowledge mined from the reader (training questions)\n\n" + text)
+        summary["mining"] = _read_json(run_dir / "mine" / "stats.json")
+    fr = run_dir / "filter" / "filter_report.md"
+    if fr.exists():
+        body = fr.read_text(encoding="utf-8").split("\n", 1)[-1].strip()
+        sections.append("## Query augmentation and consistency filter\n\n" + body)
+    for name in ("valid_metrics.json", "test_metrics.json", "retrieval_metrics.json"):
+        data = _read_json(run_dir / "train-reranker" / name)
+        if data is not None:
+            summary[f"reranker_{name[:-5]}"] = data
+    rt = summary.get("reranker_test_metrics")
+    if isinstance(rt, dict):
+        flat = {k: v for k, v in rt.items() if isinstance(v, (int, float))}
+        sections.append(
+            "## Reranker (held-out preference pairs, best checkpoint)\n\n"
+            + ", ".join(f"{k} {v:.3f}" for k, v in flat.items())
+        )
+    card = run_dir / "train-reranker" / "model" / "README.md"
+    if card.exists():
+        sections.append(f"Model card with ranking quality vs BM25 order and the untrained backbone: `{card}`.")
+    return sections, summary
+
+
+def run_report(cfg: ReportConfig) -> Path:
+    """Evaluate every system's predictions and write the report; returns ``report.md``'s path."""
+    rec = stage_recorder("report", cfg, cfg.out_dir, [Path(p) / "predictions.jsonl" for p in cfg.systems.values()])
+    preds = {name: load_predictions(Path(folder) / "predictions.jsonl") for name, folder in cfg.systems.items()}
+    results = {name: evaluate_predictions(records) for name, records in preds.items()}
+
+    shift: dict[str, dict[str, Any]] = {}
+    if "closed_book" in preds and "retriever" in preds:
+        shift["before: retriever + base reader"] = outcome_shares(preds["closed_book"], preds["retriever"])
+    if "closed_book" in preds and "reranker" in preds:
+        shift["aligned reranker + base reader"] = outcome_shares(preds["closed_book"], preds["reranker"])
+    if "closed_book_aligned" in preds:
+        for name, label in (("aligned_reader", "retriever + aligned reader"), ("full", "after: full DPA-RAG")):
+            if name in preds:
+                shift[label] = outcome_shares(preds["closed_book_aligned"], preds[name])
+
+    table_names = {f"{name} ({DESCRIPTIONS.get(name, name)})": r for name, r in results.items()}
+    extra = [
+        f"Retriever: **{cfg.retriever}**; the reader sees the top **{cfg.top_k}** passages. "
+        "Systems are listed in the order they were run.",
+    ]
+    if shift:
+        rows = "\n".join(
+            f"| {name} | {s['n']} | " + " | ".join(f"{s['shares'][k]:.1f}" for k in OUTCOMES) + " |"
+            for name, s in shift.items()
+        )
+        extra.append(
+            "## How alignment shifts the reader's outcomes\n\n"
+            "Per evaluation question: the reader closed-book vs the reader with the passages (hit rule). "
+            "Aligned = the passages turned a wrong answer right; unaligned = they turned a right answer wrong.\n\n"
+            "| setting | n | aligned % | unaligned % | both-correct % | both-wrong % |\n|---|---:|---:|---:|---:|---:|\n"
+            + rows
+            + "\n\n![outcomes](outcomes.png)"
+        )
+        _outcome_plot(shift, cfg.out_dir / "outcomes.png")
+    context, summary = _context_sections(cfg.run_dir)
+    extra.extend(context)
+    bar_plot(results, cfg.out_dir / "systems.png", title="Evaluation questions")
+    extra.insert(1, "![systems](systems.png)")
+    curves = _curves(cfg.run_dir)
+    if _curves_plot(curves, cfg.out_dir / "training_curves.png"):
+        extra.append("## Training curves\n\n![training curves](training_curves.png)")
+    timings = _timings(cfg.run_dir)
+    if timings:
+        extra.append(timings)
+    path = write_report(table_names, cfg.out_dir, title="DPA-RAG run report", extra_sections=extra)
+    write_json(cfg.out_dir / "metrics.json", results)
+    write_json(cfg.out_dir / "summary.json", {"outcomes": shift, **summary})
+    outputs = ["report.md", "metrics.json", "summary.json", "systems.png"]
+    outputs += [p for p in ("outcomes.png", "training_curves.png") if (cfg.out_dir / p).exists()]
+    rec.finish(outputs=outputs, systems=len(results))
+    logger.info("report: %s", path)
+    return path

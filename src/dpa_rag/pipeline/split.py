@@ -1,0 +1,67 @@
+"""Split questions into a training pool (mining, reranker and LLM training) and a held-out evaluation set.
+
+The split is by question id with a seeded shuffle; with an explicit evaluation file, questions that also appear in it
+(same normalised text) are removed from the training pool, so nothing the system is scored on is ever trained on.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from pydantic import Field
+
+from dpa_rag.config import StageConfig
+from dpa_rag.data.loaders import load_questions
+from dpa_rag.eval.metrics import normalize_answer
+from dpa_rag.io import write_json, write_jsonl
+from dpa_rag.stage import stage_recorder
+
+__all__ = ["SplitConfig", "run_split"]
+
+
+class SplitConfig(StageConfig):
+    """Options of the pipeline's question split."""
+
+    questions: Path = Field(description="Questions with gold answers (any layout load_questions reads).")
+    eval_questions: Path | None = Field(None, description="Explicit held-out questions; default: split `questions`.")
+    out_dir: Path = Field(description="Folder for train_questions.jsonl and eval_questions.jsonl.")
+    eval_fraction: float = Field(0.4, gt=0.0, lt=1.0, description="Share of questions held out (no eval file).")
+    train_limit: int | None = Field(None, ge=1, description="Keep at most N training questions.")
+    eval_limit: int | None = Field(None, ge=1, description="Keep at most N evaluation questions.")
+    seed: int = Field(42, description="Seed of the shuffle.")
+
+
+def run_split(cfg: SplitConfig) -> Path:
+    """Write ``train_questions.jsonl``, ``eval_questions.jsonl`` and ``split.json``; returns the folder."""
+    rec = stage_recorder("split", cfg, cfg.out_dir, [cfg.questions, cfg.eval_questions])
+    pool = load_questions(cfg.questions)
+    if cfg.eval_questions is not None:
+        held = load_questions(cfg.eval_questions)
+        held_texts = {normalize_answer(q.question) for q in held}
+        train = [q for q in pool if normalize_answer(q.question) not in held_texts]
+        dropped = len(pool) - len(train)
+    else:
+        order = list(range(len(pool)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = max(1, round(len(pool) * cfg.eval_fraction))
+        eval_idx = set(order[:n_eval])
+        held = [q for i, q in enumerate(pool) if i in eval_idx]
+        train = [q for i, q in enumerate(pool) if i not in eval_idx]
+        dropped = 0
+    if cfg.train_limit is not None:
+        train = train[: cfg.train_limit]
+    if cfg.eval_limit is not None:
+        held = held[: cfg.eval_limit]
+    if not train or not held:
+        raise ValueError(f"split left {len(train)} training and {len(held)} evaluation questions; need both > 0")
+    write_jsonl(cfg.out_dir / "train_questions.jsonl", train)
+    write_jsonl(cfg.out_dir / "eval_questions.jsonl", held)
+    write_json(
+        cfg.out_dir / "split.json",
+        {"train": len(train), "eval": len(held), "train_dropped_as_in_eval": dropped},
+    )
+    rec.finish(
+        outputs=["train_questions.jsonl", "eval_questions.jsonl", "split.json"], train=len(train), eval=len(held)
+    )
+    return cfg.out_dir
