@@ -267,7 +267,8 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
     add(
         "report", report_deps, ReportConfig, "report",
         lambda f: {
-            "out_dir": f["report"], "run_dir": cfg.out_dir, "systems": {k: str(f[v]) for k, v in system_steps(cfg).items()},
+            "out_dir": f["report"], "run_dir": cfg.out_dir,
+            "systems": {k: str(f[v]) for k, v in system_steps(cfg).items()},
             "top_k": cfg.top_k, "retriever": cfg.retriever,
         },
         lambda c: [Path(p) / "predictions.jsonl" for p in c.systems.values()],

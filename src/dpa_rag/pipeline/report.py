@@ -246,7 +246,8 @@ def run_report(cfg: ReportConfig) -> Path:
             "## How alignment shifts the reader's outcomes\n\n"
             "Per evaluation question: the reader closed-book vs the reader with the passages (hit rule). "
             "Aligned = the passages turned a wrong answer right; unaligned = they turned a right answer wrong.\n\n"
-            "| setting | n | aligned % | unaligned % | both-correct % | both-wrong % |\n|---|---:|---:|---:|---:|---:|\n"
+            "| setting | n | aligned % | unaligned % | both-correct % | both-wrong % |\n"
+            "|---|---:|---:|---:|---:|---:|\n"
             + rows
             + "\n\n![outcomes](outcomes.png)"
         )
