@@ -101,7 +101,7 @@ def add_stage_command(
         decls += aliases
         help_text = " ".join(x for x in (field.description or "", note, _default_text(field)) if x)
         if field.is_required():
-            help_text += " [required]"
+            help_text += " \\[required]"
         params.append(
             inspect.Parameter(
                 fname,

@@ -45,8 +45,14 @@ def _global(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers"):
+    handler = logging.StreamHandler()
+    handler.setLevel(level)  # libraries that set their own logger to DEBUG (bm25s) stay quiet unless -v
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    for noisy in (
+        "httpx", "urllib3", "filelock", "huggingface_hub", "sentence_transformers", "transformers", "bm25s", "faiss",
+        "faiss.loader", "accelerate", "peft", "trl", "datasets",
+    ):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
