@@ -168,7 +168,7 @@ def load_corpus(paths: str | Path | Iterable[str | Path], dedup: bool = True) ->
             except (ValueError, KeyError, ValidationError) as exc:
                 raise DataError(f"{path}:{pos}: {_msg(exc) if not isinstance(exc, KeyError) else exc}") from None
             for p in passages:
-                key = (p.title, p.text)
+                key = (p.title.strip(), p.text.strip())  # same normalisation as passage_id
                 if dedup and key in seen_content:
                     continue
                 if p.id in by_id:

@@ -75,6 +75,11 @@ class PipelineConfig(StageConfig):
     rewriter: dict[str, Any] | None = Field(
         None, description="Generator options for query augmentation (default: the reader's)."
     )
+    aligned_reader: dict[str, Any] | None = Field(
+        None,
+        description="Generator options of the self-aligned reader (default: the reader's backend on the merged "
+        "model folder; give a server here when the reader runs behind vLLM/OpenAI-compatible endpoints).",
+    )
     augmentation: bool = Field(True, description="Ablation: query augmentation + consistency filter.")
     filter_backend: Literal["similarity", "nli"] = Field("similarity", description="Consistency filter backend.")
     reranker: bool = Field(True, description="Ablation: train and use the preference-aligned reranker.")

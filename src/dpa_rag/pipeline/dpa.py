@@ -33,14 +33,21 @@ SYSTEMS = {
 }
 
 
-def _make(cls: type[BaseModel], section_name: str, section: dict[str, Any], wired: dict[str, Any]) -> BaseModel:
+def _make(
+    cls: type[BaseModel],
+    section_name: str,
+    section: dict[str, Any],
+    wired: dict[str, Any],
+    defaults: dict[str, Any] | None = None,
+) -> BaseModel:
+    """defaults (shared reader options, …) < the stage's section < what the pipeline wires (paths)."""
     clash = sorted(set(section) & set(wired))
     if clash:
         raise ConfigError(
             f"sections.{section_name}: {', '.join(clash)} {'is' if len(clash) == 1 else 'are'} set by the pipeline"
         )
     try:
-        return cls.model_validate({**section, **wired})
+        return cls.model_validate({**(defaults or {}), **section, **wired})
     except ValidationError as exc:
         msgs = []
         for e in exc.errors():
@@ -99,12 +106,14 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
     index_kind = "both" if len(kinds) > 1 or "both" in kinds else kinds.pop()
     steps: list[Step] = []
 
-    def add(name, deps, cls, section, wired, inputs, run, enabled=True):
+    def add(name, deps, cls, section, wired, inputs, run, enabled=True, defaults=None):
         steps.append(
             Step(
                 name=name,
                 deps=deps,
-                make_config=lambda f, cls=cls, section=section, wired=wired: _make(cls, section, s(section), wired(f)),
+                make_config=lambda f, cls=cls, section=section, wired=wired, defaults=defaults: _make(
+                    cls, section, s(section), wired(f), defaults(f) if defaults else None
+                ),
                 inputs=inputs,
                 run=run,
                 enabled=enabled,
@@ -139,17 +148,16 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
 
     add(
         "mine", ["retrieve-train"], MineConfig, "mine",
-        lambda f: {**_reader(cfg), "retrieval": f["retrieve-train"] / "retrieval.jsonl", "out_dir": f["mine"]},
-        lambda c: [c.retrieval], _lazy("dpa_rag.mining.mine", "run"),
+        lambda f: {"retrieval": f["retrieve-train"] / "retrieval.jsonl", "out_dir": f["mine"]},
+        lambda c: [c.retrieval], _lazy("dpa_rag.mining.mine", "run"), defaults=lambda f: _reader(cfg),
     )
     aug = cfg.augmentation
     add(
         "augment", ["split"], AugmentConfig, "augment",
-        lambda f: {
-            **(cfg.rewriter if cfg.rewriter is not None else _reader(cfg)),
-            "input": f["split"] / "train_questions.jsonl", "out_dir": f["augment"],
-        },
+        lambda f: {"input": f["split"] / "train_questions.jsonl", "out_dir": f["augment"]},
         lambda c: [c.input], _lazy("dpa_rag.augment.augment", "run"), enabled=aug,
+        defaults=lambda f: _reader(cfg) if cfg.rewriter is None else {"cache_dir": str(cfg.out_dir / "cache"),
+                                                                       **cfg.rewriter},
     )
     add(
         "filter", ["augment"], FilterConfig, "filter",
@@ -199,28 +207,35 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         enabled=cfg.train_llm,
     )
     reader_model = cfg.reader.get("model", "smollm2-135m")
-    llm_common = {"model": reader_model, "seed": cfg.seed}
+    llm_common = {"model": reader_model}
     add(
         "train-llm-prealign", ["llm-data"], TrainLLMConfig, "train_llm_prealign",
         lambda f: {
-            **s("train_llm"), **llm_common, "stage": "prealign", "data": [f["llm-data"] / "prealign.jsonl"],
+            **llm_common, "stage": "prealign", "data": [f["llm-data"] / "prealign.jsonl"],
             "out_dir": f["train-llm-prealign"],
         },
         lambda c: list(c.data), _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm and cfg.prealign,
+        defaults=lambda f: {"seed": cfg.seed, **s("train_llm")},
     )
     add(
         "train-llm-sft", ["llm-data", *(["train-llm-prealign"] if cfg.prealign else [])], TrainLLMConfig,
         "train_llm_sft",
         lambda f: {
-            **s("train_llm"), **llm_common, "stage": "sft", "data": [f["llm-data"] / "sft.jsonl"],
+            **llm_common, "stage": "sft", "data": [f["llm-data"] / "sft.jsonl"],
             "out_dir": f["train-llm-sft"], "merge": True,
             "init_adapter": (f["train-llm-prealign"] / "adapter") if cfg.prealign else None,
         },
         lambda c: list(c.data), _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm,
+        defaults=lambda f: {"seed": cfg.seed, **s("train_llm")},
     )
 
-    def aligned_model(f: dict[str, Path]) -> str:
-        return str(f["train-llm-sft"] / "merged")
+    def aligned(f: dict[str, Path]) -> dict[str, Any]:
+        """Generator options of the self-aligned reader: local transformers on the merged model, unless given."""
+        if cfg.aligned_reader is not None:
+            return dict(cfg.aligned_reader)
+        backend = cfg.reader.get("backend", "hf")
+        return {"backend": backend if backend in ("hf", "vllm", "fake") else "hf",
+                "model": str(f["train-llm-sft"] / "merged")}
 
     answers = {
         "answer-closed-book": (["split"], lambda f: {"questions": f["split"] / "eval_questions.jsonl", "top_k": 0},
@@ -231,17 +246,17 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
                             cfg.reranker),
         "answer-aligned-reader": (
             ["retrieve-eval", "train-llm-sft"],
-            lambda f: {"retrieval": f["retrieve-eval"] / "retrieval.jsonl", "model": aligned_model(f)},
+            lambda f: {"retrieval": f["retrieve-eval"] / "retrieval.jsonl", **aligned(f)},
             cfg.train_llm,
         ),
         "answer-closed-book-aligned": (
             ["split", "train-llm-sft"],
-            lambda f: {"questions": f["split"] / "eval_questions.jsonl", "top_k": 0, "model": aligned_model(f)},
+            lambda f: {"questions": f["split"] / "eval_questions.jsonl", "top_k": 0, **aligned(f)},
             cfg.train_llm,
         ),
         "answer-full": (
             ["rerank-eval", "train-llm-sft"],
-            lambda f: {"retrieval": Path(f["rerank-eval"]) / "reranked.jsonl", "model": aligned_model(f)},
+            lambda f: {"retrieval": Path(f["rerank-eval"]) / "reranked.jsonl", **aligned(f)},
             cfg.reranker and cfg.train_llm,
         ),
     }
@@ -255,11 +270,9 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
     for name, (deps, wired, enabled) in answers.items():
         add(
             name, deps, AnswerConfig, "answer",
-            lambda f, wired=wired, name=name: {
-                **_reader(cfg), "top_k": cfg.top_k, **wired(f), "out_dir": f[name],
-            },
+            lambda f, wired=wired, name=name: {"top_k": cfg.top_k, **wired(f), "out_dir": f[name]},
             lambda c: [c.retrieval, c.questions],
-            _lazy("dpa_rag.rag.answer", "run_answer"), enabled=enabled,
+            _lazy("dpa_rag.rag.answer", "run_answer"), enabled=enabled, defaults=lambda f: _reader(cfg),
         )
     from dpa_rag.pipeline.report import ReportConfig
 

@@ -1,0 +1,21 @@
+"""``dpa-rag evaluate``: score prediction files and write a comparison report."""
+
+from __future__ import annotations
+
+import typer
+
+from dpa_rag.cli.builder import add_stage_command
+from dpa_rag.eval.evaluate import EvaluateConfig, run_evaluate
+
+__all__ = ["register"]
+
+HELP = (
+    "Score one or more predictions files (Hits@1, EM, F1 ×100; per category; answer recall of the passages used) "
+    "and write metrics.json, report.md and metrics.png. Repeat --predictions to compare systems; label them with "
+    "--name or name=path."
+)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``evaluate`` command to ``app``."""
+    add_stage_command(app, "evaluate", EvaluateConfig, run_evaluate, help=HELP, rich_help_panel="Inference")

@@ -1,0 +1,109 @@
+"""``TrainLLMConfig``: every option of ``dpa-rag train-llm`` (also the keys of a ``configs/llm/*.yaml`` recipe)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from dpa_rag.config import StageConfig
+
+__all__ = ["TrainLLMConfig"]
+
+
+class TrainLLMConfig(StageConfig):
+    """LLM self-alignment: the pre-aligned stage, then SFT, with TRL's ``SFTTrainer`` (LoRA, QLoRA or full)."""
+
+    # What to train, on what
+    stage: Literal["prealign", "sft", "mixed"] = Field(
+        "sft",
+        description="prealign (stage 1), sft (stage 2, start it from stage 1 with --init-adapter/--init-model), or "
+        "mixed (both data sets concatenated and shuffled in one run; the paper reports it is worse).",
+    )
+    data: list[Path] = Field(
+        description="Training data: a .jsonl/.json file (chat messages or alpaca) or a build-llm-data folder "
+        "(<stage>.jsonl is taken). Repeat to concatenate several files.",
+    )
+    data_extra: Path | None = Field(None, description="A second data set, concatenated and shuffled in (mixed stage).")
+    model: str = Field("smollm2-135m", description="Base model: bundled alias, hub id or local folder.")
+    init_adapter: Path | None = Field(
+        None, description="Continue training this LoRA adapter (e.g. the prealign run's out_dir/adapter)."
+    )
+    init_model: str | None = Field(
+        None, description="Start from this full model instead of --model (e.g. the prealign run's out_dir/merged)."
+    )
+    chat_template: str | None = Field(
+        None, description="Chat template for models without one: chatml, llama2, llama3, mistral, alpaca or a file."
+    )
+    out_dir: Path | None = Field(None, description="Output folder. [default: runs/llm-<stage>]")
+
+    # Method
+    method: Literal["lora", "qlora", "full"] = Field("lora", description="LoRA, QLoRA (bitsandbytes, CUDA) or full.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    lora_target_modules: list[str] = Field(
+        default_factory=lambda: ["all-linear"], description="Modules to adapt ('all-linear' or names like q_proj)."
+    )
+
+    # Optimisation
+    num_train_epochs: float = Field(3.0, gt=0, description="Epochs.", json_schema_extra={"cli": ["--epochs"]})
+    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1: use epochs).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.", json_schema_extra={"cli": ["--lr"]})
+    per_device_train_batch_size: int = Field(
+        4, ge=1, description="Batch size per device.", json_schema_extra={"cli": ["--batch-size"]}
+    )
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_length: int = Field(
+        1024, ge=8, description="Cutoff in tokens (prompt + answer).", json_schema_extra={"cli": ["--cutoff"]}
+    )
+    on_overlength: Literal["drop", "truncate", "error"] = Field(
+        "drop", description="Examples longer than the cutoff: drop, truncate (the answer's tail) or error."
+    )
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    weight_decay: float = Field(0.0, ge=0.0, description="AdamW weight decay.")
+    adam_beta1: float = Field(0.9, description="AdamW beta1.")
+    adam_beta2: float = Field(0.999, description="AdamW beta2.")
+    lr_scheduler_type: str = Field("linear", description="Scheduler: linear, cosine, constant, …")
+    max_grad_norm: float = Field(1.0, description="Gradient clipping norm.")
+    gradient_checkpointing: bool = Field(False, description="Trade compute for memory.")
+    seed: int = Field(42, description="Random seed (adapter init, shuffling, data order).")
+
+    # Precision, devices, distribution
+    bf16: bool | None = Field(None, description="bf16 mixed precision. [default: on for CUDA with bf16, else off]")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Dtype the base weights load in (auto: fp32 on CPU and for full; bf16 on CUDA for LoRA)."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, mps.")
+    deepspeed: str | None = Field(
+        None, description="DeepSpeed JSON file or shipped name (zero3); not needed under an accelerate DS config."
+    )
+
+    # Logging and saving
+    logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps under out_dir/checkpoints (0: off).")
+    save_total_limit: int | None = Field(2, description="Checkpoints to keep.")
+    resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or 'last'.")
+    report_to: str = Field("none", description="none, tensorboard, wandb, …")
+    merge: bool = Field(False, description="Also write a merged full model to out_dir/merged (LoRA/QLoRA).")
+
+    @field_validator("data", "lora_target_modules", mode="before")
+    @classmethod
+    def _listify(cls, v):
+        return [v] if isinstance(v, (str, Path)) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> TrainLLMConfig:
+        if not self.data:
+            raise ValueError("give at least one --data file")
+        if self.init_adapter is not None and self.init_model is not None:
+            raise ValueError("give --init-adapter or --init-model, not both")
+        n_sets = len(self.data) + (self.data_extra is not None)
+        if self.stage == "mixed" and n_sets < 2 and not self.data[0].is_dir():
+            raise ValueError("--stage mixed needs two data sets: --data twice, --data and --data-extra, "
+                "or a build-llm-data folder")
+        return self
+
+    def resolved_out_dir(self) -> Path:
+        return self.out_dir if self.out_dir is not None else Path("runs") / f"llm-{self.stage}"

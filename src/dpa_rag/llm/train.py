@@ -1,0 +1,288 @@
+"""``dpa-rag train-llm``: the reader's self-alignment (pre-aligned stage, then SFT) on TRL's ``SFTTrainer``.
+
+Data become conversational prompt-completion rows, so the loss covers the answer tokens only
+(``completion_only_loss=True``; the prompt is rendered with the model's chat template and the generation prompt).
+LoRA by default, QLoRA where bitsandbytes and CUDA are usable, full fine-tuning on request. The SFT stage starts
+from the pre-aligned run: ``--init-adapter <prealign>/adapter`` keeps training the same adapter,
+``--init-model <prealign>/merged`` (or ``model/``) starts from full weights.
+
+Outputs in ``out_dir``: ``adapter/`` or ``model/``, ``merged/`` (``--merge``), ``train_log.json``, ``loss.png``,
+``data_report.json``, ``train_info.json``, ``config.yaml``, ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+from dpa_rag.io import write_json
+from dpa_rag.llm.config import TrainLLMConfig
+from dpa_rag.llm.data import DataReport, LLMExample, check_lengths, find_data_file, load_examples
+from dpa_rag.llm.merge import TRAIN_INFO, merge_adapter
+from dpa_rag.llm.plot import plot_loss
+from dpa_rag.llm.recipes import deepspeed_config_path
+from dpa_rag.llm.templates import apply_chat_template_option
+from dpa_rag.models import pick_device, pick_dtype, resolve_llm
+
+__all__ = ["build_model", "build_trainer", "data_files", "load_tokenizer", "run"]
+
+logger = logging.getLogger(__name__)
+
+
+def data_files(cfg: TrainLLMConfig) -> list[Path]:
+    """The data files of a run: ``--data`` then ``--data-extra``; a ``build-llm-data`` folder gives ``<stage>.jsonl``.
+
+    For ``--stage mixed``, a lone folder gives both ``prealign.jsonl`` and ``sft.jsonl``; with two sources, a folder
+    in the first place gives ``prealign.jsonl`` and in a later place ``sft.jsonl``.
+    """
+    sources = [*cfg.data, *([cfg.data_extra] if cfg.data_extra is not None else [])]
+    if cfg.stage == "mixed" and len(sources) == 1:
+        return [find_data_file(sources[0], "prealign"), find_data_file(sources[0], "sft")]
+    files = []
+    for i, p in enumerate(sources):
+        name = cfg.stage if cfg.stage != "mixed" else ("prealign" if i == 0 else "sft")
+        files.append(find_data_file(p, name))
+    for f in files:
+        if not f.exists():
+            raise FileNotFoundError(f"{f}: no such data file")
+    return files
+
+
+def _base_name(cfg: TrainLLMConfig) -> str:
+    return resolve_llm(cfg.init_model) if cfg.init_model else resolve_llm(cfg.model)
+
+
+def load_tokenizer(cfg: TrainLLMConfig):
+    """The tokenizer (from the init adapter if it carries one, else the model) with the chat template set."""
+    from transformers import AutoTokenizer
+
+    src = _base_name(cfg)
+    if cfg.init_adapter is not None and (Path(cfg.init_adapter) / "tokenizer_config.json").exists():
+        src = str(cfg.init_adapter)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    apply_chat_template_option(tokenizer, cfg.chat_template, src)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_dtype(cfg: TrainLLMConfig, device: str):
+    import torch
+
+    if cfg.dtype != "auto":
+        return getattr(torch, cfg.dtype)
+    if cfg.method == "qlora":
+        return torch.bfloat16
+    if cfg.method == "full" or device == "cpu":
+        return torch.float32  # master weights in fp32; bf16 compute comes from mixed precision
+    return pick_dtype("auto", device)
+
+
+def _check_qlora(device: str) -> None:
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ValueError("--method qlora needs bitsandbytes (pip install bitsandbytes) and a CUDA GPU; use lora")
+    if not device.startswith("cuda"):
+        raise ValueError(f"--method qlora needs a CUDA GPU (device here: {device}); use --method lora")
+
+
+def build_model(cfg: TrainLLMConfig, device: str | None = None) -> tuple[Any, Any]:
+    """Load the model to train: ``(model, peft_config)``; ``peft_config`` is ``None`` when the model is ready.
+
+    With ``--init-adapter`` the adapter is loaded trainable (LoRA/QLoRA) or merged first (full).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    device = device or pick_device(cfg.device)
+    base = _base_name(cfg)
+    kwargs: dict[str, Any] = {"dtype": _load_dtype(cfg, device)}
+    if cfg.method == "qlora":
+        _check_qlora(device)
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16,
+        )
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", 0))}
+    model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    if cfg.method == "qlora":
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.gradient_checkpointing)
+
+    if cfg.init_adapter is not None:
+        from peft import PeftModel
+
+        from dpa_rag.llm.merge import _adapter_base
+
+        adapter = Path(cfg.init_adapter)
+        adapter_base = _adapter_base(adapter)
+        both_local = Path(adapter_base).exists() and Path(base).exists()
+        if both_local and Path(adapter_base).resolve() != Path(base).resolve():
+            logger.warning("adapter %s was trained on %s, but the base model here is %s", adapter, adapter_base, base)
+        if cfg.method == "full":
+            logger.info("merging %s into the base model, then full fine-tuning", adapter)
+            return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), None
+        logger.info("continuing to train the adapter %s", adapter)
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), None
+    if cfg.method == "full":
+        return model, None
+    from peft import LoraConfig
+
+    targets = cfg.lora_target_modules
+    peft_config = LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
+        target_modules="all-linear" if targets == ["all-linear"] else targets,
+    )
+    return model, peft_config
+
+
+def _load_data(cfg: TrainLLMConfig, tokenizer) -> tuple[list[LLMExample], DataReport]:
+    examples, report = load_examples(data_files(cfg))
+    examples = check_lengths(examples, tokenizer, cfg.max_length, cfg.on_overlength, report)
+    if len(cfg.data) + (cfg.data_extra is not None) > 1 or cfg.stage == "mixed":
+        random.Random(cfg.seed).shuffle(examples)
+    return examples, report
+
+
+def _sft_args(cfg: TrainLLMConfig, device: str, out_dir: Path):
+    import torch
+    from trl import SFTConfig
+
+    bf16 = cfg.bf16
+    if bf16 is None:
+        bf16 = device.startswith("cuda") and torch.cuda.is_bf16_supported()
+    deepspeed = None
+    if cfg.deepspeed:
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            logger.info("DeepSpeed is configured by `accelerate launch`; ignoring --deepspeed %s", cfg.deepspeed)
+        elif importlib.util.find_spec("deepspeed") is None:
+            raise ValueError("--deepspeed needs the deepspeed package and CUDA GPUs (pip install deepspeed)")
+        else:
+            deepspeed = str(deepspeed_config_path(cfg.deepspeed))
+    # transformers 5 renamed gradient_checkpointing (a deprecated alias now); TRL defaults it to True
+    names = {f.name for f in dataclasses.fields(SFTConfig)}
+    ckpt_key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+    return SFTConfig(
+        output_dir=str(out_dir / "checkpoints"),
+        **{ckpt_key: cfg.gradient_checkpointing},
+        num_train_epochs=cfg.num_train_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        per_device_train_batch_size=cfg.per_device_train_batch_size,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        adam_beta1=cfg.adam_beta1,
+        adam_beta2=cfg.adam_beta2,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        max_grad_norm=cfg.max_grad_norm,
+        seed=cfg.seed,
+        bf16=bf16,
+        fp16=False,
+        use_cpu=device == "cpu",
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=cfg.save_total_limit,
+        report_to=cfg.report_to,
+        deepspeed=deepspeed,
+        max_length=cfg.max_length,
+        completion_only_loss=True,
+        truncation_mode="keep_start",
+    )
+
+
+def _require_train_deps() -> None:
+    missing = [m for m in ("trl", "peft", "datasets") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ValueError(f"train-llm needs {', '.join(missing)}: pip install 'dpa-rag[train]'")
+
+
+def build_trainer(cfg: TrainLLMConfig) -> tuple[Any, DataReport]:
+    """Tokenizer, validated data, model and ``SFTTrainer``, ready to ``train()``; also the data report."""
+    _require_train_deps()
+    from datasets import Dataset
+    from trl import SFTTrainer
+
+    device = pick_device(cfg.device)
+    out_dir = cfg.resolved_out_dir()
+    tokenizer = load_tokenizer(cfg)
+    examples, report = _load_data(cfg, tokenizer)
+    args = _sft_args(cfg, device, out_dir)
+    model, peft_config = build_model(cfg, device)
+    dataset = Dataset.from_list([ex.to_row() for ex in examples])
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
+    )
+    return trainer, report
+
+
+def run(cfg: TrainLLMConfig) -> Path:
+    """Train one stage and write its artefacts; returns ``out_dir``."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    from dpa_rag.stage import stage_recorder
+
+    out_dir = cfg.resolved_out_dir()
+    trainer, report = build_trainer(cfg)
+    main = trainer.is_world_process_zero()
+    inputs: list[Path | str] = [*data_files(cfg)]
+    inputs += [p for p in (cfg.init_adapter, cfg.init_model) if p is not None and Path(p).exists()]
+    rec = stage_recorder("train-llm", cfg, out_dir, inputs) if main else None
+    if main:
+        write_json(out_dir / "data_report.json", report.to_dict())
+    resume = cfg.resume_from_checkpoint
+    if resume == "last":
+        resume = get_last_checkpoint(str(out_dir / "checkpoints"))
+        if resume is None:
+            logger.warning("no checkpoint in %s; starting from scratch", out_dir / "checkpoints")
+    logger.info("training %s (%s) on %d examples", cfg.stage, cfg.method, report.kept)
+    result = trainer.train(resume_from_checkpoint=resume)
+    peft = hasattr(trainer.model, "peft_config")
+    weights_dir = out_dir / ("adapter" if peft else "model")
+    if main:  # outputs of an earlier run in this folder would be stale now (load_for_inference prefers merged/)
+        for stale in ("merged", "model" if peft else "adapter"):
+            if (out_dir / stale).is_dir():
+                logger.info("removing %s from an earlier run", out_dir / stale)
+                shutil.rmtree(out_dir / stale)
+    trainer.save_model(str(weights_dir))  # every process: DeepSpeed gathers the shards here
+    if not main:
+        return out_dir
+    ckpt_dir = out_dir / "checkpoints"
+    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
+        ckpt_dir.rmdir()
+    history = trainer.state.log_history
+    write_json(out_dir / "train_log.json", history)
+    outputs = [weights_dir.name, "train_log.json", "data_report.json", TRAIN_INFO]
+    if plot_loss(history, out_dir / "loss.png", title=f"train-llm {cfg.stage} ({cfg.method})"):
+        outputs.append("loss.png")
+    base = _base_name(cfg)
+    info = {
+        "stage": cfg.stage, "method": cfg.method, "base_model": base, "weights": weights_dir.name,
+        "init_adapter": str(cfg.init_adapter) if cfg.init_adapter else None, "init_model": cfg.init_model,
+    }
+    write_json(out_dir / TRAIN_INFO, info)
+    if cfg.merge:
+        if peft:
+            with rec.timer("merge"):
+                merge_adapter(weights_dir, out_dir / "merged", base_model=base)
+            outputs.append("merged")
+        else:
+            logger.info("full fine-tuning: %s is already a plain model; --merge has nothing to do", weights_dir)
+    losses = [e["loss"] for e in history if "loss" in e]
+    rec.finish(
+        outputs=outputs, records=report.records, kept=report.kept, empty_answers=report.empty_answers,
+        overlength=report.overlength, steps=trainer.state.global_step,
+        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+        train_runtime_s=round(result.metrics.get("train_runtime", 0.0), 3),
+    )
+    return out_dir

@@ -1,0 +1,195 @@
+"""The reader stage: answer each question from its top-k passages (baseline RAG, method.md §8), or closed-book.
+
+* :func:`answer_records` — the core: records → prompts → generator (cached) → prediction dicts.
+* :func:`run_answer` — the ``dpa-rag answer`` stage: load a retrieval (or questions) file, optionally rerank, answer,
+  write ``predictions.jsonl`` and ``metrics.json``.
+
+Prediction record: ``{"id", "question", "answers", "prediction", "raw_output", "ctx_ids", "ctx_has_answer",
+"scores": {"hit", "hit_word", "em", "f1"}}`` (+ ``category`` when the input has one). ``scores`` is ``null`` for
+questions without gold answers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, model_validator
+
+from dpa_rag.config import StageConfig
+from dpa_rag.data.loaders import load_questions, load_retrieval
+from dpa_rag.data.schema import RetrievalRecord
+from dpa_rag.eval.evaluate import evaluate_predictions
+from dpa_rag.eval.metrics import has_answer, score_answer
+from dpa_rag.generation import CachedGenerator, GenerationParams, Generator, GeneratorOptions, build_generator
+from dpa_rag.io import write_json, write_jsonl
+from dpa_rag.prompts import DEFAULT_TEMPLATE, PromptTemplate, clean_answer, load_template
+from dpa_rag.stage import stage_recorder
+
+__all__ = ["AnswerConfig", "answer_records", "build_prompts", "run_answer"]
+
+logger = logging.getLogger(__name__)
+
+
+class AnswerConfig(GeneratorOptions, StageConfig):
+    """Options of ``dpa-rag answer`` (plus the generator options)."""
+
+    retrieval: Path | None = Field(
+        None, description="DPR-style retrieval file (question, answers, ctxs), any layout load_retrieval reads."
+    )
+    questions: Path | None = Field(None, description="Questions file for closed-book answering (no retrieval).")
+    top_k: int = Field(3, ge=0, description="Passages shown to the reader (method: 3; 2 for WebQSP); 0 = closed-book.")
+    reranker: Path | None = Field(None, description="Reranker model folder: rerank the candidates, then keep top-k.")
+    rerank_depth: int = Field(100, ge=1, description="Retrieved candidates the reranker scores per question.")
+    reranker_batch_size: int = Field(32, ge=1, description="Reranker batch size (pairs).")
+    reranker_max_length: int = Field(512, ge=8, description="Reranker max tokens per (question, passage) pair.")
+    template: str = Field(DEFAULT_TEMPLATE, description="Prompt template: qa, dpa, plain, or a YAML file path.")
+    chat: bool = Field(True, description="Send chat messages (model's chat template); --no-chat: plain text.")
+    limit: int | None = Field(None, ge=1, description="Answer only the first N questions.")
+    out_dir: Path = Field(description="Folder for predictions.jsonl, metrics.json, config.yaml and manifest.json.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="after")
+    def _check_inputs(self) -> AnswerConfig:
+        if self.retrieval is None and self.questions is None:
+            raise ValueError("give a retrieval file (--retrieval) or, for closed-book answering, --questions")
+        if self.retrieval is not None and self.questions is not None:
+            raise ValueError("give either --retrieval or --questions, not both")
+        return self
+
+
+def build_prompts(
+    records: Sequence[RetrievalRecord], template: PromptTemplate, top_k: int, chat: bool = True
+) -> list[str | list[dict[str, str]]]:
+    """One prompt per record from its first ``top_k`` passages (closed-book when ``top_k`` is 0 or none are left)."""
+    prompts: list[str | list[dict[str, str]]] = []
+    for rec in records:
+        ctxs = rec.ctxs[:top_k] if top_k > 0 else []
+        prompts.append(template.render(rec.question, ctxs) if chat else template.render_text(rec.question, ctxs))
+    return prompts
+
+
+def answer_records(
+    records: Sequence[RetrievalRecord],
+    generator: CachedGenerator | Generator,
+    template: PromptTemplate,
+    top_k: int,
+    params: GenerationParams,
+    chat: bool = True,
+    desc: str = "answer",
+) -> list[dict[str, Any]]:
+    """Answer each record from its first ``top_k`` passages and score the answers.
+
+    Args:
+        records: questions with ranked passages (already reranked if wanted); passages beyond ``top_k`` are ignored.
+        generator: a :class:`~dpa_rag.generation.CachedGenerator` (cache, batching, progress) or a bare backend.
+        template: the reader prompt.
+        top_k: passages per prompt; 0 = closed-book.
+        params: decoding parameters.
+        chat: chat messages (default) or plain text prompts.
+        desc: progress bar label.
+
+    Returns:
+        One prediction dict per record, in order (layout in the module docstring).
+    """
+    prompts = build_prompts(records, template, top_k, chat)
+    if isinstance(generator, CachedGenerator):
+        raw = generator.generate(prompts, params, desc=desc)
+    else:
+        raw = generator.generate(prompts, params)
+    out = []
+    if len(raw) != len(records):
+        raise RuntimeError(f"generator returned {len(raw)} outputs for {len(records)} prompts")
+    for rec, output in zip(records, raw, strict=True):
+        ctxs = rec.ctxs[:top_k] if top_k > 0 else []
+        pred = clean_answer(output)
+        item: dict[str, Any] = {
+            "id": rec.id,
+            "question": rec.question,
+            "answers": list(rec.answers),
+            "prediction": pred,
+            "raw_output": output,
+            "ctx_ids": [c.id for c in ctxs],
+            "ctx_has_answer": [
+                bool(c.has_answer) if c.has_answer is not None else has_answer(c.render(), rec.answers) for c in ctxs
+            ],
+            "scores": score_answer(pred, rec.answers) if rec.answers else None,
+        }
+        category = (rec.model_extra or {}).get("category")
+        if category is not None:
+            item["category"] = category
+        out.append(item)
+    return out
+
+
+def _load_records(cfg: AnswerConfig) -> list[RetrievalRecord]:
+    if cfg.retrieval is not None:
+        return load_retrieval(cfg.retrieval, limit=cfg.limit)
+    assert cfg.questions is not None
+    questions = load_questions(cfg.questions, require_answers=False, limit=cfg.limit)
+    return [RetrievalRecord(**q.model_dump(exclude_none=True), ctxs=[]) for q in questions]
+
+
+# generator dtype names -> the reranker's
+_RERANKER_DTYPES = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+
+
+def _rerank(cfg: AnswerConfig, records: list[RetrievalRecord]) -> list[RetrievalRecord]:
+    from dpa_rag.reranker.rerank import Reranker
+
+    reranker = Reranker(
+        str(cfg.reranker),
+        device=cfg.device,
+        dtype=_RERANKER_DTYPES[cfg.dtype],
+        batch_size=cfg.reranker_batch_size,
+        max_length=cfg.reranker_max_length,
+    )
+    candidates = [r.model_copy(update={"ctxs": r.ctxs[: cfg.rerank_depth]}) for r in records]
+    return list(reranker.rerank(candidates, top_k=cfg.top_k))
+
+
+def run_answer(cfg: AnswerConfig, backend: Generator | None = None) -> Path:
+    """Run the answer stage; returns the path of ``predictions.jsonl``.
+
+    Args:
+        cfg: the stage configuration.
+        backend: use this generation backend instead of building ``cfg.backend`` (tests, the pipeline); it still
+            goes through the on-disk cache when ``cfg.use_cache``.
+    """
+    out_dir = Path(cfg.out_dir)
+    template = load_template(cfg.template)
+    template_file = Path(cfg.template) if Path(cfg.template).suffix in (".yaml", ".yml") else None
+    records = _load_records(cfg)
+    rec = stage_recorder("answer", cfg, out_dir, [cfg.retrieval, cfg.questions, cfg.reranker, template_file])
+    if cfg.questions is not None and cfg.top_k > 0:
+        logger.info("no retrieval file: answering closed-book")
+    if cfg.reranker is not None and cfg.top_k > 0 and cfg.retrieval is not None:
+        with rec.timer("rerank"):
+            records = _rerank(cfg, records)
+    generator = build_generator(cfg, backend=backend, progress=cfg.progress)
+    with rec.timer("generate"):
+        predictions = answer_records(
+            records, generator, template, cfg.top_k, cfg.generation_params(), chat=cfg.chat, desc="answer"
+        )
+    write_jsonl(out_dir / "predictions.jsonl", predictions)
+    metrics = evaluate_predictions(predictions)
+    write_json(out_dir / "metrics.json", metrics)
+    logger.info(
+        "answer: %d questions, Hits@1 %.2f, EM %.2f, F1 %.2f (%d generated, %d from cache)",
+        len(predictions),
+        metrics["hits@1"],
+        metrics["em"],
+        metrics["f1"],
+        generator.calls,
+        generator.hits,
+    )
+    rec.finish(
+        outputs=["predictions.jsonl", "metrics.json"],
+        questions=len(predictions),
+        generated=generator.calls,
+        cache_hits=generator.hits,
+        template=template.name,
+    )
+    return out_dir / "predictions.jsonl"
