@@ -47,8 +47,10 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         *list("abcdefghijklmnopqrstuvwxyz0123456789"),
     ]
     vocab += [f"##{c}" for c in "abcdefghijklmnopqrstuvwxyz0123456789"]
-    (out / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n", encoding="utf-8")
-    tok = BertTokenizerFast(vocab_file=str(out / "vocab.txt"), do_lower_case=True)
+    vocab = list(dict.fromkeys(vocab))
+    (out / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    # transformers 5 ignores vocab_file here; pass the vocabulary itself
+    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
     torch.manual_seed(0)
     cfg = BertConfig(
         vocab_size=tok.vocab_size,

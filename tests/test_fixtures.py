@@ -6,6 +6,9 @@ def test_tiny_models_load(tiny_bert_dir, tiny_llm_dir):
     from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    assert tok.vocab_size > 100
+    ids = tok("who was the first king")["input_ids"]
+    assert tok.unk_token_id not in ids
     enc = tok(["who was the first king"], ["the first king of england"], return_tensors="pt")
     out = AutoModel.from_pretrained(tiny_bert_dir)(**enc)
     assert out.last_hidden_state.shape[-1] == 32
