@@ -31,13 +31,13 @@ def _toy_steps(source: Path, suffix: str, calls: list[str]) -> list[Step]:
 
     return [
         Step(
-            "a", [], lambda f: ToyConfig(src=source, out_dir=f["a"], suffix=suffix), lambda c: [c.src], make_run("a")
+            "a", [], lambda f: ToyConfig(src=source, out_dir=f["a"], suffix=suffix), make_run("a")
         ),
         Step(
-            "b", ["a"], lambda f: ToyConfig(src=f["a"] / "out.txt", out_dir=f["b"]), lambda c: [c.src], make_run("b")
+            "b", ["a"], lambda f: ToyConfig(src=f["a"] / "out.txt", out_dir=f["b"]), make_run("b")
         ),
         Step(
-            "c", ["b"], lambda f: ToyConfig(src=f["b"] / "out.txt", out_dir=f["c"]), lambda c: [c.src], make_run("c")
+            "c", ["b"], lambda f: ToyConfig(src=f["b"] / "out.txt", out_dir=f["c"]), make_run("c")
         ),
     ]
 

@@ -30,20 +30,21 @@ RESULT_NEUTRAL_FIELDS = {"out_dir", "cache_dir", "use_cache", "progress", "max_c
 
 
 def hash_inputs(paths: Iterable[str | Path | None]) -> dict[str, str]:
-    """SHA-256 of each input file; a folder hashes its files' relative names and contents."""
+    """Fingerprint of each input: SHA-256 of a file's bytes; for a folder (an index, a model), the relative names,
+    sizes and modification times of its files (hashing gigabytes of weights on every check would be too slow)."""
+    import hashlib
+
     out: dict[str, str] = {}
     for p in paths:
         if p is None:
             continue
         p = Path(p)
         if p.is_dir():
-            import hashlib
-
             h = hashlib.sha256()
-            for f in sorted(x for x in p.rglob("*") if x.is_file() and x.name != MANIFEST and x.name != "config.yaml"):
-                h.update(str(f.relative_to(p)).encode())
-                h.update(file_sha256(f).encode())
-            out[str(p)] = h.hexdigest()
+            for f in sorted(x for x in p.rglob("*") if x.is_file() and x.name not in (MANIFEST, "config.yaml")):
+                st = f.stat()
+                h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+            out[str(p)] = "dir:" + h.hexdigest()
         elif p.exists():
             out[str(p)] = file_sha256(p)
         else:
@@ -78,14 +79,23 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
-def manifest_matches(out_dir: str | Path, cfg: BaseModel, inputs: Iterable[str | Path | None]) -> bool:
-    """True iff ``out_dir`` holds a finished manifest for the same config hash and identical input files."""
+def manifest_matches(
+    out_dir: str | Path, cfg: BaseModel, inputs: Iterable[str | Path | None] | None = None
+) -> bool:
+    """True iff ``out_dir`` holds a finished manifest for the same config hash and unchanged inputs.
+
+    Args:
+        out_dir: the stage's output folder.
+        cfg: the config the stage would run with now.
+        inputs: the input paths to compare; default: the ones the manifest recorded.
+    """
     m = read_manifest(out_dir)
     if not m or m.get("status") != "complete":
         return False
     if m.get("config_hash") != config_hash(cfg, exclude=RESULT_NEUTRAL_FIELDS & set(type(cfg).model_fields)):
         return False
-    if m.get("inputs") != hash_inputs(inputs):
+    recorded = m.get("inputs") or {}
+    if m.get("inputs") != hash_inputs(recorded if inputs is None else inputs):
         return False
     return all((Path(out_dir) / o).exists() for o in m.get("outputs", []))
 

@@ -106,7 +106,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
     index_kind = "both" if len(kinds) > 1 or "both" in kinds else kinds.pop()
     steps: list[Step] = []
 
-    def add(name, deps, cls, section, wired, inputs, run, enabled=True, defaults=None):
+    def add(name, deps, cls, section, wired, run, enabled=True, defaults=None):
         steps.append(
             Step(
                 name=name,
@@ -114,7 +114,6 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
                 make_config=lambda f, cls=cls, section=section, wired=wired, defaults=defaults: _make(
                     cls, section, s(section), wired(f), defaults(f) if defaults else None
                 ),
-                inputs=inputs,
                 run=run,
                 enabled=enabled,
             )
@@ -127,12 +126,12 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             "eval_fraction": cfg.eval_fraction, "train_limit": cfg.train_limit, "eval_limit": cfg.eval_limit,
             "seed": cfg.seed,
         },
-        lambda c: [c.questions, c.eval_questions], _lazy("dpa_rag.pipeline.split", "run_split"),
+        _lazy("dpa_rag.pipeline.split", "run_split"),
     )
     add(
         "index", [], IndexConfig, "index",
         lambda f: {"corpus": cfg.corpus, "out_dir": f["index"], "kind": index_kind},
-        lambda c: list(c.corpus), _lazy("dpa_rag.retrieval.index", "run_index"),
+        _lazy("dpa_rag.retrieval.index", "run_index"),
     )
     for part in ("train", "eval"):
         for method in methods if part == "eval" else [cfg.retriever]:
@@ -143,26 +142,26 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
                     "index_dir": f["index"], "questions": f["split"] / f"{part}_questions.jsonl",
                     "out_dir": f[name], "method": method, "top_k": cfg.retrieve_top_k,
                 },
-                lambda c: [c.questions], _lazy("dpa_rag.retrieval.retrieve", "run_retrieve"),
+                _lazy("dpa_rag.retrieval.retrieve", "run_retrieve"),
             )
 
     add(
         "mine", ["retrieve-train"], MineConfig, "mine",
         lambda f: {"retrieval": f["retrieve-train"] / "retrieval.jsonl", "out_dir": f["mine"]},
-        lambda c: [c.retrieval], _lazy("dpa_rag.mining.mine", "run"), defaults=lambda f: _reader(cfg),
+        _lazy("dpa_rag.mining.mine", "run"), defaults=lambda f: _reader(cfg),
     )
     aug = cfg.augmentation
     add(
         "augment", ["split"], AugmentConfig, "augment",
         lambda f: {"input": f["split"] / "train_questions.jsonl", "out_dir": f["augment"]},
-        lambda c: [c.input], _lazy("dpa_rag.augment.augment", "run"), enabled=aug,
+        _lazy("dpa_rag.augment.augment", "run"), enabled=aug,
         defaults=lambda f: _reader(cfg) if cfg.rewriter is None else {"cache_dir": str(cfg.out_dir / "cache"),
                                                                        **cfg.rewriter},
     )
     add(
         "filter", ["augment"], FilterConfig, "filter",
         lambda f: {"input": f["augment"] / "augmented.jsonl", "out_dir": f["filter"], "backend": cfg.filter_backend},
-        lambda c: [c.input], _lazy("dpa_rag.augment.filter", "run"), enabled=aug,
+        _lazy("dpa_rag.augment.filter", "run"), enabled=aug,
     )
     aug_questions = (lambda f: f["filter"] / "questions_augmented.jsonl") if aug else (lambda f: None)
     add(
@@ -171,7 +170,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             "preferences": f["mine"] / "preferences.jsonl", "out_dir": f["reranker-data"],
             "include_augmented": aug_questions(f), "seed": cfg.seed,
         },
-        lambda c: [c.preferences, c.include_augmented], _lazy("dpa_rag.mining.reranker_data", "run"),
+        _lazy("dpa_rag.mining.reranker_data", "run"),
         enabled=cfg.reranker,
     )
     add(
@@ -182,7 +181,6 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             "warmup_retrieval": str(f["retrieve-train"] / "retrieval.jsonl"),
             "eval_retrieval": str(f["retrieve-eval"] / "retrieval.jsonl"), "seed": cfg.seed,
         },
-        lambda c: [c.train, c.valid, c.test, c.warmup_retrieval, c.eval_retrieval],
         _lazy("dpa_rag.reranker.train", "train_reranker"), enabled=cfg.reranker,
     )
     for part in ("train", "eval"):
@@ -192,7 +190,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
                 "input": str(f[f"retrieve-{part}"] / "retrieval.jsonl"), "model": str(f["train-reranker"] / "model"),
                 "out_dir": str(f[f"rerank-{part}"]), "top_k": cfg.top_k,
             },
-            lambda c: [c.input], _lazy("dpa_rag.reranker.rerank", "run_rerank"),
+            _lazy("dpa_rag.reranker.rerank", "run_rerank"),
             enabled=cfg.reranker and (part == "eval" or cfg.train_llm),
         )
     sft_source = "rerank-train" if cfg.reranker else "retrieve-train"
@@ -203,7 +201,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             "preferences": f["mine"] / "preferences.jsonl", "retrieval": f[sft_source] / sft_file,
             "out_dir": f["llm-data"], "k": cfg.top_k, "include_augmented": aug_questions(f), "seed": cfg.seed,
         },
-        lambda c: [c.preferences, c.retrieval, c.include_augmented], _lazy("dpa_rag.mining.llm_data", "run"),
+        _lazy("dpa_rag.mining.llm_data", "run"),
         enabled=cfg.train_llm,
     )
     reader_model = cfg.reader.get("model", "smollm2-135m")
@@ -214,7 +212,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             **llm_common, "stage": "prealign", "data": [f["llm-data"] / "prealign.jsonl"],
             "out_dir": f["train-llm-prealign"],
         },
-        lambda c: list(c.data), _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm and cfg.prealign,
+        _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm and cfg.prealign,
         defaults=lambda f: {"seed": cfg.seed, **s("train_llm")},
     )
     add(
@@ -225,7 +223,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             "out_dir": f["train-llm-sft"], "merge": True,
             "init_adapter": (f["train-llm-prealign"] / "adapter") if cfg.prealign else None,
         },
-        lambda c: list(c.data), _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm,
+        _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm,
         defaults=lambda f: {"seed": cfg.seed, **s("train_llm")},
     )
 
@@ -271,7 +269,6 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         add(
             name, deps, AnswerConfig, "answer",
             lambda f, wired=wired, name=name: {"top_k": cfg.top_k, **wired(f), "out_dir": f[name]},
-            lambda c: [c.retrieval, c.questions],
             _lazy("dpa_rag.rag.answer", "run_answer"), enabled=enabled, defaults=lambda f: _reader(cfg),
         )
     from dpa_rag.pipeline.report import ReportConfig
@@ -284,7 +281,6 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             "systems": {k: str(f[v]) for k, v in system_steps(cfg).items()},
             "top_k": cfg.top_k, "retriever": cfg.retriever,
         },
-        lambda c: [Path(p) / "predictions.jsonl" for p in c.systems.values()],
         _lazy("dpa_rag.pipeline.report", "run_report"),
     )
     return steps

@@ -1,10 +1,10 @@
 """Run a graph of stages with manifest-based skipping, ``--from`` and ``--force``.
 
-A :class:`Step` knows its name, the steps it depends on, how to build its stage config from the pipeline state,
-which input files it reads and how to run. A step is skipped when its folder holds a complete manifest for the same
-config hash and input-file hashes *and* the same upstream run ids (so re-running an upstream step re-runs everything
-after it). A step that was killed has no complete manifest and runs again; the stages themselves resume their own
-partial work (mining, augmentation) or restart quickly.
+A :class:`Step` knows its name, the steps it depends on, how to build its stage config and how to run. A step is
+skipped when its folder holds a complete manifest for the same config hash, its recorded input files are unchanged
+*and* its upstream steps have not been re-run since (each manifest records their run ids), so re-running an upstream
+step re-runs everything after it. A step that was killed has no complete manifest and runs again; the stages
+themselves resume their own partial work (mining, augmentation) and the generation cache serves finished LLM calls.
 """
 
 from __future__ import annotations
@@ -36,7 +36,6 @@ class Step:
         name: the step's name (also its folder under the run directory, unless ``folder`` is set).
         deps: names of steps whose outputs this one reads.
         make_config: builds the stage config; receives the folders of all steps by name.
-        inputs: input files/folders read by the step (hashed for the manifest check), given the same folders.
         run: runs the stage with its config.
         enabled: a disabled step is neither run nor required.
     """
@@ -44,7 +43,6 @@ class Step:
     name: str
     deps: Sequence[str]
     make_config: Callable[[dict[str, Path]], BaseModel]
-    inputs: Callable[[BaseModel], Sequence[Path | str | None]]
     run: Callable[[BaseModel], Any]
     enabled: bool = True
     folder: str | None = None
@@ -111,13 +109,12 @@ def run_steps(
             raise ValueError(f"step '{step.name}' needs {', '.join(missing)}, which is disabled in this config")
         out_dir = folders[step.name]
         cfg = step.make_config(folders)
-        inputs = list(step.inputs(cfg))
         upstream = {d: _run_id(folders[d]) for d in step.deps}
         must_run = force or (forced_from is not None and i >= forced_from)
         manifest = read_manifest(out_dir)
         up_to_date = (
             not must_run
-            and manifest_matches(out_dir, cfg, inputs)
+            and manifest_matches(out_dir, cfg)
             and manifest is not None
             and manifest.get("upstream") == upstream
         )
