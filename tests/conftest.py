@@ -114,7 +114,7 @@ def tiny_llm_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture()
-def run_dir(tmp_path: Path) -> Path:
-    """A fresh folder for one test's stage outputs; the generation cache lives inside it."""
-    os.environ["DPA_RAG_CACHE"] = str(tmp_path / "cache")
+def run_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh folder for one test's stage outputs; the generation cache lives inside it (restored after)."""
+    monkeypatch.setenv("DPA_RAG_CACHE", str(tmp_path / "cache"))
     return tmp_path

@@ -36,7 +36,9 @@ def build_backend(opts: GeneratorOptions) -> Generator:
     raise ValueError(f"unknown generation backend '{opts.backend}'")
 
 
-def build_generator(opts: GeneratorOptions, backend: Generator | None = None, progress: bool = True) -> CachedGenerator:
+def build_generator(
+    opts: GeneratorOptions, backend: Generator | None = None, progress: bool = True
+) -> CachedGenerator:
     """The backend (or the one given) behind the on-disk cache, batched by ``opts.batch_size``."""
     backend = backend or build_backend(opts)
     cache = GenerationCache((opts.cache_dir or default_cache_dir()) / "generations.sqlite") if opts.use_cache else None

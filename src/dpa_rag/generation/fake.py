@@ -35,9 +35,7 @@ class FakeGenerator:
         fail_times: raise ``RuntimeError`` on the first ``fail_times`` calls (to test retry and resume).
     """
 
-    def __init__(
-        self, fn: Callable[[str], str] | None = None, model_id: str = "fake", fail_times: int = 0
-    ) -> None:
+    def __init__(self, fn: Callable[[str], str] | None = None, model_id: str = "fake", fail_times: int = 0) -> None:
         self.fn = fn or first_capitalised_phrase
         self.model_id = model_id
         self.calls = 0

@@ -1,0 +1,186 @@
+"""Local generation with 🤗 transformers: one model loaded once, batched left-padded decoding, greedy by default."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dpa_rag.generation.base import GenerationParams, Prompt, prompt_to_text
+from dpa_rag.models import fingerprint, pick_device, pick_dtype, resolve_llm
+
+__all__ = ["HFGenerator", "truncate_at_stop"]
+
+logger = logging.getLogger(__name__)
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` cut at the earliest occurrence of any stop string (the stop string itself is dropped)."""
+    cut = len(text)
+    for s in stop:
+        if s:
+            i = text.find(s)
+            if i != -1:
+                cut = min(cut, i)
+    return text[:cut]
+
+
+class HFGenerator:
+    """A causal LM from transformers behind the :class:`~dpa_rag.generation.base.Generator` protocol.
+
+    The tokenizer and model are loaded once (``model.eval()``, the picked dtype and device). Chats go through the
+    tokenizer's chat template with ``add_generation_prompt=True`` (rendered as plain text when the tokenizer has none);
+    plain strings are used as is. Prompts are sorted by length and split into left-padded batches of ``batch_size``;
+    outputs come back in the input order. Decoding is greedy when ``params.temperature == 0`` (deterministic) and
+    sampled with ``params.seed`` otherwise. Only the new tokens are decoded (special tokens skipped), cut at the first
+    stop string and stripped.
+
+    Args:
+        model: a bundled alias (``smollm2-135m``), a hub id or a local folder.
+        dtype: ``auto`` | ``bfloat16`` | ``float16`` | ``float32`` (see :func:`dpa_rag.models.pick_dtype`).
+        device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:1`` | ``mps``.
+        batch_size: prompts per forward batch inside one :meth:`generate` call.
+        num_threads: if given, ``torch.set_num_threads(num_threads)``; by default torch's setting is left alone.
+        cache_dir: where bundled aliases are converted (default: the dpa-rag cache folder).
+        trust_remote_code: passed to ``from_pretrained``.
+
+    Attributes:
+        model_id: weights fingerprint, dtype (it changes outputs) and a hash of the chat template; part of the cache
+            key.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        dtype: str = "auto",
+        device: str = "auto",
+        batch_size: int = 16,
+        num_threads: int | None = None,
+        cache_dir: str | Path | None = None,
+        trust_remote_code: bool = False,
+    ) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_threads is not None:
+            torch.set_num_threads(num_threads)
+        self.path = resolve_llm(model, cache_dir)
+        self.device = pick_device(device)
+        self.dtype = pick_dtype(dtype, self.device)
+        self.batch_size = batch_size
+        tok = AutoTokenizer.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        tok.padding_side = "left"
+        if tok.pad_token is None:
+            if tok.eos_token is None:
+                raise ValueError(f"tokenizer of {model} has neither a pad nor an eos token")
+            tok.pad_token = tok.eos_token
+        self.tokenizer = tok
+        logger.info("loading %s on %s (%s)", self.path, self.device, str(self.dtype).removeprefix("torch."))
+        lm = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        self.model = lm.to(self.device).eval()
+        self.model_id = f"{fingerprint(self.path)}:{str(self.dtype).removeprefix('torch.')}"
+        template = getattr(tok, "chat_template", None)
+        if isinstance(template, str):  # the template shapes every chat prompt; the weights fingerprint misses it
+            self.model_id += ":chat-" + hashlib.sha1(template.encode("utf-8")).hexdigest()[:8]
+        self._eos_ids = self._collect_eos_ids()
+        self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
+        self._warned_truncation = False
+
+    def _collect_eos_ids(self) -> list[int]:
+        ids: list[int] = []
+        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
+        for value in (gen_eos, self.tokenizer.eos_token_id):
+            for i in value if isinstance(value, (list, tuple)) else [value]:
+                if i is not None and int(i) not in ids:
+                    ids.append(int(i))
+        return ids
+
+    def render(self, prompt: Prompt) -> str:
+        """The text the model sees for ``prompt`` (chat template applied to chats)."""
+        if isinstance(prompt, str):
+            return prompt
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        return prompt_to_text(prompt)
+
+    def encode(self, prompt: Prompt, max_new_tokens: int = 0) -> list[int]:
+        """Token ids of the rendered prompt (left-truncated, with a warning, if it would not fit the context)."""
+        templated = not isinstance(prompt, str) and bool(getattr(self.tokenizer, "chat_template", None))
+        # a chat template already writes its special tokens (e.g. BOS); don't add them twice
+        ids = self.tokenizer(self.render(prompt), add_special_tokens=not templated)["input_ids"]
+        if self._max_positions and len(ids) + max_new_tokens > self._max_positions:
+            keep = max(1, self._max_positions - max_new_tokens)
+            if not self._warned_truncation:
+                logger.warning(
+                    "prompt of %d tokens + %d new tokens exceeds the context (%d); keeping its last %d tokens",
+                    len(ids), max_new_tokens, self._max_positions, keep,
+                )
+                self._warned_truncation = True
+            ids = ids[-keep:]
+        if not ids:  # an empty prompt: start from BOS (or EOS) so there is something to condition on
+            start = self.tokenizer.bos_token_id
+            if start is None:
+                start = self._eos_ids[0] if self._eos_ids else self.tokenizer.pad_token_id
+            ids = [start]
+        return list(ids)
+
+    def _generation_config(self, params: GenerationParams) -> Any:
+        from transformers import GenerationConfig
+
+        kw: dict[str, Any] = {
+            "max_new_tokens": params.max_new_tokens,
+            "do_sample": not params.greedy,
+            "pad_token_id": self.tokenizer.pad_token_id,
+            "eos_token_id": self._eos_ids or None,
+            "num_beams": 1,
+        }
+        if params.stop:
+            # stop early once every row has produced a stop string; the text is cut in any case
+            kw["stop_strings"] = list(params.stop)
+        if params.greedy:
+            kw.update(temperature=1.0, top_p=1.0, top_k=50)  # neutral values: no "unused sampling flag" warnings
+        else:
+            kw.update(temperature=params.temperature, top_p=params.top_p, top_k=0)
+        return GenerationConfig(**kw)
+
+    def _generate_batch(self, batch: list[list[int]], params: GenerationParams) -> list[str]:
+        import torch
+
+        width = max(len(ids) for ids in batch)
+        pad = self.tokenizer.pad_token_id
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in batch], device=self.device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in batch], device=self.device)
+        extra: dict[str, Any] = {"tokenizer": self.tokenizer} if params.stop else {}
+        out = self.model.generate(
+            input_ids=input_ids, attention_mask=mask, generation_config=self._generation_config(params), **extra
+        )
+        new_tokens = out[:, width:]
+        texts = self.tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+        return [truncate_at_stop(t, params.stop).strip() for t in texts]
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[str]:
+        """One completion per prompt, in order (see the class docstring for the decoding rules)."""
+        import torch
+
+        if not prompts:
+            return []
+        encoded = [self.encode(p, params.max_new_tokens) for p in prompts]
+        # longest first: similar lengths share a batch (less padding), and an out-of-memory error shows up at once
+        order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i]))
+        results: list[str] = [""] * len(prompts)
+        devices = None if self.device.startswith("cuda") else []  # None: fork every visible CUDA generator
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices, enabled=not params.greedy):
+            if not params.greedy:
+                torch.manual_seed(params.seed)
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                for i, text in zip(idx, self._generate_batch([encoded[i] for i in idx], params), strict=True):
+                    results[i] = text
+        return results
+
+    def __repr__(self) -> str:
+        return f"HFGenerator({self.path!r}, dtype={self.dtype}, device={self.device!r}, batch_size={self.batch_size})"

@@ -1,0 +1,226 @@
+"""Any OpenAI-compatible HTTP server (OpenAI, vLLM ``serve``, llama.cpp, TGI, Ollama…) over plain ``httpx``.
+
+Chats go to ``{base_url}/chat/completions``, plain strings to ``{base_url}/completions``. Requests run in parallel
+(``max_concurrency`` threads sharing one connection pool); connection errors, timeouts, 429 and 5xx are retried with
+exponential backoff and jitter (``Retry-After`` honoured); other 4xx fail at once with the status and body excerpt.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import httpx
+
+from dpa_rag.generation.base import GenerationParams, Prompt
+from dpa_rag.generation.hf import truncate_at_stop
+
+__all__ = ["DEFAULT_BASE_URL", "OpenAICompatibleGenerator", "parse_retry_after"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_RETRY_STATUS = {408, 409, 425, 429}  # plus every 5xx
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date); ``None`` if absent/invalid."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class _Retryable(Exception):
+    def __init__(self, message: str, wait: float | None = None) -> None:
+        super().__init__(message)
+        self.wait = wait
+
+
+class OpenAICompatibleGenerator:
+    """Generate through an OpenAI-compatible REST API.
+
+    Args:
+        model: the server's model name (e.g. ``gpt-4o-mini-2024-07-18`` or what ``vllm serve`` was given).
+        base_url: API root including the version, e.g. ``http://localhost:8000/v1``; default ``$OPENAI_BASE_URL`` or
+            the OpenAI API.
+        api_key_env: name of the environment variable holding the key, sent as ``Authorization: Bearer``; optional
+            for local servers, required for the OpenAI API.
+        max_concurrency: parallel requests.
+        timeout: seconds per request (connect, read, write, pool).
+        max_retries: retries per prompt after the first attempt (so ``max_retries + 1`` attempts at most).
+        backoff_base: first backoff in seconds; doubles per retry, capped at ``backoff_max``, times a jitter in
+            [0.5, 1.5).
+        backoff_max: largest backoff (a server's ``Retry-After`` is honoured up to ``retry_after_max``).
+        retry_after_max: largest ``Retry-After`` honoured, in seconds.
+        max_tokens_field: request field for the new-token limit (``max_completion_tokens`` for newer OpenAI models).
+        extra_body: extra JSON fields merged into every request (e.g. ``{"top_k": 20}`` for vLLM).
+
+    Attributes:
+        model_id: ``openai:{base_url}:{model}`` (part of the cache key).
+        requests_sent: HTTP attempts made so far (retries included).
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str | None = None,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_concurrency: int = 8,
+        timeout: float = 60.0,
+        max_retries: int = 5,
+        backoff_base: float = 1.0,
+        backoff_max: float = 60.0,
+        retry_after_max: float = 300.0,
+        max_tokens_field: str = "max_tokens",
+        extra_body: dict[str, Any] | None = None,
+    ) -> None:
+        if max_concurrency < 1:
+            raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.model = model
+        self.base_url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key_env = api_key_env
+        api_key = os.environ.get(api_key_env) if api_key_env else None
+        if not api_key and self.base_url == DEFAULT_BASE_URL:
+            raise ValueError(f"the OpenAI API needs a key: set the environment variable {api_key_env}")
+        self.max_concurrency = max_concurrency
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self.backoff_base = backoff_base
+        self.backoff_max = backoff_max
+        self.retry_after_max = retry_after_max
+        self.max_tokens_field = max_tokens_field
+        self.extra_body = dict(extra_body or {})
+        self.model_id = f"openai:{self.base_url}:{model}"
+        self.requests_sent = 0
+        self._count_lock = threading.Lock()
+        headers = {"Content-Type": "application/json"}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        self._client = httpx.Client(
+            headers=headers,
+            timeout=httpx.Timeout(timeout),
+            limits=httpx.Limits(max_connections=max_concurrency, max_keepalive_connections=max_concurrency),
+        )
+
+    # -- request building -------------------------------------------------------------------------------------------
+
+    def request_for(self, prompt: Prompt, params: GenerationParams) -> tuple[str, dict[str, Any]]:
+        """The endpoint URL and JSON body for one prompt."""
+        body: dict[str, Any] = {
+            "model": self.model,
+            self.max_tokens_field: params.max_new_tokens,
+            "temperature": params.temperature,
+            "top_p": params.top_p,
+            "seed": params.seed,
+        }
+        if params.stop:
+            body["stop"] = list(params.stop)
+        body.update(self.extra_body)
+        if isinstance(prompt, str):
+            return f"{self.base_url}/completions", {**body, "prompt": prompt}
+        return f"{self.base_url}/chat/completions", {**body, "messages": list(prompt)}
+
+    @staticmethod
+    def _extract(url: str, data: Any) -> str:
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if "message" in choice else choice["text"]
+        except (KeyError, IndexError, TypeError):
+            raise RuntimeError(f"unexpected response from {url}: {str(data)[:300]}") from None
+        return text or ""
+
+    # -- one prompt, with retries -----------------------------------------------------------------------------------
+
+    def _attempt(self, url: str, body: dict[str, Any]) -> str:
+        with self._count_lock:
+            self.requests_sent += 1
+        try:
+            resp = self._client.post(url, json=body)
+        except httpx.TimeoutException as e:
+            raise _Retryable(f"timed out after {self.timeout:g} s ({type(e).__name__})") from e
+        except httpx.TransportError as e:
+            raise _Retryable(f"connection error: {type(e).__name__}: {e}") from e
+        status = resp.status_code
+        if status == 200:
+            try:
+                data = resp.json()
+            except ValueError:
+                raise RuntimeError(f"non-JSON response from {url}: {resp.text[:300]!r}") from None
+            return self._extract(url, data)
+        excerpt = resp.text[:500]
+        if status in _RETRY_STATUS or status >= 500:
+            raise _Retryable(f"HTTP {status}: {excerpt}", wait=parse_retry_after(resp.headers.get("Retry-After")))
+        raise RuntimeError(f"{url} answered HTTP {status} (not retried): {excerpt}")
+
+    def _backoff(self, retry: int, wait: float | None) -> float:
+        if wait is not None:
+            return min(wait, self.retry_after_max)
+        return min(self.backoff_max, self.backoff_base * 2**retry) * (0.5 + random.random())
+
+    def _complete(self, prompt: Prompt, params: GenerationParams) -> str:
+        url, body = self.request_for(prompt, params)
+        for attempt in range(self.max_retries + 1):
+            try:
+                text = self._attempt(url, body)
+                return truncate_at_stop(text, params.stop).strip()
+            except _Retryable as e:
+                if attempt == self.max_retries:
+                    raise RuntimeError(
+                        f"{url} failed after {attempt + 1} attempt(s) (max_retries={self.max_retries}): {e}"
+                    ) from e
+                delay = self._backoff(attempt, e.wait)
+                logger.warning("%s: %s; retry %d/%d in %.2f s", url, e, attempt + 1, self.max_retries, delay)
+                time.sleep(delay)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- protocol ---------------------------------------------------------------------------------------------------
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[str]:
+        """One completion per prompt, in order; up to ``max_concurrency`` requests in flight.
+
+        Raises:
+            RuntimeError: a prompt failed (non-retryable status, or retries exhausted); the other requests of this
+                call are cancelled (finished ones are lost only for this call; the cache wrapper keeps earlier
+                batches).
+        """
+        if not prompts:
+            return []
+        if self.max_concurrency == 1 or len(prompts) == 1:
+            return [self._complete(p, params) for p in prompts]
+        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts)), thread_name_prefix="openai")
+        try:
+            futures = [pool.submit(self._complete, p, params) for p in prompts]
+            return [f.result() for f in futures]
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._client.close()
+
+    def __enter__(self) -> OpenAICompatibleGenerator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"OpenAICompatibleGenerator({self.model!r}, base_url={self.base_url!r})"
