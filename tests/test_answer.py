@@ -279,7 +279,7 @@ def test_cli_answer(run_dir: Path, retrieval_file: Path):
     )
     assert result.exit_code == 0, result.output
     preds = read_jsonl(run_dir / "cli" / "predictions.jsonl")
-    # the default fake reader copies the first capitalised phrase after the first "Content:" (none when untitled)
+    # the default fake reader copies the first capitalised phrase of the first passage
     assert [p["prediction"] for p in preds] == ["Hamlet", "Lyon", "unknown"]
     assert (run_dir / "cli" / "config.yaml").exists()
 

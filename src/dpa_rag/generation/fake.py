@@ -10,18 +10,24 @@ from dpa_rag.generation.base import GenerationParams, Prompt, prompt_to_text
 __all__ = ["FakeGenerator", "first_capitalised_phrase"]
 
 _CAPS = re.compile(r"\b([A-Z][a-z]+(?:\s+[A-Z][a-z]+)*)")
+_PREFIX = re.compile(r"^\s*\[\d+\]\s*[^:]*:\s*(.*)$")
 
 
 def first_capitalised_phrase(prompt: str) -> str:
-    """The default fake "reader": the first capitalised phrase of the first passage, else "unknown".
+    """The default fake "reader": the first capitalised phrase of the first passage's text, else "unknown".
 
-    Passages are whatever follows ``Content:`` in the prompt (the rendered-passage layout), so a closed-book prompt
-    answers "unknown" and an open-book one copies a name from the passage — enough to make every preference
-    category occur in tests.
+    The passage is what follows ``Content:`` (the rendered-passage layout) or the first line after ``Passages:``
+    (the reader templates; a ``[1] Title:`` prefix is skipped), so a closed-book prompt answers "unknown" and an
+    open-book one copies a name from the passage — enough to make every preference category occur in tests.
     """
     _, sep, rest = prompt.partition("Content:")
     if not sep:
-        return "unknown"
+        _, sep, rest = prompt.partition("Passages:")
+        if not sep:
+            return "unknown"
+        first = rest.strip().split("\n", 1)[0]
+        m = _PREFIX.match(first)
+        rest = m.group(1) if m else first
     m = _CAPS.search(rest)
     return m.group(1) if m else "unknown"
 

@@ -168,10 +168,14 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         "reranker-data", ["mine", *(["filter"] if aug else [])], RerankerDataConfig, "reranker_data",
         lambda f: {
             "preferences": f["mine"] / "preferences.jsonl", "out_dir": f["reranker-data"],
-            "include_augmented": aug_questions(f), "seed": cfg.seed,
+            "include_augmented": aug_questions(f),
         },
         _lazy("dpa_rag.mining.reranker_data", "run"),
         enabled=cfg.reranker,
+        # under the paper's hit rule a question has aligned or unaligned probes, never both (its closed-book answer
+        # is either right or wrong), so the strict pools would drop every question: fill the missing side from the
+        # question's own both-correct / both-wrong passages (docs/mining.md)
+        defaults=lambda f: {"pool": "graded", "seed": cfg.seed},
     )
     add(
         "train-reranker", ["reranker-data", "retrieve-train", "retrieve-eval"], TrainRerankerConfig, "train_reranker",

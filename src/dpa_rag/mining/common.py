@@ -1,0 +1,137 @@
+"""Shared by the data builders: reading preferences, inheriting them for augmented rewrites, splitting by question.
+
+Augmented rewrites (from the augmentation stage) are JSONL records ``{"id", "question", "origin_id", "strategy"}``.
+A rewrite inherits its original's golds, probed passages, answers and categories (method.md §4: no re-retrieval, no
+re-labelling); its ``query`` is the rewrite's text. Records sharing an ``origin_id`` always land in the same split.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dpa_rag.io import DataError, read_records
+from dpa_rag.mining.labels import categorize
+
+__all__ = [
+    "inherit_augmented",
+    "load_augmented",
+    "load_preferences",
+    "mine_config_retrieval",
+    "relabel",
+    "resolve_preferences",
+    "split_by_group",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_preferences(path: str | Path) -> Path:
+    """``path`` itself, or ``path/preferences.jsonl`` when ``path`` is a mine output folder."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "preferences.jsonl"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such preferences file (run `dpa-rag mine` first)")
+    return path
+
+
+def load_preferences(path: str | Path) -> list[dict[str, Any]]:
+    """Read ``preferences.jsonl`` (file or mine folder), checking the fields the builders need."""
+    path = resolve_preferences(path)
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for pos, rec in read_records(path):
+        for key in ("id", "question", "answers", "closed_book", "probes"):
+            if key not in rec:
+                raise DataError(f"{path}:{pos}: preference record lacks '{key}'")
+        if rec["id"] in seen:
+            raise DataError(f"{path}:{pos}: duplicate question id '{rec['id']}'")
+        seen.add(rec["id"])
+        out.append(rec)
+    if not out:
+        raise DataError(f"{path}: no preference records")
+    return out
+
+
+def relabel(prefs: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
+    """Copies of ``prefs`` whose probe categories are recomputed with ``rule`` from the stored scores."""
+    out = []
+    for p in prefs:
+        q = dict(p)
+        q["probes"] = [{**pr, "category": categorize(p["closed_book"], pr, rule)} for pr in p["probes"]]
+        out.append(q)
+    return out
+
+
+def load_augmented(path: str | Path) -> list[dict[str, Any]]:
+    """Read augmented rewrites: JSONL/JSON records with ``id``, ``question``, ``origin_id`` (``strategy`` optional)."""
+    out = []
+    for pos, rec in read_records(path):
+        for key in ("question", "origin_id"):
+            if not isinstance(rec.get(key), str) or not rec[key].strip():
+                raise DataError(f"{path}:{pos}: augmented record needs a non-empty string '{key}'")
+        rid = str(rec.get("id") or f"{rec['origin_id']}-aug{pos}")
+        out.append({"id": rid, "question": rec["question"].strip(), "origin_id": str(rec["origin_id"]),
+                    "strategy": rec.get("strategy")})
+    return out
+
+
+def inherit_augmented(
+    originals: Sequence[dict[str, Any]], augmented: Sequence[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], int]:
+    """Preference records for the rewrites whose original is in ``originals`` (see
+    :func:`dpa_rag.augment.inherit.inherit_preferences`: the original's answers, probes and labels, deep-copied).
+
+    Returns:
+        ``(records, n_orphans)``: the inherited records (in rewrite order) and how many rewrites had no original.
+
+    Raises:
+        DataError: a rewrite's id is already used by another question.
+    """
+    from dpa_rag.augment.inherit import inherit_preferences
+    from dpa_rag.data.schema import Question
+
+    taken = {str(o["id"]) for o in originals}
+    for a in augmented:
+        if a["id"] in taken:
+            raise DataError(f"augmented id '{a['id']}' is already used by another question")
+        taken.add(a["id"])
+    questions = [
+        Question(id=a["id"], question=a["question"], origin_id=a["origin_id"], strategy=a.get("strategy"))
+        for a in augmented
+    ]
+    out = inherit_preferences(list(originals), questions)
+    orphans = len(augmented) - len(out)
+    if orphans:
+        logger.warning("%d augmented question(s) have no original among the inputs and are skipped", orphans)
+    return out, orphans
+
+
+def split_by_group(
+    records: Sequence[dict[str, Any]], fractions: Sequence[float], seed: int
+) -> list[list[dict[str, Any]]]:
+    """Split records into ``len(fractions)`` parts so an original and its rewrites share a part (seeded); a thin
+    positional wrapper over :func:`dpa_rag.augment.inherit.group_split`."""
+    from dpa_rag.augment.inherit import group_split
+
+    parts = group_split(records, {str(i): f for i, f in enumerate(fractions)}, seed)
+    return [parts[str(i)] for i in range(len(fractions))]
+
+
+def mine_config_retrieval(preferences: str | Path) -> Path | None:
+    """The retrieval file the mine stage read, from its ``config.yaml`` next to ``preferences.jsonl`` (if any)."""
+    import yaml
+
+    cfg_path = resolve_preferences(preferences).parent / "config.yaml"
+    if not cfg_path.exists():
+        return None
+    try:
+        data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError:
+        return None
+    value = data.get("retrieval") if isinstance(data, dict) else None
+    return Path(value) if value else None
+

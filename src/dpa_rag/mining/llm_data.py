@@ -1,0 +1,232 @@
+"""``dpa-rag build-llm-data``: the reader's pre-aligned and SFT training sets (method.md §7, §12 #13, #14).
+
+* **Pre-aligned set** — per question (original or augmented rewrite) with at least one preference passage: one
+  preference passage d* (aligned or unaligned, drawn at random) plus ``k − 1`` other passages of the *same*
+  question's retrieval list (or, without a retrieval file, its other probed passages), shuffled. The prompt is the QA
+  prompt over the ``k`` numbered passages followed by a judgement question about passage ``[i]`` (= d*); the target is
+  ``"Passage [i] is Positive knowledge for the question."`` (aligned) or ``"… Negative knowledge …"`` (unaligned).
+  Draws use a per-question RNG seeded with ``(seed, question id)``, so adding questions never changes the others.
+* **SFT set** — per question of a retrieval file (the pipeline passes the reranked one): the QA prompt over its first
+  ``k`` passages → the first gold answer (or all golds joined with ``", "``).
+
+Both are written as LLaMA-Factory alpaca JSON (``[{"instruction", "input", "output", "system"}]`` plus a
+``dataset_info.json`` entry) and as chat-messages JSONL (``{"messages": [...]}``, read by TRL's ``SFTTrainer``).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+
+from dpa_rag.config import StageConfig
+from dpa_rag.data.loaders import load_retrieval
+from dpa_rag.data.schema import RetrievalRecord
+from dpa_rag.io import write_json, write_jsonl
+from dpa_rag.mining.common import (
+    inherit_augmented,
+    load_augmented,
+    load_preferences,
+    mine_config_retrieval,
+    relabel,
+    resolve_preferences,
+)
+from dpa_rag.mining.labels import ALIGNED, AUTHORS_CATEGORY, normalize_rule
+from dpa_rag.mining.prompts import judge_prompt, judge_target, qa_prompt
+from dpa_rag.mining.reranker_data import render_probe
+from dpa_rag.stage import stage_recorder
+
+__all__ = ["LLMDataConfig", "dataset_info", "prealign_example", "run", "sft_example", "to_alpaca"]
+
+logger = logging.getLogger(__name__)
+OUTPUTS = ["prealign.json", "prealign.jsonl", "sft.json", "sft.jsonl", "dataset_info.json", "stats.json"]
+
+
+class LLMDataConfig(StageConfig):
+    """Options of ``dpa-rag build-llm-data``."""
+
+    preferences: Path = Field(..., description="preferences.jsonl from `dpa-rag mine` (or its output folder).")
+    retrieval: Path | None = Field(
+        None,
+        description="Retrieval (or reranked) file whose first k passages feed the SFT set and whose lists supply "
+        "the pre-aligned set's other passages (default: the file `mine` read, from its config.yaml).",
+    )
+    out_dir: Path = Field(Path("runs/llm-data"), description="Output folder.")
+    k: int = Field(3, ge=1, description="Passages per prompt (3; 2 for WebQSP).")
+    seed: int = Field(42, description="Seed of the pre-aligned draws (per question: seed and question id).")
+    sft_answer: Literal["first", "all"] = Field(
+        "first", description="SFT target: the first gold answer, or all golds joined with ', ' (WebQSP)."
+    )
+    label_rule: Literal["stored", "hit", "f1-delta"] = Field(
+        "stored", description="Use the categories stored by `mine`, or recompute them with hit or f1-delta."
+    )
+    include_augmented: Path | None = Field(
+        None,
+        description="Augmented questions (JSONL: id, question, origin_id, strategy); rewrites inherit their "
+        "original's passages, categories and golds.",
+    )
+    dataset_prefix: str = Field("dpa_rag", description="Prefix of the dataset names in dataset_info.json.")
+
+    @field_validator("label_rule", mode="before")
+    @classmethod
+    def _rule(cls, v: Any) -> Any:
+        return normalize_rule(v) if isinstance(v, str) and v != "stored" else v
+
+
+def _rng(seed: int, qid: str) -> random.Random:
+    return random.Random(f"{seed}:{qid}")
+
+
+def prealign_example(
+    pref: dict[str, Any], others: list[str], k: int, seed: int
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """One pre-aligned example ``{"messages", "positive", "index"}`` for a question, or ``None``.
+
+    Args:
+        pref: the question's preference record.
+        others: candidate passages (rendered) of the same question to fill the ``k − 1`` other slots.
+        k: passages in the prompt.
+        seed: base seed (combined with the question id).
+
+    Returns:
+        ``(example, info)``; ``info["skip"]`` says why there is none, ``info["short"]`` whether fewer than ``k − 1``
+        other passages were available.
+    """
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
+    rng = _rng(seed, pref["id"])
+    candidates, seen = [], set()
+    for p in sorted(pref["probes"], key=lambda p: p["rank"]):
+        text = render_probe(p)
+        if p["category"] in AUTHORS_CATEGORY and text not in seen:
+            seen.add(text)
+            candidates.append(p)
+    if not candidates:
+        return None, {"skip": "no_preference_passage"}
+    star = rng.choice(candidates)
+    star_text = render_probe(star)
+    pool = list(dict.fromkeys(t for t in others if t != star_text))
+    chosen = rng.sample(pool, min(k - 1, len(pool)))
+    passages = [star_text, *chosen]
+    rng.shuffle(passages)
+    index = passages.index(star_text) + 1
+    positive = star["category"] == ALIGNED
+    messages = judge_prompt(pref["question"], passages, index)
+    messages.append({"role": "assistant", "content": judge_target(index, positive)})
+    return {"messages": messages, "positive": positive, "index": index}, {"short": len(chosen) < k - 1}
+
+
+def sft_example(question: str, passages: list[str], answers: list[str], answer_mode: str = "first") -> dict[str, Any]:
+    """One SFT example: the QA prompt over ``passages`` → the first gold (or all golds joined with ``", "``)."""
+    if not answers:
+        raise ValueError(f"no gold answer for question {question!r}")
+    target = answers[0] if answer_mode == "first" else ", ".join(answers)
+    messages = qa_prompt(question, passages)
+    messages.append({"role": "assistant", "content": target})
+    return {"messages": messages}
+
+
+def to_alpaca(messages: list[dict[str, str]]) -> dict[str, str]:
+    """A ``[system, user, assistant]`` chat as a LLaMA-Factory alpaca record."""
+    by_role = {m["role"]: m["content"] for m in messages}
+    return {"instruction": by_role["user"], "input": "", "output": by_role["assistant"], "system": by_role["system"]}
+
+
+def dataset_info(prefix: str) -> dict[str, Any]:
+    """LLaMA-Factory ``dataset_info.json`` entries for ``prealign.json`` and ``sft.json``."""
+    columns = {"prompt": "instruction", "query": "input", "response": "output", "system": "system"}
+    return {
+        f"{prefix}_prealign": {"file_name": "prealign.json", "formatting": "alpaca", "columns": columns},
+        f"{prefix}_sft": {"file_name": "sft.json", "formatting": "alpaca", "columns": columns},
+    }
+
+
+def _with_augmented_retrieval(
+    records: list[RetrievalRecord], augmented: list[dict[str, Any]]
+) -> list[RetrievalRecord]:
+    by_id = {r.id: r for r in records}
+    out = []
+    for a in augmented:
+        orig = by_id.get(a["origin_id"])
+        if orig is not None:
+            out.append(orig.model_copy(update={"id": a["id"], "question": a["question"], "origin_id": orig.id}))
+    return out
+
+
+def run(cfg: LLMDataConfig) -> Path:
+    """Write the pre-aligned and SFT sets (alpaca JSON + chat JSONL), ``dataset_info.json``, ``stats.json``."""
+    out_dir = Path(cfg.out_dir)
+    pref_path = resolve_preferences(cfg.preferences)
+    retrieval_path = cfg.retrieval or mine_config_retrieval(pref_path)
+    if retrieval_path is None:
+        raise ValueError("no retrieval file: pass --retrieval (the mine stage's config.yaml did not name one)")
+    rec = stage_recorder("build-llm-data", cfg, out_dir, [pref_path, retrieval_path, cfg.include_augmented])
+    prefs = load_preferences(pref_path)
+    if cfg.label_rule != "stored":
+        prefs = relabel(prefs, cfg.label_rule)
+    retrieval = load_retrieval(retrieval_path)
+    aug_raw = load_augmented(cfg.include_augmented) if cfg.include_augmented is not None else []
+    aug_prefs, orphans = inherit_augmented(prefs, aug_raw)
+    aug_retrieval = _with_augmented_retrieval(retrieval, aug_raw)
+
+    ctx_lists = {r.id: [c.render() for c in r.ctxs] for r in retrieval}
+    counts: Counter[str] = Counter()
+    prealign: list[dict[str, Any]] = []
+    for pref in prefs + aug_prefs:
+        source = str(pref.get("origin_id") or pref["id"])
+        others = ctx_lists.get(source) or ctx_lists.get(pref["id"])
+        if others is None:
+            counts["prealign_others_from_probes"] += 1
+            others = [render_probe(p) for p in sorted(pref["probes"], key=lambda p: p["rank"])]
+        example, info = prealign_example(pref, others, cfg.k, cfg.seed)
+        if example is None:
+            counts[f"prealign_skipped_{info['skip']}"] += 1
+            continue
+        counts["prealign_short"] += int(info["short"])
+        counts["prealign_positive" if example["positive"] else "prealign_negative"] += 1
+        prealign.append({"messages": example["messages"]})
+
+    sft: list[dict[str, Any]] = []
+    for r in retrieval + aug_retrieval:
+        if not r.answers:
+            counts["sft_skipped_no_answer"] += 1
+            continue
+        passages = [c.render() for c in r.ctxs[: cfg.k]]
+        counts["sft_short"] += int(len(passages) < cfg.k)
+        sft.append(sft_example(r.question, passages, r.answers, cfg.sft_answer))
+
+    write_json(out_dir / "prealign.json", [to_alpaca(e["messages"]) for e in prealign])
+    write_jsonl(out_dir / "prealign.jsonl", prealign)
+    write_json(out_dir / "sft.json", [to_alpaca(e["messages"]) for e in sft])
+    write_jsonl(out_dir / "sft.jsonl", sft)
+    write_json(out_dir / "dataset_info.json", dataset_info(cfg.dataset_prefix))
+    stats = {
+        "k": cfg.k,
+        "label_rule": cfg.label_rule,
+        "retrieval": str(retrieval_path),
+        "questions": len(prefs),
+        "augmented": len(aug_prefs),
+        "augmented_orphans": orphans,
+        "prealign": {
+            "examples": len(prealign),
+            "positive": counts["prealign_positive"],
+            "negative": counts["prealign_negative"],
+            "skipped_no_preference_passage": counts["prealign_skipped_no_preference_passage"],
+            "fewer_than_k_passages": counts["prealign_short"],
+            "others_from_probes": counts["prealign_others_from_probes"],
+        },
+        "sft": {
+            "examples": len(sft),
+            "augmented": len(aug_retrieval),
+            "skipped_no_answer": counts["sft_skipped_no_answer"],
+            "fewer_than_k_passages": counts["sft_short"],
+        },
+    }
+    write_json(out_dir / "stats.json", stats)
+    rec.finish(outputs=OUTPUTS, prealign=len(prealign), sft=len(sft))
+    logger.info("LLM data: %d pre-aligned, %d SFT examples → %s", len(prealign), len(sft), out_dir)
+    return out_dir

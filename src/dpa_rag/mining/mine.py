@@ -1,0 +1,281 @@
+"""``dpa-rag mine``: preference knowledge extraction (method.md §2).
+
+For every question of a retrieval file the reader answers once closed-book and once with each probed passage alone
+(ranks 1, 25, 50, 100 by default). Each answer is scored (hit, F1) against the golds and each probed passage gets a
+category (:mod:`dpa_rag.mining.labels`).
+
+Efficiency and resume: the prompts of a chunk of questions (``chunk_size`` × (1 + probes)) go to the reader in one
+:meth:`~dpa_rag.generation.CachedGenerator.generate` call (batched by ``batch_size``, every batch cached on disk);
+the finished chunk is appended to ``preferences.jsonl``. ``progress.json`` stores a fingerprint of the result-relevant
+config and the input file; a restarted run with the same fingerprint keeps the finished questions and continues, a
+different fingerprint starts over. When nothing is left to do the reader is never loaded.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator
+from tqdm.auto import tqdm
+
+from dpa_rag.config import StageConfig, config_hash
+from dpa_rag.data.loaders import load_retrieval
+from dpa_rag.data.schema import Ctx, RetrievalRecord
+from dpa_rag.generation import CachedGenerator, Generator, GeneratorOptions, build_generator
+from dpa_rag.io import DataError, append_jsonl, file_sha256, read_json, read_resumable_jsonl, write_json, write_text
+from dpa_rag.mining.labels import CATEGORIES, LabelRule, categorize, normalize_rule, score
+from dpa_rag.mining.prompts import clean_answer, qa_prompt
+from dpa_rag.stage import RESULT_NEUTRAL_FIELDS, stage_recorder
+
+__all__ = ["MineConfig", "category_stats", "mine_records", "probe_ranks", "run", "summary_markdown"]
+
+logger = logging.getLogger(__name__)
+
+PREFERENCES = "preferences.jsonl"
+PROGRESS = "progress.json"
+STATS = "stats.json"
+SUMMARY = "summary.md"
+# Fields that change neither the prompts nor the answers, so a resumed run may change them freely.
+_RESUME_NEUTRAL = RESULT_NEUTRAL_FIELDS | {"batch_size", "chunk_size", "progress", "device"}
+_CTX_FIELDS = ("id", "title", "text", "score", "has_answer")
+
+
+class MineConfig(GeneratorOptions, StageConfig):
+    """Options of ``dpa-rag mine`` (plus the reader options of :class:`~dpa_rag.generation.GeneratorOptions`)."""
+
+    retrieval: Path = Field(
+        ..., description="DPR-style retrieval file (question, answers, ctxs; top-100 per question)."
+    )
+    out_dir: Path = Field(Path("runs/mine"), description="Output folder (preferences.jsonl, stats.json, summary.md).")
+    ranks: list[int] = Field(
+        default_factory=lambda: [1, 25, 50, 100],
+        description="1-based retriever ranks to probe; a shorter list is probed at the nearest existing ranks "
+        "(duplicates removed).",
+    )
+    label_rule: LabelRule = Field(
+        "hit",
+        description="Category rule: hit (the paper: correct = gold substring of the answer) or f1-delta (sign of the "
+        "F1 change; reproduces the authors' released labels).",
+    )
+    chunk_size: int = Field(
+        32, ge=1, description="Questions whose prompts go to the reader together (one cached call)."
+    )
+    limit: int | None = Field(None, ge=1, description="Mine only the first N questions.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("label_rule", mode="before")
+    @classmethod
+    def _rule(cls, v: Any) -> Any:
+        return normalize_rule(v) if isinstance(v, str) else v
+
+    @field_validator("ranks")
+    @classmethod
+    def _ranks(cls, v: list[int]) -> list[int]:
+        if not v:
+            raise ValueError("at least one rank to probe is needed")
+        if any(r < 1 for r in v):
+            raise ValueError(f"ranks are 1-based, got {v}")
+        return v
+
+
+def probe_ranks(n_ctxs: int, ranks: Sequence[int]) -> list[int]:
+    """The 1-based ranks to probe in a list of ``n_ctxs`` passages: each rank clamped to ``n_ctxs``, deduplicated,
+    ascending. ``probe_ranks(10, [1, 25, 50, 100]) == [1, 10]``; an empty list has none."""
+    if n_ctxs <= 0:
+        return []
+    return sorted({min(max(int(r), 1), n_ctxs) for r in ranks})
+
+
+def _ctx_dict(ctx: Ctx) -> dict[str, Any]:
+    d = ctx.model_dump(mode="json")
+    return {k: d[k] for k in _CTX_FIELDS if d.get(k) is not None}
+
+
+def mine_records(
+    records: Sequence[RetrievalRecord],
+    generator: CachedGenerator,
+    cfg: MineConfig,
+) -> list[dict[str, Any]]:
+    """Mine one chunk: all its prompts in one ``generate`` call, then one preference record per question."""
+    prompts: list[list[dict[str, str]]] = []
+    plan: list[list[int]] = []
+    for r in records:
+        ranks = probe_ranks(len(r.ctxs), cfg.ranks)
+        plan.append(ranks)
+        prompts.append(qa_prompt(r.question, []))
+        prompts.extend(qa_prompt(r.question, [r.ctxs[k - 1].render()]) for k in ranks)
+    outs = generator.generate(prompts, cfg.generation_params(), desc="mine")
+    out: list[dict[str, Any]] = []
+    i = 0
+    for r, ranks in zip(records, plan, strict=True):
+        cb_answer = clean_answer(outs[i])
+        i += 1
+        before = {"answer": cb_answer, **score(cb_answer, r.answers)}
+        probes = []
+        for k in ranks:
+            answer = clean_answer(outs[i])
+            i += 1
+            after = score(answer, r.answers)
+            probes.append(
+                {
+                    "rank": k,
+                    "ctx": _ctx_dict(r.ctxs[k - 1]),
+                    "answer": answer,
+                    **after,
+                    "category": categorize(before, after, cfg.label_rule),
+                }
+            )
+        rec: dict[str, Any] = {"id": r.id, "question": r.question, "answers": list(r.answers)}
+        if r.origin_id:
+            rec["origin_id"] = r.origin_id
+        rec["closed_book"] = before
+        rec["probes"] = probes
+        out.append(rec)
+    return out
+
+
+def category_stats(prefs: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Category counts and shares, overall and per probed rank, plus closed-book accuracy."""
+    overall: Counter[str] = Counter()
+    per_rank: dict[int, Counter[str]] = {}
+    n = cb_hit = 0
+    cb_f1 = 0.0
+    for p in prefs:
+        n += 1
+        cb_hit += int(p["closed_book"]["hit"])
+        cb_f1 += float(p["closed_book"]["f1"])
+        for probe in p["probes"]:
+            overall[probe["category"]] += 1
+            per_rank.setdefault(int(probe["rank"]), Counter())[probe["category"]] += 1
+
+    def block(c: Counter[str]) -> dict[str, Any]:
+        total = sum(c.values())
+        return {
+            "total": total,
+            "counts": {k: c.get(k, 0) for k in CATEGORIES},
+            "shares": {k: (c.get(k, 0) / total if total else 0.0) for k in CATEGORIES},
+        }
+
+    return {
+        "n_questions": n,
+        "closed_book": {"hit": cb_hit / n if n else 0.0, "f1": cb_f1 / n if n else 0.0},
+        "overall": block(overall),
+        "per_rank": {str(k): block(per_rank[k]) for k in sorted(per_rank)},
+    }
+
+
+def summary_markdown(stats: dict[str, Any]) -> str:
+    """A markdown table of category counts and shares per probed rank (and overall)."""
+    head = "| rank | " + " | ".join(CATEGORIES) + " | total |"
+    lines = [
+        "# Preference mining summary",
+        "",
+        f"Label rule: `{stats.get('label_rule', '?')}`; questions: {stats['n_questions']}; closed-book hit "
+        f"{100 * stats['closed_book']['hit']:.1f}%, F1 {100 * stats['closed_book']['f1']:.1f}.",
+        "",
+        head,
+        "|" + "---|" * (len(CATEGORIES) + 2),
+    ]
+    rows = [*stats["per_rank"].items(), ("all", stats["overall"])]
+    for name, b in rows:
+        cells = [f"{b['counts'][k]} ({100 * b['shares'][k]:.1f}%)" for k in CATEGORIES]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {b['total']} |")
+    return "\n".join(lines) + "\n"
+
+
+def _fingerprint(cfg: MineConfig) -> dict[str, str]:
+    exclude = _RESUME_NEUTRAL & set(type(cfg).model_fields)
+    return {"config_hash": config_hash(cfg, exclude=exclude), "retrieval_sha256": file_sha256(cfg.retrieval)}
+
+
+def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
+    """Mine preferences for every question of ``cfg.retrieval``; returns the path of ``preferences.jsonl``.
+
+    Args:
+        cfg: the stage config.
+        backend: a ready backend (tests, notebooks); default: built from ``cfg`` only if something is left to do.
+    """
+    out_dir = Path(cfg.out_dir)
+    rec = stage_recorder("mine", cfg, out_dir, [cfg.retrieval])
+    with rec.timer("load"):
+        records = load_retrieval(cfg.retrieval, limit=cfg.limit)
+    no_gold = [r.id for r in records if not r.answers]
+    if no_gold:
+        logger.warning("%d question(s) without gold answers are skipped (e.g. %s)", len(no_gold), no_gold[0])
+        records = [r for r in records if r.answers]
+
+    prefs_path, progress_path = out_dir / PREFERENCES, out_dir / PROGRESS
+    fingerprint = _fingerprint(cfg)
+    try:
+        previous = read_json(progress_path) if progress_path.exists() else None
+    except DataError:
+        previous = None
+    if previous == fingerprint:
+        done = read_resumable_jsonl(prefs_path)
+        if done:
+            logger.info("resuming: %d question(s) already mined in %s", len(done), prefs_path)
+    else:
+        if prefs_path.exists():
+            logger.info("config or input changed since the last run: starting %s over", prefs_path)
+            prefs_path.unlink()
+        done = []
+        write_json(progress_path, fingerprint)
+    prefs_path.touch()  # exists even when nothing is mined (e.g. no question has golds)
+    done_ids = {d["id"] for d in done}
+    todo = [r for r in records if r.id not in done_ids]
+
+    generator: CachedGenerator | None = None
+    new: list[dict[str, Any]] = []
+    if todo:
+        with rec.timer("load_reader"):
+            generator = build_generator(cfg, backend=backend, progress=False)
+        bar = tqdm(
+            total=len(records), initial=len(records) - len(todo), desc="mine", unit="q", disable=not cfg.progress
+        )
+        try:
+            with rec.timer("mine"), open(prefs_path, "a", encoding="utf-8") as fh:
+                for start in range(0, len(todo), cfg.chunk_size):
+                    chunk = todo[start : start + cfg.chunk_size]
+                    mined = mine_records(chunk, generator, cfg)
+                    for m in mined:
+                        append_jsonl(fh, m)
+                    new.extend(mined)
+                    bar.update(len(chunk))
+                    bar.set_postfix(calls=generator.calls, cache_hits=generator.hits)
+        finally:
+            bar.close()
+
+    by_id = {d["id"]: d for d in [*done, *new]}
+    prefs = [by_id[r.id] for r in records if r.id in by_id]
+    stats = category_stats(prefs)
+    stats.update(
+        {
+            "label_rule": cfg.label_rule,
+            "ranks": list(cfg.ranks),
+            "model": cfg.model,
+            "backend": cfg.backend,
+            "skipped_no_gold": len(no_gold),
+            "resumed_questions": len(done_ids),
+            "mined_questions": len(new),
+            "calls": generator.calls if generator else 0,
+            "cache_hits": generator.hits if generator else 0,
+        }
+    )
+    write_json(out_dir / STATS, stats)
+    write_text(out_dir / SUMMARY, summary_markdown(stats))
+    rec.finish(
+        outputs=[PREFERENCES, STATS, SUMMARY],
+        questions=stats["n_questions"],
+        probes=stats["overall"]["total"],
+        calls=stats["calls"],
+        cache_hits=stats["cache_hits"],
+    )
+    logger.info(
+        "mined %d question(s) (%d resumed), %d reader call(s), %d cache hit(s) → %s",
+        len(prefs), len(done_ids), stats["calls"], stats["cache_hits"], prefs_path,
+    )
+    return prefs_path

@@ -1,0 +1,354 @@
+"""``dpa-rag build-reranker-data``: reranker training and evaluation files in the authors' format (method.md §3).
+
+From ``preferences.jsonl`` (``dpa-rag mine``), questions are split by group (an augmented rewrite follows its
+original) into train/valid/test. Per train question (original or rewrite):
+
+* ``positive`` = ``n_positive`` aligned passages (largest F1 gain first), ``negative`` = ``n_negative`` unaligned
+  passages (largest F1 loss first). Pools never borrow from other questions; a question with no aligned or no unaligned
+  passage is dropped (counted by reason); a pool smaller than its group size is filled by repeating its own passages
+  (method.md §12 #4, counted). A passage (by rendered text) is never both positive and negative.
+* ``rank_list`` = ``rank_list_size`` passages spanning the graded preference order (method.md §12 #5): aligned by
+  F1 gain desc, then both-correct, then both-wrong (each by retriever rank), then unaligned by F1 loss asc. Evenly
+  spaced picks keep the best and the worst; a shorter list repeats entries in place (counted).
+* ``classification`` = ``positive[0]`` with label 1 or ``negative[0]`` with label 2; labels are balanced across the
+  records and their order is shuffled with ``seed``.
+
+Valid/test files hold one ``(question, passage)`` pair per aligned (category 1) or unaligned (category 2) probe.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from dpa_rag.config import StageConfig
+from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
+from dpa_rag.data.schema import format_passage
+from dpa_rag.io import write_json, write_jsonl
+from dpa_rag.mining.common import (
+    inherit_augmented,
+    load_augmented,
+    load_preferences,
+    relabel,
+    resolve_preferences,
+    split_by_group,
+)
+from dpa_rag.mining.labels import ALIGNED, AUTHORS_CATEGORY, BOTH_CORRECT, BOTH_WRONG, UNALIGNED, normalize_rule
+from dpa_rag.stage import stage_recorder
+
+__all__ = [
+    "RerankerDataConfig",
+    "assign_classification",
+    "build_pair_records",
+    "build_train_record",
+    "check_group_sizes",
+    "graded_order",
+    "render_probe",
+    "run",
+    "spread",
+]
+
+logger = logging.getLogger(__name__)
+SPLITS = ("train", "valid", "test")
+_FLAGS = ("padded_positive", "padded_negative", "padded_rank_list", "borrowed_positive", "borrowed_negative")
+
+
+class RerankerDataConfig(StageConfig):
+    """Options of ``dpa-rag build-reranker-data``."""
+
+    preferences: Path = Field(..., description="preferences.jsonl from `dpa-rag mine` (or its output folder).")
+    out_dir: Path = Field(
+        Path("runs/reranker-data"), description="Output folder (train/valid/test.jsonl, splits.json, stats.json)."
+    )
+    n_positive: int = Field(2, ge=1, description="Positives (aligned passages) per training record.")
+    n_negative: int = Field(2, ge=1, description="Negatives (unaligned passages) per training record.")
+    rank_list_size: int = Field(4, ge=2, description="Passages per rank_list (most preferred first).")
+    train_fraction: float = Field(0.8, ge=0.0, le=1.0, description="Share of questions in train.")
+    valid_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of questions in valid.")
+    test_fraction: float = Field(0.1, ge=0.0, le=1.0, description="Share of questions in test.")
+    seed: int = Field(42, description="Seed of the split and of the classification label order.")
+    label_rule: Literal["stored", "hit", "f1-delta"] = Field(
+        "stored", description="Use the categories stored by `mine`, or recompute them with hit or f1-delta."
+    )
+    include_augmented: Path | None = Field(
+        None,
+        description="Augmented questions (JSONL: id, question, origin_id, strategy); rewrites inherit their "
+        "original's passages, categories and golds.",
+    )
+    pool: Literal["strict", "graded"] = Field(
+        "strict",
+        description="strict: positives = aligned, negatives = unaligned only; graded: a question lacking one side "
+        "fills it from both-correct (positives) or both-wrong (negatives) passages (needed with the hit rule).",
+    )
+    augmented_in_eval: bool = Field(
+        False, description="Also write pairs of augmented rewrites into valid/test (default: originals only)."
+    )
+
+    @field_validator("label_rule", mode="before")
+    @classmethod
+    def _rule(cls, v: Any) -> Any:
+        return normalize_rule(v) if isinstance(v, str) and v != "stored" else v
+
+    @model_validator(mode="after")
+    def _fractions(self) -> RerankerDataConfig:
+        total = self.train_fraction + self.valid_fraction + self.test_fraction
+        if abs(total - 1.0) > 1e-6:
+            raise ValueError(f"train/valid/test fractions must sum to 1, got {total:g}")
+        return self
+
+
+def check_group_sizes(n_positive: int, n_negative: int, rank_list_size: int) -> None:
+    """Raise ``ValueError`` unless ``n_positive ≥ 1``, ``n_negative ≥ 1`` and ``rank_list_size ≥ 2``."""
+    if n_positive < 1:
+        raise ValueError(f"n_positive must be at least 1, got {n_positive}")
+    if n_negative < 1:
+        raise ValueError(f"n_negative must be at least 1, got {n_negative}")
+    if rank_list_size < 2:
+        raise ValueError(f"rank_list_size must be at least 2 (a ranking needs a pair), got {rank_list_size}")
+
+
+def render_probe(probe: dict[str, Any]) -> str:
+    """The probe's passage as the authors render it: ``"Title: … Content: …"``."""
+    ctx = probe["ctx"]
+    return format_passage(str(ctx.get("title", "")), str(ctx["text"]))
+
+
+def _delta(pref: dict[str, Any], probe: dict[str, Any]) -> float:
+    return float(probe["f1"]) - float(pref["closed_book"]["f1"])
+
+
+def graded_order(pref: dict[str, Any]) -> list[dict[str, Any]]:
+    """All probes of a question, most preferred first (distinct passages; see the module docstring)."""
+    probes = pref["probes"]
+
+    def by(cat: str, key: Any) -> list[dict[str, Any]]:
+        return sorted((p for p in probes if p["category"] == cat), key=key)
+
+    ordered = (
+        by(ALIGNED, lambda p: (-_delta(pref, p), p["rank"]))
+        + by(BOTH_CORRECT, lambda p: p["rank"])
+        + by(BOTH_WRONG, lambda p: p["rank"])
+        + by(UNALIGNED, lambda p: (-_delta(pref, p), p["rank"]))
+    )
+    seen: set[str] = set()
+    out = []
+    for p in ordered:
+        text = render_probe(p)
+        if text not in seen:
+            seen.add(text)
+            out.append(p)
+    return out
+
+
+def spread(items: list[Any], size: int) -> list[Any]:
+    """``size`` items evenly spaced over ``items`` (first and last kept, order kept; repeats when too few)."""
+    if not items:
+        raise ValueError("cannot pick from an empty list")
+    if size == 1:
+        return [items[0]]
+    m = len(items)
+    return [items[round(i * (m - 1) / (size - 1))] for i in range(size)]
+
+
+def _fill(pool: list[str], n: int) -> list[str]:
+    return [pool[i % len(pool)] for i in range(n)]
+
+
+def build_train_record(
+    pref: dict[str, Any],
+    n_positive: int = 2,
+    n_negative: int = 2,
+    rank_list_size: int = 4,
+    pool: str = "strict",
+) -> tuple[dict[str, Any] | None, dict[str, Any]]:
+    """One authors'-format training record (without ``classification``) for a question, or ``None``.
+
+    ``pool="strict"`` takes positives from aligned and negatives from unaligned passages only (the paper's D⁺/D⁻).
+    Under the ``hit`` rule one closed-book answer is either right (only unaligned/both-correct possible) or wrong
+    (only aligned/both-wrong possible), so no question has both; ``pool="graded"`` then fills the empty side from the
+    next grade: missing positives ← both-correct passages, missing negatives ← both-wrong passages.
+
+    Returns:
+        ``(record, info)``: ``record`` has ``query``, ``rank_list``, ``positive``, ``negative`` (plus ``id``);
+        ``info`` says why it was dropped (``"drop"``) or what was padded/removed.
+    """
+    check_group_sizes(n_positive, n_negative, rank_list_size)
+    graded = graded_order(pref)
+    probes = pref["probes"]
+    aligned = sorted((p for p in probes if p["category"] == ALIGNED), key=lambda p: (-_delta(pref, p), p["rank"]))
+    unaligned = sorted((p for p in probes if p["category"] == UNALIGNED), key=lambda p: (_delta(pref, p), p["rank"]))
+    pos = list(dict.fromkeys(render_probe(p) for p in aligned))  # largest F1 gain first
+    neg_all = list(dict.fromkeys(render_probe(p) for p in unaligned))  # largest F1 loss first
+    info: dict[str, Any] = {"borrowed_positive": False, "borrowed_negative": False}
+    if pool == "graded":
+        if not pos and neg_all:
+            pos = list(dict.fromkeys(render_probe(p) for p in graded if p["category"] == BOTH_CORRECT))
+            info["borrowed_positive"] = bool(pos)
+        if not neg_all and pos:
+            neg_all = list(dict.fromkeys(render_probe(p) for p in graded if p["category"] == BOTH_WRONG))
+            info["borrowed_negative"] = bool(neg_all)
+    elif pool != "strict":
+        raise ValueError(f"pool must be 'strict' or 'graded', got {pool!r}")
+    neg = [t for t in neg_all if t not in set(pos)]
+    info["conflicts"] = len(neg_all) - len(neg)
+    if not pos or not neg:
+        info["drop"] = "no_positive_nor_negative" if not (pos or neg) else "no_positive" if not pos else "no_negative"
+        return None, info
+    info["padded_positive"] = len(pos) < n_positive
+    info["padded_negative"] = len(neg) < n_negative
+    info["padded_rank_list"] = len(graded) < rank_list_size
+    record = {
+        "query": pref["question"],
+        "rank_list": [render_probe(p) for p in spread(graded, rank_list_size)],
+        "positive": _fill(pos, n_positive),
+        "negative": _fill(neg, n_negative),
+        "id": pref["id"],
+    }
+    if set(record["positive"]) & set(record["negative"]):  # cannot happen; guards future edits
+        raise AssertionError(f"question {pref['id']}: a passage is both positive and negative")
+    return record, info
+
+
+def assign_classification(records: list[dict[str, Any]], seed: int) -> None:
+    """Give each record a ``classification`` in place: labels 1/2 balanced, their order shuffled with ``seed``."""
+    labels = [1 + (i % 2) for i in range(len(records))]
+    random.Random(seed).shuffle(labels)
+    for rec, label in zip(records, labels, strict=True):
+        text = rec["positive"][0] if label == 1 else rec["negative"][0]
+        rec["classification"] = {"text": text, "label": label}
+
+
+def build_pair_records(pref: dict[str, Any]) -> list[dict[str, Any]]:
+    """The valid/test pairs of a question: one per aligned (category 1) or unaligned (category 2) passage."""
+    out, seen = [], set()
+    cb = pref["closed_book"]
+    for p in sorted(pref["probes"], key=lambda p: p["rank"]):
+        if p["category"] not in AUTHORS_CATEGORY:
+            continue
+        text = render_probe(p)
+        if text in seen:
+            continue
+        seen.add(text)
+        out.append(
+            {
+                "question": pref["question"],
+                "reference": list(pref["answers"]),
+                "ctx": text,
+                "before": {"answer": cb["answer"], "em": int(cb["hit"]), "f1": float(cb["f1"])},
+                "after": {"answer": p["answer"], "em": int(p["hit"]), "f1": float(p["f1"])},
+                "category": AUTHORS_CATEGORY[p["category"]],
+                "id": pref["id"],
+                "rank": p["rank"],
+            }
+        )
+    return out
+
+
+def _order_train(rec: dict[str, Any]) -> dict[str, Any]:
+    keys = ("query", "classification", "rank_list", "positive", "negative", "id")
+    return {k: rec[k] for k in keys}
+
+
+def run(cfg: RerankerDataConfig) -> Path:
+    """Build ``train.jsonl``, ``valid.jsonl``, ``test.jsonl``, ``splits.json`` and ``stats.json``; returns out_dir."""
+    check_group_sizes(cfg.n_positive, cfg.n_negative, cfg.rank_list_size)
+    out_dir = Path(cfg.out_dir)
+    pref_path = resolve_preferences(cfg.preferences)
+    rec = stage_recorder("build-reranker-data", cfg, out_dir, [pref_path, cfg.include_augmented])
+    prefs = load_preferences(pref_path)
+    if cfg.label_rule != "stored":
+        prefs = relabel(prefs, cfg.label_rule)
+    augmented, orphans = [], 0
+    if cfg.include_augmented is not None:
+        augmented, orphans = inherit_augmented(prefs, load_augmented(cfg.include_augmented))
+    everything = prefs + augmented
+    aug_ids = {a["id"] for a in augmented}
+    fractions = [cfg.train_fraction, cfg.valid_fraction, cfg.test_fraction]
+    parts = dict(zip(SPLITS, split_by_group(everything, fractions, cfg.seed), strict=True))
+
+    train_stats: Counter[str] = Counter()
+    train: list[dict[str, Any]] = []
+    for pref in parts["train"]:
+        record, info = build_train_record(pref, cfg.n_positive, cfg.n_negative, cfg.rank_list_size, cfg.pool)
+        train_stats["conflicts_removed"] += info["conflicts"]
+        if record is None:
+            train_stats[f"dropped_{info['drop']}"] += 1
+            continue
+        for key in _FLAGS:
+            train_stats[key] += int(info[key])
+        train.append(record)
+    assign_classification(train, cfg.seed)
+    train = [_order_train(r) for r in train]
+
+    pairs: dict[str, list[dict[str, Any]]] = {}
+    for split in ("valid", "test"):
+        chosen = [p for p in parts[split] if cfg.augmented_in_eval or p["id"] not in aug_ids]
+        pairs[split] = [pair for p in chosen for pair in build_pair_records(p)]
+
+    write_jsonl(out_dir / "train.jsonl", train)
+    for split in ("valid", "test"):
+        write_jsonl(out_dir / f"{split}.jsonl", pairs[split])
+    # self-check: what we wrote loads with the authors' field names
+    if train:
+        load_reranker_train(out_dir / "train.jsonl")
+    for split in ("valid", "test"):
+        if pairs[split]:
+            load_reranker_pairs(out_dir / f"{split}.jsonl")
+        else:
+            logger.warning("%s.jsonl is empty (no aligned/unaligned pairs among its questions)", split)
+    if not train:
+        logger.warning("train.jsonl is empty: no train question has both an aligned and an unaligned passage")
+
+    write_json(
+        out_dir / "splits.json",
+        {
+            "seed": cfg.seed,
+            "fractions": {"train": cfg.train_fraction, "valid": cfg.valid_fraction, "test": cfg.test_fraction},
+            **{s: [p["id"] for p in parts[s]] for s in SPLITS},
+        },
+    )
+    label_counts = Counter(r["classification"]["label"] for r in train)
+    stats = {
+        "label_rule": cfg.label_rule,
+        "group_sizes": {
+            "n_positive": cfg.n_positive, "n_negative": cfg.n_negative, "rank_list_size": cfg.rank_list_size
+        },
+        "questions": len(prefs),
+        "augmented": len(augmented),
+        "augmented_orphans": orphans,
+        "split_questions": {s: len(parts[s]) for s in SPLITS},
+        "train": {
+            "kept": len(train),
+            "dropped": {k[len("dropped_"):]: v for k, v in sorted(train_stats.items()) if k.startswith("dropped_")},
+            "padded_positive": train_stats["padded_positive"],
+            "padded_negative": train_stats["padded_negative"],
+            "padded_rank_list": train_stats["padded_rank_list"],
+            "borrowed_positive_from_both_correct": train_stats["borrowed_positive"],
+            "borrowed_negative_from_both_wrong": train_stats["borrowed_negative"],
+            "conflicts_removed": train_stats["conflicts_removed"],
+            "classification_labels": {"1": label_counts.get(1, 0), "2": label_counts.get(2, 0)},
+        },
+        **{
+            s: {
+                "pairs": len(pairs[s]),
+                "aligned": sum(p["category"] == 1 for p in pairs[s]),
+                "unaligned": sum(p["category"] == 2 for p in pairs[s]),
+            }
+            for s in ("valid", "test")
+        },
+    }
+    write_json(out_dir / "stats.json", stats)
+    rec.finish(
+        outputs=["train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json"],
+        train=len(train),
+        valid=len(pairs["valid"]),
+        test=len(pairs["test"]),
+    )
+    logger.info("reranker data: %d train records, %d/%d valid/test pairs → %s",
+                len(train), len(pairs["valid"]), len(pairs["test"]), out_dir)
+    return out_dir
