@@ -1,0 +1,342 @@
+"""Reranker benchmark: training-step time (authors' step vs ours) and reranking throughput (vs CrossEncoder).
+
+Training step, same model (bundled MiniLM, two-class head) and data (the authors' example train file, 4 records per
+step), fp32 (and bf16 autocast where bf16 is fast):
+
+* ``authors``: a re-implementation of the authors' step: four encoder passes (classification, rank list, positives,
+  negatives, each padded to its own length), per-record Python loops for the pair and SupCon losses, parameter-level
+  MGDA on flattened gradients of embeddings + encoder with their Frank–Wolfe and numerical grid line search (100-point
+  grid of f'(γ) by autograd, ≤ 4 bracket-shrinking rounds), weighted backward, AdamW step.
+* ``ours-mgda`` / ``ours-mgda-ub`` / ``ours-equal``: one fused forward (:class:`FusedCollator`), the three loss
+  modules, the weighting strategy, one weighted backward, AdamW step.
+
+Reranking: real NQ questions (lost-in-the-middle oracle file) with their gold passage plus FlashRAG wiki passages;
+:class:`dpa_rag.reranker.Reranker` vs ``sentence_transformers.CrossEncoder.predict`` on the same pairs and weights,
+fp32, same batch size; pairs/s, max |score difference|, peak RSS of a fresh process per system.
+
+Run: ``python benchmarks/bench_reranker.py`` (``--help`` for options).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gzip
+import json
+import os
+import resource
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+TRAIN_FILE = SHARED / "dpa-rag" / "example_train_dataset.jsonl"
+NQ_FILE = SHARED / "lost-in-the-middle" / "nq-open-oracle.jsonl.gz"
+CORPUS_FILE = SHARED / "flashrag" / "wiki_sample_corpus.jsonl"
+
+
+# ------------------------------------------------------------------ the authors' step, re-implemented
+
+
+def _grid_line_search(m: torch.Tensor, alpha: torch.Tensor, e_t: torch.Tensor, eps: float = 1e-3) -> float:
+    """The authors' 1-D search: f'(γ) on a 100-point grid by autograd, ≤ 4 bracket-shrinking rounds, midpoint."""
+    start, end, last = 0.0, 1.0, 0.0
+    gamma = None
+    for _ in range(4):
+        gamma = torch.linspace(start, end, 100, dtype=m.dtype).unsqueeze(-1).requires_grad_(True)
+        mix = (1 - gamma) * alpha.expand(100, -1) + gamma * e_t.expand(100, -1)
+        f = (mix @ m @ mix.T).diag().sum()
+        if abs(f.item() - last) < eps:
+            break
+        (grad,) = torch.autograd.grad(f, gamma)
+        last = f.item()
+        g, grid = grad[:, 0], gamma.detach()[:, 0]
+        if g[0] * g[-1] >= 0:
+            return float(grid[torch.argmin(g.abs())].clamp(0, 0.9999))
+        end, start = float(grid[g > 0].min()), float(grid[g < 0].max())
+    return float(gamma.detach().mean())
+
+
+def _authors_weights(m: torch.Tensor, max_iter: int = 100, eps: float = 1e-3) -> torch.Tensor:
+    n = m.shape[0]
+    alpha = torch.full((n,), 1.0 / n, dtype=m.dtype)
+    for _ in range(max_iter):
+        t = int(torch.argmin(m @ alpha))
+        e_t = torch.zeros(n, dtype=m.dtype)
+        e_t[t] = 1.0
+        gamma = _grid_line_search(m, alpha, e_t)
+        alpha = (1 - gamma) * alpha + gamma * e_t
+        if gamma < eps or abs(1 - float(alpha.max())) < eps:
+            break
+    return alpha
+
+
+def _supcon(features: torch.Tensor, labels: torch.Tensor, tau: float = 0.07) -> torch.Tensor:
+    sim = features @ features.T / tau
+    n = features.shape[0]
+    eye = torch.eye(n, dtype=torch.bool)
+    log_prob = sim - torch.logsumexp(sim.masked_fill(eye, -1e9), dim=1, keepdim=True)
+    pos = (labels[:, None] == labels[None, :]) & ~eye
+    return (-(log_prob * pos).sum(1) / pos.sum(1)).mean()
+
+
+class AuthorsStep:
+    """Bare encoder + linear head on the CLS vector, four passes, parameter-level MGDA with the grid search."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, max_length: int = 512) -> None:
+        self.encoder = model.base_model
+        self.head = torch.nn.Linear(model.config.hidden_size, 2)
+        self.tok = tokenizer
+        self.max_length = max_length
+        self.params = [p for m in (self.encoder.embeddings, self.encoder.encoder) for p in m.parameters()]
+        self.opt = torch.optim.AdamW([*self.encoder.parameters(), *self.head.parameters()], lr=1e-5, eps=1e-6,
+                                     weight_decay=0.0)
+
+    def _cls(self, queries: list[str], docs: list[str]) -> torch.Tensor:
+        b = self.tok(queries, docs, padding=True, truncation="longest_first", max_length=self.max_length,
+                     return_tensors="pt")
+        return self.encoder(**b).last_hidden_state[:, 0]
+
+    def __call__(self, records, autocast: bool = False) -> float:
+        bsz = len(records)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            z = self.head(self._cls([r.query for r in records], [r.classification.text for r in records]))
+            labels = torch.tensor([2 - r.classification.label for r in records])
+            l_cls = F.cross_entropy(z.float(), labels)
+            s = self.head(self._cls([r.query for r in records for _ in range(4)],
+                                    [d for r in records for d in r.rank_list[:4]]))[:, 1].float()
+            l_rank = 0
+            for g in range(bsz):
+                for i in range(g * 4, g * 4 + 3):
+                    for j in range(i + 1, g * 4 + 4):
+                        l_rank = l_rank - F.logsigmoid(s[i] - s[j])
+            l_rank = l_rank / (6 * bsz)
+            p = self._cls([r.query for r in records for _ in range(2)], [d for r in records for d in r.positive[:2]])
+            n = self._cls([r.query for r in records for _ in range(2)], [d for r in records for d in r.negative[:2]])
+            l_scl = 0
+            for g in range(bsz):
+                feats = F.normalize(torch.cat([p[2 * g : 2 * g + 2], n[2 * g : 2 * g + 2]]).float(), dim=-1)
+                l_scl = l_scl + _supcon(feats, torch.tensor([1, 1, 0, 0]))
+            l_scl = l_scl / bsz
+        losses = [l_cls, l_rank, l_scl]
+        flat = []
+        for loss in losses:
+            grads = torch.autograd.grad(loss, self.params, retain_graph=True, allow_unused=True)
+            flat.append(torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).float()
+                                   for g, p in zip(grads, self.params, strict=True)]))
+        m = torch.stack([torch.stack([gi @ gj for gj in flat]) for gi in flat]).double()
+        alpha = _authors_weights(m)
+        total = torch.stack(losses) @ alpha.to(torch.float32)
+        self.opt.zero_grad()
+        total.backward()
+        self.opt.step()
+        return float(total.detach())
+
+
+class OursStep:
+    """The step of :class:`dpa_rag.reranker.trainer.RerankerTrainer` without the Trainer loop.
+
+    ``equal``/``mgda-ub``: one fused forward, weights, one weighted backward. ``mgda``: one forward per group, the
+    per-loss parameter gradients set ``p.grad`` directly (the trainer's single-process path).
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, weighting: str, max_length: int = 512) -> None:
+        from dpa_rag.reranker.data import FusedCollator
+        from dpa_rag.reranker.step import build_losses
+        from dpa_rag.reranker.weighting import build_weighting
+
+        names = ["point", "pair", "contrastive"]
+        self.model = model
+        self.grouped = weighting == "mgda"
+        self.collate = FusedCollator(tokenizer, names, max_length, sort=not self.grouped, dedupe=not self.grouped)
+        self.modules = build_losses(names, model.config.num_labels)
+        self.weighting = build_weighting(weighting)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-6, weight_decay=0.0)
+
+    def __call__(self, records, autocast: bool = False) -> float:
+        from dpa_rag.reranker.step import compute_losses
+        from dpa_rag.reranker.trainer import mgda_direct_gradients
+
+        batch = self.collate(records)
+        self.opt.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            losses, out = compute_losses(self.model, batch, self.modules, separate=self.grouped)
+        if self.grouped:
+            w = mgda_direct_gradients(self.model, losses, self.weighting)
+            total = sum(w[k] * v.detach() for k, v in losses.items())
+        else:
+            w = self.weighting.weights(losses, representation=out.hidden)
+            total = sum(w[k] * v for k, v in losses.items())
+            total.backward()
+        self.opt.step()
+        return float(total.detach())
+
+
+SYSTEMS = ("authors", "ours-mgda", "ours-mgda-ub", "ours-equal")
+
+
+def bench_training(steps: int, max_length: int) -> None:
+    from dpa_rag.data.authors import load_reranker_train
+    from dpa_rag.models import cpu_has_fast_bf16
+    from dpa_rag.reranker.model import load_reranker_model
+
+    records = load_reranker_train(TRAIN_FILE)
+    batches = [records[i : i + 4] for i in range(0, len(records), 4)]
+    base, tok = load_reranker_model("minilm", "two-class")
+    modes = [("fp32", False)]
+    if cpu_has_fast_bf16():
+        modes.append(("bf16", True))
+    else:
+        print("bf16: skipped (cpu_has_fast_bf16() is False: bf16 matmuls are emulated and slower here)")
+    print(f"\n## training step (minilm two-class, 4 records/step, max_length {max_length}; systems interleaved "
+          f"round by round on the same batch; 1 warm-up + {steps} timed rounds, median)")
+    print(f"{'system':<16}{'dtype':<7}{'cpu s/step':>11}{'speed-up':>10}{'wall s/step':>13}{'speed-up':>10}")
+    for dtype_name, autocast in modes:
+        runners = {}
+        for name in SYSTEMS:
+            model = copy.deepcopy(base).train()
+            runners[name] = AuthorsStep(model, tok, max_length) if name == "authors" else OursStep(
+                model, tok, name.removeprefix("ours-"), max_length)
+        cpu: dict[str, list[float]] = {k: [] for k in SYSTEMS}
+        wall: dict[str, list[float]] = {k: [] for k in SYSTEMS}
+        for r in range(steps + 1):
+            order = SYSTEMS if r % 2 == 0 else tuple(reversed(SYSTEMS))
+            for name in order:
+                c, w = time.process_time(), time.perf_counter()
+                runners[name](batches[r % len(batches)], autocast=autocast)
+                if r:
+                    cpu[name].append(time.process_time() - c)
+                    wall[name].append(time.perf_counter() - w)
+        ref_c, ref_w = statistics.median(cpu["authors"]), statistics.median(wall["authors"])
+        for name in SYSTEMS:
+            mc, mw = statistics.median(cpu[name]), statistics.median(wall[name])
+            print(f"{name:<16}{dtype_name:<7}{mc:>11.2f}{ref_c / mc:>9.2f}x{mw:>13.2f}{ref_w / mw:>9.2f}x", flush=True)
+    print(f"peak RSS of the benchmark process (all training systems at once): {_peak_rss_mb():.0f} MB")
+
+
+# ------------------------------------------------------------------ reranking throughput
+
+
+def _pairs(questions: int, docs: int) -> list[tuple[str, str]]:
+    from dpa_rag.data.schema import format_passage
+
+    corpus = []
+    with open(CORPUS_FILE, encoding="utf-8") as fh:
+        for line in fh:
+            c = json.loads(line)["contents"]
+            title, _, text = c.partition("\n")
+            corpus.append(format_passage(title.strip('"'), text))
+    out = []
+    with gzip.open(NQ_FILE, "rt", encoding="utf-8") as fh:
+        for qi, line in enumerate(fh):
+            if qi >= questions:
+                break
+            rec = json.loads(line)
+            gold = rec["ctxs"][0]
+            out.append((rec["question"], format_passage(gold["title"], gold["text"])))
+            out += [(rec["question"], corpus[(qi * docs + j) % len(corpus)]) for j in range(docs - 1)]
+    return out
+
+
+def _peak_rss_mb() -> float:
+    """Peak resident memory of this process: VmHWM (reset by exec, unlike ru_maxrss, which a child inherits)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _rerank_worker(system: str, model_dir: str, pairs_file: str, batch_size: int, repeats: int) -> None:
+    pairs = [tuple(p) for p in json.loads(Path(pairs_file).read_text())]
+    if system == "ours":
+        from dpa_rag.reranker.rerank import Reranker
+
+        rr = Reranker(model_dir, device="cpu", dtype="fp32", batch_size=batch_size)
+        run = rr.score_pairs
+    else:
+        from sentence_transformers import CrossEncoder
+
+        ce = CrossEncoder(model_dir, device="cpu", activation_fn=torch.nn.Identity())
+
+        def run(p):
+            return ce.predict(p, batch_size=batch_size, show_progress_bar=False).tolist()
+
+    run(pairs[:batch_size])  # warm-up
+    times, cpu, scores = [], [], None
+    for _ in range(repeats):
+        c, t = time.process_time(), time.perf_counter()
+        scores = run(pairs)
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    rss = _peak_rss_mb()
+    print(json.dumps({"time": statistics.median(times), "cpu": statistics.median(cpu), "scores": scores,
+                      "rss_mb": rss}))
+
+
+def bench_rerank(questions: int, docs: int, batch_size: int, repeats: int) -> None:
+    from dpa_rag.reranker.model import load_reranker_model
+
+    pairs = _pairs(questions, docs)
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model, tok = load_reranker_model("minilm", "single")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        pairs_file = Path(tmp) / "pairs.json"
+        pairs_file.write_text(json.dumps(pairs))
+        res = {}
+        for system in ("crossencoder", "ours"):
+            cmd = [sys.executable, __file__, "--worker", system, tmp, str(pairs_file), str(batch_size), str(repeats)]
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
+            res[system] = json.loads(out.stdout.strip().splitlines()[-1])
+    diff = max(abs(a - b) for a, b in zip(res["ours"]["scores"], res["crossencoder"]["scores"], strict=True))
+    n = len(pairs)
+    print(f"\n## reranking throughput (minilm 1-logit, fp32, {n} NQ pairs = {questions} questions x {docs} passages, "
+          f"batch {batch_size}, median of {repeats})")
+    print(f"{'system':<30}{'pairs/cpu-s':>12}{'speed-up':>10}{'pairs/s wall':>14}{'speed-up':>10}{'peak RSS MB':>13}")
+    base_c, base_w = n / res["crossencoder"]["cpu"], n / res["crossencoder"]["time"]
+    for system, label in (("crossencoder", "CrossEncoder.predict"), ("ours", "dpa_rag Reranker.score_pairs")):
+        pc, pw = n / res[system]["cpu"], n / res[system]["time"]
+        rss = res[system]["rss_mb"]
+        print(f"{label:<30}{pc:>12.1f}{pc / base_c:>9.2f}x{pw:>14.1f}{pw / base_w:>9.2f}x{rss:>13.0f}")
+    print(f"max |score difference|: {diff:.2e}")
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        _, _, system, model_dir, pairs_file, bs, reps = sys.argv
+        _rerank_worker(system, model_dir, pairs_file, int(bs), int(reps))
+        return
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["all", "train", "rerank"], default="all")
+    ap.add_argument("--steps", type=int, default=3, help="timed training steps per system")
+    ap.add_argument("--max-length", type=int, default=512)
+    ap.add_argument("--questions", type=int, default=8)
+    ap.add_argument("--docs", type=int, default=32, help="passages per question")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("reproduce: " + shlex.join([os.path.relpath(sys.executable), *sys.argv]))
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu")
+    if args.part in ("all", "rerank"):
+        bench_rerank(args.questions, args.docs, args.batch_size, args.repeats)
+    if args.part in ("all", "train"):
+        bench_training(args.steps, args.max_length)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""``dpa-rag train-reranker`` and ``dpa-rag rerank``."""
+
+from __future__ import annotations
+
+import typer
+
+from dpa_rag.cli.builder import add_stage_command
+from dpa_rag.reranker.config import RerankConfig, TrainRerankerConfig
+
+__all__ = ["register"]
+
+PANEL = "Reranker"
+
+
+def _train(cfg: TrainRerankerConfig):
+    from dpa_rag.reranker.train import train_reranker
+
+    return train_reranker(cfg)
+
+
+def _rerank(cfg: RerankConfig):
+    from dpa_rag.reranker.rerank import run_rerank
+
+    return run_rerank(cfg)
+
+
+def register(app: typer.Typer) -> None:
+    """Add the reranker commands to ``app``."""
+    add_stage_command(
+        app,
+        "train-reranker",
+        TrainRerankerConfig,
+        _train,
+        help=(
+            "Align a cross-encoder reranker with the reader's preferences: point-wise, pair-wise and contrastive "
+            "losses, MGDA weighting (method.md §6). Reads the authors' files; accepts their flags "
+            "(--train_data_path, --outdir, --cls_loss True, ...)."
+        ),
+        rich_help_panel=PANEL,
+    )
+    add_stage_command(
+        app,
+        "rerank",
+        RerankConfig,
+        _rerank,
+        help="Rescore a retrieval file (top-100) with a reranker and keep the top-k (same DPR format).",
+        rich_help_panel=PANEL,
+    )

@@ -1,0 +1,175 @@
+"""Configs of ``dpa-rag train-reranker`` and ``dpa-rag rerank`` (every field is a CLI option and a YAML key).
+
+The authors' flags (``--train_data_path --valid_data_path --test_data_path --outdir --tensorboard_log_dir --cls_loss
+--rank_loss --scl_loss``) are accepted as extra option names; ``--cls_loss/--rank_loss/--scl_loss`` take the strings
+``True``/``False`` as in their script and switch the point/pair/contrastive losses.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from dpa_rag.config import StageConfig
+
+__all__ = ["RerankConfig", "TrainRerankerConfig", "parse_bool", "parse_loss_weights"]
+
+_TRUE = {"true", "1", "yes", "y", "on", "t"}
+_FALSE = {"false", "0", "no", "n", "off", "f"}
+
+
+def parse_bool(value: str | bool, name: str = "value") -> bool:
+    """``True``/``False`` strings (any case, also 1/0, yes/no) → bool; anything else is a ``ValueError``."""
+    if isinstance(value, bool):
+        return value
+    v = str(value).strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
+def parse_loss_weights(text: str) -> dict[str, float]:
+    """``"point=1,pair=0.5,contrastive=0.5"`` → ``{"point": 1.0, ...}``."""
+    out: dict[str, float] = {}
+    for part in text.replace(";", ",").split(","):
+        if not part.strip():
+            continue
+        name, sep, value = part.partition("=")
+        if not sep:
+            raise ValueError(f"loss weights must look like point=1,pair=0.5; got {text!r}")
+        out[name.strip()] = float(value)
+    return out
+
+
+class TrainRerankerConfig(StageConfig):
+    """``dpa-rag train-reranker``: align a cross-encoder with the reader's preferences (method.md §6)."""
+
+    train: str | None = Field(
+        None, description="Training file (authors' format: query, classification, rank_list, positive, negative).",
+        json_schema_extra={"cli": ["--train_data_path"]},
+    )
+    valid: str | None = Field(
+        None, description="Validation pairs (question, ctx, category); picks the best checkpoint.",
+        json_schema_extra={"cli": ["--valid_data_path"]},
+    )
+    test: str | None = Field(
+        None, description="Test pairs, evaluated with the best checkpoint → test_metrics.json.",
+        json_schema_extra={"cli": ["--test_data_path"]},
+    )
+    out_dir: str = Field("runs/reranker", description="Output folder.", json_schema_extra={"cli": ["--outdir"]})
+    tensorboard_log_dir: str | None = Field(
+        None, description="TensorBoard folder (default: OUT_DIR/tensorboard).",
+        json_schema_extra={"cli": ["--tensorboard_log_dir"]},
+    )
+    cls_loss: str | None = Field(None, description="Authors' flag: True/False switches the point-wise loss.",
+                                 json_schema_extra={"cli": ["--cls_loss"]})
+    rank_loss: str | None = Field(None, description="Authors' flag: True/False switches the pair-wise loss.",
+                                  json_schema_extra={"cli": ["--rank_loss"]})
+    scl_loss: str | None = Field(None, description="Authors' flag: True/False switches the contrastive loss.",
+                                 json_schema_extra={"cli": ["--scl_loss"]})
+    losses: list[str] = Field(
+        default_factory=lambda: ["point", "pair", "contrastive"],
+        description="Losses: point, pair, contrastive (comma-separated or repeated).",
+    )
+    weighting: Literal["mgda", "mgda-ub", "equal", "fixed"] = Field("mgda", description="Loss weighting strategy.")
+    loss_weights: str | None = Field(None, description="Weights for --weighting fixed, e.g. point=1,pair=0.5.")
+    backbone: str = Field("minilm", description="Encoder: bundled alias, hub id or folder.")
+    head: Literal["single", "two-class"] = Field(
+        "single", description="single = 1 relevance logit (CrossEncoder-compatible); two-class = the authors' head."
+    )
+    score: Literal["prob", "z1"] = Field("prob", description="Two-class inference score: softmax(z)_1 or z_1.")
+    contrastive_anchor: Literal["pairs", "query"] = Field(
+        "pairs", description="Contrastive anchors: every pair representation (authors' code) or the query alone."
+    )
+    temperature: float = Field(0.07, gt=0, description="Contrastive temperature τ (= τ_base).")
+    epochs: float = Field(10.0, gt=0, description="Training epochs.")
+    batch_size: int = Field(4, ge=1, description="Training records per step (per device).")
+    gradient_accumulation_steps: int = Field(1, ge=1, description="Steps to accumulate before an optimiser step.")
+    lr: float = Field(1e-5, gt=0, description="Learning rate (AdamW, eps 1e-6, weight decay 0).")
+    scheduler: str = Field("constant", description="LR scheduler (HF name: constant, linear, cosine, ...).")
+    warmup_steps: int = Field(0, ge=0, description="LR warm-up steps.", json_schema_extra={"cli": ["--warmup"]})
+    max_grad_norm: float = Field(0.0, ge=0, description="Gradient clipping norm (0 = off, like the authors).")
+    max_length: int = Field(512, ge=8, description="Max tokens of a (query, passage) pair.")
+    max_steps: int | None = Field(None, description="Stop after this many optimiser steps (quick runs).")
+    bf16: bool = Field(False, description="bf16 mixed precision.")
+    seed: int = Field(42, description="Random seed.")
+    device: str = Field("auto", description="auto, cpu, cuda, mps.")
+    eval_strategy: Literal["epoch", "steps"] = Field("epoch", description="When to evaluate and checkpoint.")
+    eval_steps: int = Field(500, ge=1, description="Evaluation/checkpoint interval with --eval-strategy steps.")
+    metric_for_best_model: str = Field("f1", description="Validation metric that picks the best checkpoint.")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
+    logging_steps: int = Field(1, ge=1, description="Log loss, per-loss values and weights every N steps.")
+    eval_batch_size: int = Field(32, ge=1, description="Pairs per forward in evaluation.")
+    forward_chunk_size: int | None = Field(
+        None, description="Rows per encoder forward in a training step (default: all in one forward)."
+    )
+    resume_from_checkpoint: str | None = Field(None, description="Checkpoint folder to resume from ('last' = newest).")
+    warmup_relevance: bool = Field(
+        True, description="Relevance warm-up before alignment (needs --warmup-retrieval; skipped otherwise)."
+    )
+    warmup_retrieval: str | None = Field(
+        None, description="Retrieval file (DPR-style, has_answer) of the training questions for the warm-up."
+    )
+    warmup_epochs: float = Field(1.0, gt=0, description="Epochs of the relevance warm-up.")
+    warmup_lr: float = Field(2e-5, gt=0, description="Learning rate of the relevance warm-up.")
+    warmup_negatives: int = Field(3, ge=1, description="Retrieved negatives per positive in the warm-up.")
+    eval_retrieval: str | None = Field(
+        None, description="Per-question validation retrieval file: report MRR/hit@k vs BM25 order and the backbone."
+    )
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _split_losses(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            out: list[str] = []
+            for item in v:
+                out += [x for x in str(item).replace(",", " ").split() if x]
+            bad = [x for x in out if x not in ("point", "pair", "contrastive")]
+            if bad:
+                raise ValueError(f"unknown loss(es) {bad}; choose from point, pair, contrastive")
+            return list(dict.fromkeys(out))
+        return v
+
+    @field_validator("cls_loss", "rank_loss", "scl_loss")
+    @classmethod
+    def _bool_string(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_bool(v)
+        return v
+
+    def enabled_losses(self) -> list[str]:
+        """The losses to train: ``losses``, switched on/off by the authors' flags where given."""
+        chosen = list(self.losses)
+        for flag, name in ((self.cls_loss, "point"), (self.rank_loss, "pair"), (self.scl_loss, "contrastive")):
+            if flag is None:
+                continue
+            if parse_bool(flag) and name not in chosen:
+                chosen.append(name)
+            elif not parse_bool(flag) and name in chosen:
+                chosen.remove(name)
+        order = ("point", "pair", "contrastive")
+        chosen = [x for x in order if x in chosen]
+        if not chosen:
+            raise ValueError("no loss enabled (check --losses and --cls_loss/--rank_loss/--scl_loss)")
+        return chosen
+
+
+class RerankConfig(StageConfig):
+    """``dpa-rag rerank``: rescore a retrieval file with a reranker and keep the top-k."""
+
+    input: str = Field(..., description="DPR-style retrieval file (question, answers, ctxs).")
+    model: str = Field(..., description="Reranker: a train-reranker model/ folder, CrossEncoder checkpoint or alias.")
+    out_dir: str = Field("runs/rerank", description="Output folder (reranked.jsonl).")
+    top_k: int = Field(3, ge=1, description="Passages kept per question.")
+    batch_size: int = Field(64, ge=1, description="Pairs per forward.")
+    max_length: int = Field(512, ge=8, description="Max tokens of a pair.")
+    device: str = Field("auto", description="auto, cpu, cuda, mps.")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Inference dtype.")
+    score: Literal["prob", "z1"] | None = Field(None, description="Two-class score (default: saved with the model).")
+    records_per_chunk: int = Field(64, ge=1, description="Questions scored together (bounds memory).")
+    limit: int | None = Field(None, description="Only the first N questions.")

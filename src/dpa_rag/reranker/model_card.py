@@ -1,0 +1,79 @@
+"""The ``README.md`` model card written next to a trained reranker (config, losses, weighting, metrics, usage)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+__all__ = ["render_model_card"]
+
+
+def _table(metrics: dict[str, Any]) -> str:
+    if not metrics:
+        return "_not evaluated_\n"
+    rows = ["| metric | value |", "|---|---|"]
+    for k, v in metrics.items():
+        rows.append(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |")
+    return "\n".join(rows) + "\n"
+
+
+def _retrieval_table(report: dict[str, dict[str, float]]) -> str:
+    keys = ["mrr", "hit_at_1", "hit_at_3", "n_questions"]
+    rows = ["| ranking | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+    for name, m in report.items():
+        rows.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in keys) + " |")
+    return "\n".join(rows) + "\n"
+
+
+def render_model_card(
+    *,
+    config: dict[str, Any],
+    head: str,
+    score: str,
+    losses: dict[str, dict[str, Any]],
+    weighting: dict[str, Any],
+    valid_metrics: dict[str, Any],
+    test_metrics: dict[str, Any],
+    retrieval_report: dict[str, dict[str, float]] | None = None,
+    warmup: dict[str, Any] | None = None,
+) -> str:
+    """Markdown model card: what the model is, how it was trained, how it scores, how to load it."""
+    card_cfg = {k: v for k, v in config.items() if v is not None}
+    loader = (
+        'model = CrossEncoder("path/to/model")  # 1 logit; predict() applies a sigmoid\n'
+        if head == "single"
+        else 'model = CrossEncoder("path/to/model")  # 2 logits; aligned = index 1 (apply_softmax=True)\n'
+    )
+    parts = [
+        "---\nlibrary_name: sentence-transformers\npipeline_tag: text-ranking\ntags:\n- cross-encoder\n- reranker\n"
+        "- dpa-rag\n---\n",
+        "# DPA-RAG aligned reranker\n",
+        "A cross-encoder trained with `dpa-rag train-reranker` to rank passages by what the reader LLM can use "
+        "(DPA-RAG, Dong et al., WWW 2025): point-wise, pair-wise and contrastive preference losses combined by a "
+        "weighting strategy.\n",
+        f"- backbone: `{config.get('backbone')}`\n- head: `{head}` "
+        f"({'1 relevance logit' if head == 'single' else 'aligned/unaligned, label 1 = aligned'})\n"
+        f"- inference score: `{score}`\n- weighting: `{weighting.get('weighting')}`\n",
+        "## Usage\n",
+        "```python\nfrom dpa_rag.reranker import Reranker\n"
+        'rr = Reranker("path/to/model")\nrr.score("who wrote hamlet", ["Title: Hamlet Content: ..."])\n\n'
+        "from sentence_transformers import CrossEncoder\n" + loader + "```\n",
+        "Command line: `dpa-rag rerank --input retrieval.jsonl --model path/to/model --top-k 3`.\n",
+        "## Losses\n",
+        "```json\n" + json.dumps({"losses": losses, "weighting": weighting}, indent=2) + "\n```\n",
+        "## Validation metrics (best checkpoint)\n",
+        _table(valid_metrics),
+        "## Test metrics (best checkpoint)\n",
+        _table(test_metrics),
+    ]
+    if warmup:
+        parts += ["## Relevance warm-up\n", "```json\n" + json.dumps(warmup, indent=2) + "\n```\n"]
+    if retrieval_report:
+        parts += [
+            "## Ranking quality on the validation retrieval file\n",
+            "Answer-bearing (`has_answer`) passages: BM25 order = the retrieval file's order; backbone = the model "
+            "before any training; reranker = this model.\n",
+            _retrieval_table(retrieval_report),
+        ]
+    parts += ["## Training configuration\n", "```json\n" + json.dumps(card_cfg, indent=2) + "\n```\n"]
+    return "\n".join(parts)

@@ -1,0 +1,201 @@
+"""Reranker inference: score (query, passage) pairs fast and rerank DPR-style retrieval records.
+
+:func:`predict_logits` tokenises all pairs once, sorts them by token length (stable), runs length-bucketed batches
+under ``torch.inference_mode`` and returns the logits in input order. :class:`Reranker` wraps a trained reranker
+folder (or any ``CrossEncoder``-compatible model: bundled alias, hub id or folder) for the answer stage:
+``score(query, docs)`` and ``rerank(records, top_k)``. Reranked records keep the DPR layout: ``ctxs`` sorted by the
+reranker score (ties by retriever rank), cut to ``top_k``, each with ``score`` = reranker score and the retriever's
+``retriever_score``/``retriever_rank`` (1-based) kept.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from dpa_rag.data.schema import RetrievalRecord
+
+__all__ = ["Reranker", "predict_logits", "resolve_dtype", "run_rerank"]
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+           "fp16": torch.float16, "float16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
+    """``auto`` (bf16 only where it is faster, see :func:`dpa_rag.models.pick_dtype`), ``fp32``, ``bf16``, ``fp16``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        from dpa_rag.models import pick_dtype
+
+        return pick_dtype("auto", device)
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype must be auto, fp32, bf16 or fp16; got {dtype!r}")
+    return _DTYPES[dtype]
+
+
+def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def predict_logits(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 64,
+    max_length: int = 512,
+) -> torch.Tensor:
+    """Logits ``[N, num_labels]`` (float32, CPU) of ``(query, passage)`` pairs, in input order.
+
+    Identical pairs are scored once. The model is put in eval mode for the call and restored afterwards.
+    """
+    n_labels = int(model.config.num_labels)
+    if not pairs:
+        return torch.zeros(0, n_labels)
+    pairs = [(str(q), str(d)) for q, d in pairs]
+    unique = list(dict.fromkeys(pairs))
+    if len(unique) < len(pairs):  # identical pairs are scored once, so they tie exactly
+        where = {p: i for i, p in enumerate(unique)}
+        logits = predict_logits(model, tokenizer, unique, batch_size, max_length)
+        return logits[torch.tensor([where[p] for p in pairs], dtype=torch.long)]
+    device = next(model.parameters()).device
+    enc = tokenizer(
+        [q for q, _ in pairs], [d for _, d in pairs], truncation="longest_first", max_length=max_length
+    )
+    ids = enc["input_ids"]
+    types = enc.get("token_type_ids")
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # stable
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    out = torch.empty(len(ids), n_labels, dtype=torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                idx = order[start : start + batch_size]
+                batch = {
+                    "input_ids": _pad([ids[i] for i in idx], pad_id, device),
+                    "attention_mask": _pad([[1] * len(ids[i]) for i in idx], 0, device),
+                }
+                if types is not None:
+                    batch["token_type_ids"] = _pad([types[i] for i in idx], 0, device)
+                logits = model(**batch).logits
+                out[torch.tensor(idx)] = logits.float().cpu()
+    finally:
+        model.train(was_training)
+    return out
+
+
+class Reranker:
+    """A cross-encoder reranker for inference.
+
+    Args:
+        model_path: a folder written by ``dpa-rag train-reranker`` (``model/``), any ``CrossEncoder``-compatible
+            checkpoint (hub id or folder) or a bundled alias.
+        device: ``auto`` (cuda, mps, cpu), or a torch device string.
+        dtype: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (weights and compute).
+        batch_size: pairs per forward.
+        max_length: truncation length of a pair.
+        score: for two-class models: ``prob`` (softmax(z)_1) or ``z1``; default: the one saved with the model
+            (``prob`` if none). 1-logit models always score with the raw logit (sigmoid is monotone).
+
+    Example:
+        >>> rr = Reranker("runs/reranker/model")
+        >>> rr.score("who wrote hamlet", ["Title: Hamlet Content: ...", "Title: Paris Content: ..."])
+    """
+
+    def __init__(
+        self,
+        model_path: str,
+        device: str = "auto",
+        dtype: str | torch.dtype = "auto",
+        batch_size: int = 64,
+        max_length: int = 512,
+        score: str | None = None,
+    ) -> None:
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from dpa_rag.models import pick_device, resolve_encoder
+
+        self.device = pick_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        path = resolve_encoder(model_path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype).to(self.device)
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        n = int(self.model.config.num_labels)
+        if n not in (1, 2):
+            raise ValueError(f"{model_path}: a reranker needs 1 or 2 labels, the model has {n}")
+        saved = getattr(self.model.config, "dpa_rag", None) or {}
+        self.score_mode = score or saved.get("score") or ("logit" if n == 1 else "prob")
+        self.batch_size = batch_size
+        self.max_length = max_length
+        logger.info("reranker %s on %s (%s), score %s", model_path, self.device, self.dtype, self.score_mode)
+
+    def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
+        """Scores of ``(query, passage)`` pairs, in input order."""
+        from dpa_rag.reranker.model import inference_scores
+
+        logits = predict_logits(self.model, self.tokenizer, pairs, self.batch_size, self.max_length)
+        return inference_scores(logits, self.score_mode).tolist()
+
+    def score(self, query: str, docs: Sequence[str]) -> list[float]:
+        """Scores of ``docs`` (rendered passages) for ``query``, in input order."""
+        return self.score_pairs([(query, d) for d in docs])
+
+    def rerank(self, records: Sequence[RetrievalRecord], top_k: int | None = None) -> list[RetrievalRecord]:
+        """Rerank each record's ``ctxs`` (all records' pairs are scored together) and keep the ``top_k`` best."""
+        pairs = [(r.question, c.render()) for r in records for c in r.ctxs]
+        scores = self.score_pairs(pairs)
+        out, pos = [], 0
+        for rec in records:
+            n = len(rec.ctxs)
+            s = scores[pos : pos + n]
+            pos += n
+            order = sorted(range(n), key=lambda i: -s[i])  # stable: ties keep retriever order
+            ctxs = []
+            for i in order[: top_k if top_k else n]:
+                c = rec.ctxs[i]
+                extra = c.model_extra or {}
+                update = {
+                    "score": float(s[i]),
+                    "retriever_score": extra.get("retriever_score", c.score),
+                    "retriever_rank": extra.get("retriever_rank", i + 1),
+                }
+                ctxs.append(c.model_copy(update=update))
+            out.append(rec.model_copy(update={"ctxs": ctxs}))
+        return out
+
+
+def run_rerank(cfg: Any) -> Any:
+    """``dpa-rag rerank``: rerank ``cfg.input`` with ``cfg.model`` into ``out_dir/reranked.jsonl`` (returned)."""
+    from pathlib import Path
+
+    from dpa_rag.data.loaders import load_retrieval
+    from dpa_rag.io import atomic_open
+    from dpa_rag.stage import stage_recorder
+
+    out_dir = Path(cfg.out_dir)
+    rec = stage_recorder("rerank", cfg, out_dir, [cfg.input])
+    records = load_retrieval(cfg.input, limit=cfg.limit)
+    reranker = Reranker(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.max_length, cfg.score)
+    out = out_dir / "reranked.jsonl"
+    n_pairs = 0
+    import json
+
+    with rec.timer("rerank"), atomic_open(out) as fh:
+        for start in range(0, len(records), cfg.records_per_chunk):
+            chunk = records[start : start + cfg.records_per_chunk]
+            n_pairs += sum(len(r.ctxs) for r in chunk)
+            for r in reranker.rerank(chunk, cfg.top_k):
+                fh.write(json.dumps(r.model_dump(mode="json", exclude_none=True), ensure_ascii=False) + "\n")
+            logger.info("reranked %d/%d questions", min(start + cfg.records_per_chunk, len(records)), len(records))
+    rec.finish(outputs=["reranked.jsonl"], questions=len(records), pairs=n_pairs)
+    return out

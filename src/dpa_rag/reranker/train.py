@@ -1,0 +1,229 @@
+"""``dpa-rag train-reranker`` as a library function: :func:`train_reranker` ``(cfg) -> out_dir``.
+
+Steps: load and check the data → load the backbone with the chosen head → (optional) ranking baseline on
+``--eval-retrieval`` → (optional) relevance warm-up → preference alignment with :class:`RerankerTrainer` → valid and
+test metrics of the best checkpoint → ``model/`` (weights, tokenizer, model card) and the logs.
+
+Outputs in ``out_dir``: ``model/`` (``save_pretrained`` + tokenizer + ``README.md``), ``train_log.json`` (Trainer log
+history and per-step losses/weights), ``valid_metrics.json``, ``test_metrics.json``, ``retrieval_metrics.json`` (with
+``--eval-retrieval``), ``tensorboard/``, ``checkpoints/``, ``config.yaml`` and ``manifest.json``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
+from dpa_rag.io import write_json, write_text
+from dpa_rag.models import pick_device
+from dpa_rag.reranker.config import TrainRerankerConfig, parse_loss_weights
+from dpa_rag.reranker.data import FusedCollator, RerankerTrainDataset, check_train_records
+from dpa_rag.reranker.evaluation import PairEvaluator, retrieval_metrics
+from dpa_rag.reranker.model import head_of, inference_scores, load_reranker_model
+from dpa_rag.reranker.model_card import render_model_card
+from dpa_rag.reranker.rerank import predict_logits
+from dpa_rag.reranker.step import build_losses
+from dpa_rag.reranker.trainer import RerankerTrainer, make_training_args
+from dpa_rag.reranker.weighting import build_weighting
+from dpa_rag.stage import stage_recorder
+
+__all__ = ["train_reranker"]
+
+logger = logging.getLogger(__name__)
+
+
+def _tensorboard_available() -> bool:
+    return importlib.util.find_spec("tensorboard") is not None or importlib.util.find_spec("tensorboardX") is not None
+
+
+def _point_tensorboard(trainer: Any, log_dir: str) -> None:
+    from transformers.integrations import TensorBoardCallback
+
+    for cb in trainer.callback_handler.callbacks:
+        if isinstance(cb, TensorBoardCallback):
+            cb.logging_dir = log_dir
+
+
+def _log_to_logging(trainer: Any) -> None:
+    from transformers.trainer_callback import PrinterCallback
+
+    from dpa_rag.reranker.trainer import LogCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.add_callback(LogCallback())
+
+
+def _rank_retrieval(
+    model: Any, tokenizer: Any, records: list, batch_size: int, max_length: int, score: str
+) -> dict[str, float]:
+    pairs = [(r.question, c.render()) for r in records for c in r.ctxs]
+    scores = inference_scores(predict_logits(model, tokenizer, pairs, batch_size, max_length), score).tolist()
+    per, pos = [], 0
+    for r in records:
+        per.append(scores[pos : pos + len(r.ctxs)])
+        pos += len(r.ctxs)
+    return retrieval_metrics(records, per)
+
+
+def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, train: list, out_dir: Path,
+                      use_cpu: bool) -> dict[str, Any] | None:
+    if not cfg.warmup_relevance:
+        return None
+    if not cfg.warmup_retrieval:
+        logger.info("relevance warm-up skipped: no --warmup-retrieval file (retrieval of the training questions)")
+        return None
+    from transformers import TrainingArguments
+
+    from dpa_rag.data.loaders import load_retrieval
+    from dpa_rag.reranker.warmup import (
+        RelevanceWarmupTrainer,
+        WarmupCollator,
+        build_warmup_examples,
+        make_warmup_dataset,
+    )
+
+    examples = build_warmup_examples(train, load_retrieval(cfg.warmup_retrieval), cfg.warmup_negatives)
+    if not examples:
+        logger.warning("relevance warm-up skipped: no training question has both answer-bearing and other passages")
+        return {"skipped": "no examples"}
+    args = TrainingArguments(
+        output_dir=str(out_dir / "warmup"), num_train_epochs=cfg.warmup_epochs,
+        per_device_train_batch_size=cfg.batch_size,
+        learning_rate=cfg.warmup_lr, lr_scheduler_type="constant", optim="adamw_torch", adam_epsilon=1e-6,
+        weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed, use_cpu=use_cpu,
+        save_strategy="no", eval_strategy="no",
+        logging_steps=1, report_to=[], remove_unused_columns=False, disable_tqdm=True,
+        max_steps=cfg.max_steps if cfg.max_steps else -1,
+    )
+    trainer = RelevanceWarmupTrainer(
+        model=model, args=args, train_dataset=make_warmup_dataset(examples),
+        data_collator=WarmupCollator(tokenizer, cfg.max_length), processing_class=tokenizer,
+    )
+    _log_to_logging(trainer)
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    logger.info("relevance warm-up: %d examples, %d steps, loss %.4f → %.4f", len(examples), result.global_step,
+                losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
+    return {"examples": len(examples), "steps": result.global_step, "first_loss": losses[0] if losses else None,
+            "last_loss": losses[-1] if losses else None}
+
+
+def train_reranker(cfg: TrainRerankerConfig) -> Path:
+    """Train a preference-aligned reranker; returns ``out_dir``.
+
+    Raises:
+        ValueError: no training file, an invalid loss/weighting combination.
+        DataError: a malformed input file.
+    """
+    from transformers import set_seed
+
+    if not cfg.train:
+        raise ValueError("no training file: pass --train (or the authors' --train_data_path)")
+    losses = cfg.enabled_losses()
+    out_dir = Path(cfg.out_dir)
+    rec = stage_recorder("train-reranker", cfg, out_dir, [cfg.train, cfg.valid, cfg.test, cfg.warmup_retrieval,
+                                                          cfg.eval_retrieval])
+    train = check_train_records(load_reranker_train(cfg.train), losses, source=cfg.train)
+    valid = load_reranker_pairs(cfg.valid) if cfg.valid else None
+    test = load_reranker_pairs(cfg.test) if cfg.test else None
+    fixed = parse_loss_weights(cfg.loss_weights) if cfg.loss_weights else None
+    weighting = build_weighting(cfg.weighting, fixed)
+    if cfg.weighting == "fixed":
+        weighting.weights({k: torch.zeros(()) for k in losses})  # fail early on a missing weight
+
+    device = pick_device(cfg.device)
+    use_cpu = device == "cpu"
+    set_seed(cfg.seed)
+    model, tokenizer = load_reranker_model(cfg.backbone, cfg.head, cfg.score)
+    if not use_cpu:
+        model.to(device)
+    modules = build_losses(losses, model.config.num_labels, cfg.temperature, cfg.temperature, cfg.contrastive_anchor)
+
+    retrieval_report: dict[str, dict[str, float]] = {}
+    eval_records = None
+    if cfg.eval_retrieval:
+        from dpa_rag.data.loaders import load_retrieval
+
+        eval_records = load_retrieval(cfg.eval_retrieval)
+        retrieval_report["bm25 order"] = retrieval_metrics(eval_records)
+        retrieval_report["backbone (untrained)"] = _rank_retrieval(
+            model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score
+        )
+
+    with rec.timer("warmup"):
+        warmup = _relevance_warmup(cfg, model, tokenizer, train, out_dir, use_cpu)
+    if warmup is not None and eval_records is not None and "examples" in warmup:
+        retrieval_report["after relevance warm-up"] = _rank_retrieval(
+            model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score
+        )
+
+    evaluator = PairEvaluator(valid, cfg.eval_batch_size, cfg.max_length, score=cfg.score) if valid else None
+    tb_dir = cfg.tensorboard_log_dir or str(out_dir / "tensorboard")
+    args = make_training_args(
+        str(out_dir / "checkpoints"), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
+        scheduler=cfg.scheduler, warmup_steps=cfg.warmup_steps,
+        gradient_accumulation_steps=cfg.gradient_accumulation_steps, max_steps=cfg.max_steps, bf16=cfg.bf16,
+        seed=cfg.seed, use_cpu=use_cpu, evaluate=evaluator is not None, eval_strategy=cfg.eval_strategy,
+        eval_steps=cfg.eval_steps, metric_for_best_model=cfg.metric_for_best_model,
+        save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, tensorboard=_tensorboard_available(),
+        max_grad_norm=cfg.max_grad_norm,
+    )
+    grouped = cfg.weighting == "mgda"  # per-group passes: each loss's parameter gradient only sees its own rows
+    collator = FusedCollator(tokenizer, losses, cfg.max_length, query_anchor=cfg.contrastive_anchor == "query",
+                             sort=not grouped, dedupe=not grouped)
+    trainer = RerankerTrainer(
+        model=model, args=args, train_dataset=RerankerTrainDataset(train), eval_dataset=evaluator,
+        data_collator=collator, processing_class=tokenizer, loss_modules=modules, weighting=weighting,
+        forward_chunk_size=cfg.forward_chunk_size,
+    )
+    _point_tensorboard(trainer, tb_dir)
+    _log_to_logging(trainer)
+    resume: str | bool | None = cfg.resume_from_checkpoint
+    if resume == "last":
+        resume = True
+    with rec.timer("train"):
+        result = trainer.train(resume_from_checkpoint=resume)
+    model = trainer.model
+    logger.info("trained %d steps; best checkpoint: %s", result.global_step, trainer.state.best_model_checkpoint)
+
+    valid_metrics = trainer.evaluate() if evaluator else {}
+    test_metrics: dict[str, float] = {}
+    if test:
+        test_raw = PairEvaluator(test, cfg.eval_batch_size, cfg.max_length, score=cfg.score)(model, tokenizer)
+        test_metrics = {f"test_{k}": float(v) for k, v in test_raw.items()}
+    if eval_records is not None:
+        retrieval_report["reranker"] = _rank_retrieval(model, tokenizer, eval_records, cfg.eval_batch_size,
+                                                       cfg.max_length, cfg.score)
+        write_json(out_dir / "retrieval_metrics.json", retrieval_report)
+    write_json(out_dir / "valid_metrics.json", valid_metrics)
+    write_json(out_dir / "test_metrics.json", test_metrics)
+    write_json(out_dir / "train_log.json", {
+        "log_history": trainer.state.log_history,
+        "steps": trainer.step_history,
+        "best_model_checkpoint": trainer.state.best_model_checkpoint,
+        "global_step": result.global_step,
+        "losses": losses,
+        "weighting": weighting.get_config_dict(),
+        "warmup": warmup,
+    })
+
+    model_dir = out_dir / "model"
+    trainer.save_model(str(model_dir))
+    tokenizer.save_pretrained(str(model_dir))
+    write_text(model_dir / "README.md", render_model_card(
+        config=cfg.to_dict(), head=head_of(model), score=cfg.score if cfg.head == "two-class" else "logit",
+        losses={k: m.get_config_dict() for k, m in modules.items()}, weighting=weighting.get_config_dict(),
+        valid_metrics=valid_metrics, test_metrics=test_metrics, retrieval_report=retrieval_report or None,
+        warmup=warmup,
+    ))
+    outputs = ["model", "train_log.json", "valid_metrics.json", "test_metrics.json"]
+    if eval_records is not None:
+        outputs.append("retrieval_metrics.json")
+    rec.finish(outputs=outputs, train_records=len(train), valid_pairs=len(valid or []), test_pairs=len(test or []),
+               steps=result.global_step)
+    return out_dir

@@ -1,0 +1,281 @@
+"""The reranker trainer: ``transformers.Trainer`` with the fused three-loss step and a weighting strategy.
+
+Riding the HF Trainer gives mixed precision, gradient accumulation, ``accelerate launch``/DeepSpeed, resume from a
+checkpoint, TensorBoard and best-checkpoint selection. What is ours:
+
+* :meth:`RerankerTrainer.compute_loss`: one fused forward (:func:`~dpa_rag.reranker.step.compute_losses`), the
+  strategy's weights (``mgda-ub``: ``autograd.grad`` to the last hidden-state tensor only; ``equal``/``fixed``:
+  nothing extra), and the weighted sum, which the Trainer backpropagates once.
+* ``mgda`` needs each loss's gradient over the encoder parameters. Through one fused forward, every per-loss
+  ``autograd.grad`` would run back through *all* rows of the batch; so for ``mgda`` the collator keeps the groups
+  apart (``FusedCollator(sort=False, dedupe=False)``) and each group gets its own forward: a loss's gradient then
+  only traverses its own rows (together one backward's worth of work). In a single process (no DDP/DeepSpeed/FSDP,
+  no fp16 loss scaler) :meth:`RerankerTrainer.training_step` then skips the weighted backward altogether and sets
+  ``p.grad = Σ_t α_t ∂L_t/∂p`` from the per-loss gradients it already has (:func:`mgda_direct_gradients`; the
+  same gradient, one backward fewer). Elsewhere it falls back to the weighted backward.
+* per-loss values and weights of every step are kept (:attr:`RerankerTrainer.step_history`) and added to the logs
+  (``loss_point``, ``weight_point``, …; TensorBoard ``train/…``);
+* :meth:`RerankerTrainer.evaluate` runs a :class:`~dpa_rag.reranker.evaluation.PairEvaluator` (``eval_f1``, …),
+  so ``metric_for_best_model``/``load_best_model_at_end`` work.
+
+Known limits: ``mgda`` differentiates w.r.t. the parameters with ``torch.autograd.grad``; this needs unpartitioned
+parameters (not DeepSpeed ZeRO-3; use ``mgda-ub`` or ``equal`` there).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from dpa_rag.reranker.evaluation import PairEvaluator
+from dpa_rag.reranker.model import shared_parameters
+from dpa_rag.reranker.step import compute_losses
+from dpa_rag.reranker.weighting import MGDAWeighting, Weighting, gram_matrix
+
+__all__ = ["LogCallback", "RerankerTrainer", "make_training_args", "mgda_direct_gradients"]
+
+logger = logging.getLogger(__name__)
+
+
+def make_training_args(
+    output_dir: str,
+    *,
+    epochs: float = 10.0,
+    batch_size: int = 4,
+    lr: float = 1e-5,
+    scheduler: str = "constant",
+    warmup_steps: int = 0,
+    gradient_accumulation_steps: int = 1,
+    max_steps: int | None = None,
+    bf16: bool = False,
+    seed: int = 42,
+    use_cpu: bool = False,
+    evaluate: bool = True,
+    eval_strategy: str = "epoch",
+    eval_steps: int = 500,
+    metric_for_best_model: str = "f1",
+    save_total_limit: int = 2,
+    logging_steps: int = 1,
+    tensorboard: bool = True,
+    max_grad_norm: float = 0.0,
+) -> TrainingArguments:
+    """``TrainingArguments`` with the authors' optimiser (AdamW, eps 1e-6, weight decay 0, no clipping; §6.4)."""
+    greater = not any(x in metric_for_best_model for x in ("loss", "error"))
+    return TrainingArguments(
+        output_dir=output_dir,
+        num_train_epochs=epochs,
+        max_steps=max_steps if max_steps else -1,
+        per_device_train_batch_size=batch_size,
+        gradient_accumulation_steps=gradient_accumulation_steps,
+        learning_rate=lr,
+        lr_scheduler_type=scheduler,
+        warmup_steps=warmup_steps,
+        optim="adamw_torch",
+        adam_epsilon=1e-6,
+        weight_decay=0.0,
+        max_grad_norm=max_grad_norm,
+        bf16=bf16,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=use_cpu,
+        eval_strategy=eval_strategy if evaluate else "no",
+        eval_steps=eval_steps,
+        save_strategy=eval_strategy,
+        save_steps=eval_steps,
+        save_total_limit=save_total_limit,
+        load_best_model_at_end=evaluate,
+        metric_for_best_model=metric_for_best_model if evaluate else None,
+        greater_is_better=greater if evaluate else None,
+        logging_strategy="steps",
+        logging_steps=logging_steps,
+        report_to=["tensorboard"] if tensorboard else [],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+    )
+
+
+def mgda_direct_gradients(
+    model: nn.Module,
+    losses: dict[str, torch.Tensor],
+    weighting: MGDAWeighting,
+    scale: float = 1.0,
+) -> dict[str, float]:
+    """Parameter-level MGDA without a weighted backward: per-loss gradients → Gram → α → ``p.grad += scale·Σα_t g_t``.
+
+    The Gram matrix uses the shared encoder parameters only (head and pooler excluded, method.md §6.3); every
+    trainable parameter gets the weighted gradient (added to ``p.grad``, so gradient accumulation works).
+
+    Returns:
+        The weights per loss name.
+    """
+    names = list(losses)
+    params = [p for p in model.parameters() if p.requires_grad]
+    shared = {id(p) for p in shared_parameters(model)}
+    grads = [
+        torch.autograd.grad(losses[k], params, retain_graph=i < len(names) - 1, allow_unused=True)
+        for i, k in enumerate(names)
+    ]
+    if len(names) == 1:
+        weights = {names[0]: 1.0}
+    else:
+        gram = gram_matrix([[g for g, p in zip(gs, params, strict=True) if id(p) in shared] for gs in grads])
+        weights = weighting.weights_from_gram(gram, names)
+    for j, p in enumerate(params):
+        acc = None
+        for i, k in enumerate(names):
+            g = grads[i][j]
+            if g is None or weights[k] == 0.0:
+                continue
+            acc = g * (weights[k] * scale) if acc is None else acc.add_(g, alpha=weights[k] * scale)
+        if acc is not None:
+            p.grad = acc.to(p.dtype) if p.grad is None else p.grad.add_(acc)
+    return weights
+
+
+class LogCallback(TrainerCallback):
+    """Send the Trainer's logs to ``logging`` (instead of printing dicts to stdout)."""
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if state.is_world_process_zero and logs:
+            text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in logs.items())
+            logger.info("step %d: %s", state.global_step, text)
+
+
+class RerankerTrainer(Trainer):
+    """HF ``Trainer`` for the DPA-RAG reranker losses.
+
+    Args:
+        loss_modules: ``{"point": ..., "pair": ..., "contrastive": ...}`` (any non-empty subset).
+        weighting: the loss weighting strategy.
+        evaluator: scores the validation pairs in :meth:`evaluate` (``None``: no evaluation).
+        forward_chunk_size: rows per encoder forward (``None`` = one forward per step).
+        *args, **kwargs: passed to ``transformers.Trainer`` (``model``, ``args``, ``train_dataset``,
+            ``data_collator``, ``processing_class`` = the tokenizer, ...).
+    """
+
+    loss_is_scaled_for_ga = False  # compute_loss returns a per-batch mean; the Trainer divides by GA steps
+
+    def __init__(
+        self,
+        *args: Any,
+        loss_modules: dict[str, nn.Module],
+        weighting: Weighting,
+        evaluator: PairEvaluator | None = None,
+        forward_chunk_size: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_modules = loss_modules
+        self.weighting = weighting
+        if evaluator is None and isinstance(self.eval_dataset, PairEvaluator):
+            evaluator = self.eval_dataset
+        self.evaluator = evaluator
+        self.forward_chunk_size = forward_chunk_size
+        self.step_history: list[dict[str, Any]] = []
+        self._pending: list[dict[str, Any]] = []
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
+        separate = self.weighting.needs == "parameters" and bool(inputs.get("grouped", False))
+        losses, out = compute_losses(
+            model, inputs, self.loss_modules, chunk_size=self.forward_chunk_size, separate=separate
+        )
+        if model.training and len(losses) > 1 and self.weighting.needs is not None:
+            params = None
+            if self.weighting.needs == "parameters":
+                params = shared_parameters(self.accelerator.unwrap_model(model))
+            weights = self.weighting.weights(losses, parameters=params, representation=out.hidden)
+        else:
+            weights = self.weighting.weights(losses)
+        total = sum(weights[k] * v for k, v in losses.items())
+        if model.training:
+            self._record(losses, weights)
+        return (total, out) if return_outputs else total
+
+    def _record(self, losses: dict[str, torch.Tensor], weights: dict[str, float]) -> None:
+        entry = {
+            "step": self.state.global_step + 1,
+            "losses": {k: float(v.detach()) for k, v in losses.items()},
+            "weights": dict(weights),
+        }
+        self.step_history.append(entry)
+        self._pending.append(entry)
+
+    def _direct_mgda(self) -> bool:
+        from accelerate.utils import DistributedType
+
+        return (
+            isinstance(self.weighting, MGDAWeighting)
+            and self.accelerator.distributed_type == DistributedType.NO
+            and getattr(self.accelerator, "scaler", None) is None
+            and not self.is_deepspeed_enabled
+            and not self.is_fsdp_enabled
+            and self.args.n_gpu <= 1
+        )
+
+    def training_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor:
+        """The Trainer's step, except ``mgda`` in a single process: gradients set from the per-loss gradients."""
+        if not self._direct_mgda():
+            return super().training_step(model, inputs, num_items_in_batch)
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        inputs = self._prepare_inputs(inputs)
+        with self.compute_loss_context_manager():
+            separate = bool(inputs.get("grouped", False))
+            losses, _ = compute_losses(
+                model, inputs, self.loss_modules, chunk_size=self.forward_chunk_size, separate=separate
+            )
+        scale = 1.0 / self.current_gradient_accumulation_steps
+        weights = mgda_direct_gradients(self.accelerator.unwrap_model(model), losses, self.weighting, scale)
+        self._record(losses, weights)
+        total = sum(weights[k] * v.detach() for k, v in losses.items())
+        return total * scale
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs and self._pending:
+            sums: dict[str, float] = defaultdict(float)
+            for entry in self._pending:
+                for k, v in entry["losses"].items():
+                    sums[f"loss_{k}"] += v
+                for k, v in entry["weights"].items():
+                    sums[f"weight_{k}"] += v
+            logs.update({k: v / len(self._pending) for k, v in sums.items()})
+            self._pending = []
+        super().log(logs, start_time)
+
+    def evaluate(
+        self,
+        eval_dataset: Any = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """Score the validation pairs; metrics are prefixed (``eval_f1``, ``eval_mrr``, ...) and logged."""
+        evaluator = eval_dataset if isinstance(eval_dataset, PairEvaluator) else self.evaluator
+        if evaluator is None:
+            return {}
+        start = time.time()
+        model = self.accelerator.unwrap_model(self.model)
+        raw = evaluator(model, self.processing_class)
+        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in raw.items()}
+        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        return metrics

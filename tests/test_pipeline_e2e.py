@@ -1,0 +1,146 @@
+"""End-to-end `dpa-rag run` on the bundled sample with small fake/tiny models: every step runs, a second run skips
+everything, and a run killed during mining resumes to the same final metrics as an uninterrupted one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from dpa_rag.cli.main import app
+from dpa_rag.config import ConfigError, load_config
+from dpa_rag.pipeline import PipelineConfig, run_pipeline, step_names
+from dpa_rag.sample import sample_path
+
+
+def _config(out_dir: Path, bert: Path, llm: Path, **extra) -> PipelineConfig:
+    data = {
+        "out_dir": str(out_dir),
+        "questions": str(sample_path("questions.jsonl")),
+        "corpus": [str(sample_path("corpus.jsonl"))],
+        "train_limit": 24,
+        "eval_limit": 8,
+        "retriever": "bm25",
+        "compare_retrievers": ["dense"],
+        "retrieve_top_k": 8,
+        "top_k": 2,
+        "reader": {"backend": "fake", "batch_size": 8},
+        "sections": {
+            "index": {"encoder": str(bert)},
+            "mine": {"ranks": [1, 3, 8]},
+            "augment": {"strategies": ["rephrasing", "constraint"]},
+            "filter": {"encoder": str(bert), "similarity_threshold": -1.0},
+            "train_reranker": {"backbone": str(bert), "max_steps": 2, "max_length": 64, "warmup_relevance": False},
+            "rerank": {"max_length": 64},
+            "train_llm": {"model": str(llm), "max_steps": 2, "max_length": 2048, "logging_steps": 1},
+        },
+        **extra,
+    }
+    return load_config(PipelineConfig, None, data)
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_bert_dir, tiny_llm_dir):
+    out = tmp_path_factory.mktemp("pipe") / "run"
+    cfg = _config(out, tiny_bert_dir, tiny_llm_dir)
+    report = run_pipeline(cfg)
+    reference = {
+        "metrics": (report.parent / "metrics.json").read_text(),
+        "preferences": (out / "mine" / "preferences.jsonl").read_text(),
+    }
+    return cfg, report, reference
+
+
+def test_every_step_ran_and_report_written(pipeline_run):
+    cfg, report, _ = pipeline_run
+    assert report.name == "report.md" and report.exists()
+    text = report.read_text()
+    for system in ("closed_book", "retriever", "reranker", "aligned_reader", "full", "dense"):
+        assert f"| {system} (" in text
+    assert "How alignment shifts" in text
+    metrics = json.loads((report.parent / "metrics.json").read_text())
+    assert all(m["n"] == 8 for m in metrics.values())
+    for name in step_names(cfg):
+        manifest = json.loads((cfg.out_dir / name / "manifest.json").read_text())
+        assert manifest["status"] == "complete" and manifest["run_id"]
+    assert (report.parent / "systems.png").exists() and (report.parent / "outcomes.png").exists()
+
+
+def test_rerun_skips_everything(pipeline_run):
+    cfg, report, _ = pipeline_run
+    seen = []
+    run_pipeline(cfg, on_step=seen.append)
+    assert {r.status for r in seen if r.status != "disabled"} == {"skipped"}
+
+
+def test_changed_option_reruns_downstream_only(pipeline_run, tiny_bert_dir, tiny_llm_dir):
+    cfg, _, _ = pipeline_run
+    cfg2 = _config(cfg.out_dir, tiny_bert_dir, tiny_llm_dir)
+    cfg2.sections["rerank"] = {"max_length": 48}
+    seen = []
+    run_pipeline(cfg2, on_step=seen.append)
+    ran = [r.name for r in seen if r.status == "ran"]
+    assert ran[0] == "rerank-train" and "mine" not in ran and "train-reranker" not in ran
+    assert "answer-full" in ran and "answer-bm25" not in ran and ran[-1] == "report"
+
+
+def test_killed_mining_resumes_to_same_metrics(pipeline_run, tmp_path, tiny_bert_dir, tiny_llm_dir, monkeypatch):
+    _, _, reference = pipeline_run
+    from dpa_rag.generation import fake
+
+    cfg = _config(tmp_path / "run", tiny_bert_dir, tiny_llm_dir)
+    original = fake.FakeGenerator.generate
+    calls = {"n": 0}
+
+    def dying(self, prompts, params):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # the process is killed during mining
+        return original(self, prompts, params)
+
+    monkeypatch.setattr(fake.FakeGenerator, "generate", dying)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg)
+    assert not (cfg.out_dir / "mine" / "manifest.json").exists()
+    monkeypatch.setattr(fake.FakeGenerator, "generate", original)
+    report = run_pipeline(cfg)
+    assert json.loads((report.parent / "metrics.json").read_text()) == json.loads(reference["metrics"])
+    assert (cfg.out_dir / "mine" / "preferences.jsonl").read_text() == reference["preferences"]
+
+
+def test_pipeline_config_errors(tmp_path, tiny_bert_dir, tiny_llm_dir):
+    with pytest.raises(ConfigError, match="unknown section"):
+        _config(tmp_path, tiny_bert_dir, tiny_llm_dir, sections={"minee": {}})
+    cfg = _config(tmp_path / "r", tiny_bert_dir, tiny_llm_dir)
+    cfg.sections["mine"] = {"bogus": 1}
+    with pytest.raises(ConfigError, match="sections.mine: unknown key 'bogus'"):
+        run_pipeline(cfg, until="mine")
+    cfg.sections["mine"] = {"retrieval": "x.jsonl"}
+    with pytest.raises(ConfigError, match="set by the pipeline"):
+        run_pipeline(cfg, until="mine")
+
+
+def test_ablation_switches_remove_steps(tmp_path, tiny_bert_dir, tiny_llm_dir):
+    cfg = _config(tmp_path, tiny_bert_dir, tiny_llm_dir, augmentation=False, train_llm=False)
+    names = step_names(cfg)
+    assert "augment" not in names and "train-llm-sft" not in names and "answer-full" not in names
+    assert "train-reranker" in names and "answer-reranker" in names
+    cfg = _config(tmp_path, tiny_bert_dir, tiny_llm_dir, reranker=False, prealign=False)
+    names = step_names(cfg)
+    assert "train-reranker" not in names and "train-llm-prealign" not in names and "train-llm-sft" in names
+
+
+def test_cli_run_list_steps(tmp_path, tiny_bert_dir, tiny_llm_dir):
+    cfg = _config(tmp_path / "r", tiny_bert_dir, tiny_llm_dir)
+    path = tmp_path / "p.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    res = CliRunner().invoke(app, ["run", str(path), "--list-steps"])
+    assert res.exit_code == 0, res.output
+    assert res.output.split() == step_names(cfg)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("questions: q.jsonl\ncorpus: [c.jsonl]\nretreiver: bm25\n")
+    res = CliRunner().invoke(app, ["run", str(bad)])
+    assert res.exit_code == 2 and "unknown key 'retreiver'" in res.output
