@@ -106,13 +106,23 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
     index_kind = "both" if len(kinds) > 1 or "both" in kinds else kinds.pop()
     steps: list[Step] = []
 
+    def names(section: str | tuple[str, ...]) -> tuple[str, ...]:
+        return (section,) if isinstance(section, str) else section
+
+    def merged(section: str | tuple[str, ...]) -> dict[str, Any]:
+        """A step's options: its sections merged in order (e.g. train_llm, then train_llm_sft)."""
+        out: dict[str, Any] = {}
+        for name in names(section):
+            out.update(s(name))
+        return out
+
     def add(name, deps, cls, section, wired, run, enabled=True, defaults=None):
         steps.append(
             Step(
                 name=name,
                 deps=deps,
                 make_config=lambda f, cls=cls, section=section, wired=wired, defaults=defaults: _make(
-                    cls, section, s(section), wired(f), defaults(f) if defaults else None
+                    cls, "+".join(names(section)), merged(section), wired(f), defaults(f) if defaults else None
                 ),
                 run=run,
                 enabled=enabled,
@@ -211,24 +221,24 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
     reader_model = cfg.reader.get("model", "smollm2-135m")
     llm_common = {"model": reader_model}
     add(
-        "train-llm-prealign", ["llm-data"], TrainLLMConfig, "train_llm_prealign",
+        "train-llm-prealign", ["llm-data"], TrainLLMConfig, ("train_llm", "train_llm_prealign"),
         lambda f: {
             **llm_common, "stage": "prealign", "data": [f["llm-data"] / "prealign.jsonl"],
             "out_dir": f["train-llm-prealign"],
         },
         _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm and cfg.prealign,
-        defaults=lambda f: {"seed": cfg.seed, **s("train_llm")},
+        defaults=lambda f: {"seed": cfg.seed},
     )
     add(
         "train-llm-sft", ["llm-data", *(["train-llm-prealign"] if cfg.prealign else [])], TrainLLMConfig,
-        "train_llm_sft",
+        ("train_llm", "train_llm_sft"),
         lambda f: {
             **llm_common, "stage": "sft", "data": [f["llm-data"] / "sft.jsonl"],
             "out_dir": f["train-llm-sft"], "merge": True,
             "init_adapter": (f["train-llm-prealign"] / "adapter") if cfg.prealign else None,
         },
         _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm,
-        defaults=lambda f: {"seed": cfg.seed, **s("train_llm")},
+        defaults=lambda f: {"seed": cfg.seed},
     )
 
     def aligned(f: dict[str, Path]) -> dict[str, Any]:
