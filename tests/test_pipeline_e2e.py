@@ -148,3 +148,14 @@ def test_cli_run_list_steps(tmp_path, tiny_bert_dir, tiny_llm_dir):
     bad.write_text("questions: q.jsonl\ncorpus: [c.jsonl]\nretreiver: bm25\n")
     res = CliRunner().invoke(app, ["run", str(bad)])
     assert res.exit_code == 2 and "unknown key 'retreiver'" in res.output
+
+
+def test_until_and_disabled_steps(tmp_path, tiny_bert_dir, tiny_llm_dir):
+    cfg = _config(tmp_path / "r", tiny_bert_dir, tiny_llm_dir, augmentation=False)
+    with pytest.raises(ValueError, match="disabled"):
+        run_pipeline(cfg, until="augment")
+    assert run_pipeline(cfg, until="split") == cfg.out_dir
+    assert (cfg.out_dir / "split" / "manifest.json").exists() and not (cfg.out_dir / "index").exists()
+    # only reranker/LLM training read rewrites: with both off, augmentation does not run
+    names = step_names(_config(tmp_path, tiny_bert_dir, tiny_llm_dir, reranker=False, train_llm=False))
+    assert "augment" not in names and "filter" not in names

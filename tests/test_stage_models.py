@@ -71,3 +71,12 @@ def test_bundled_llm_converts_once():
     assert (path / "config.json").exists() and any(path.glob("*.safetensors"))
     assert (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
     assert resolve_llm("smollm2-135m") == str(path)  # second call: no conversion, same folder
+
+
+def test_started_stage_drops_its_old_manifest(tmp_path):
+    cfg = C(out_dir=str(tmp_path / "s"))
+    stage_recorder("toy", cfg, cfg.out_dir, []).finish(outputs=[])
+    assert (tmp_path / "s" / "manifest.json").exists()
+    stage_recorder("toy", cfg, cfg.out_dir, [])  # started again, then killed before finish()
+    assert not (tmp_path / "s" / "manifest.json").exists()
+    assert not manifest_matches(cfg.out_dir, cfg)

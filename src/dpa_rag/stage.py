@@ -112,6 +112,8 @@ class StageRecorder:
         self.timings: dict[str, float] = {}
         self._t0 = time.time()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # a stage that starts is not complete until finish(): a kill from here on must not leave an old manifest
+        (self.out_dir / MANIFEST).unlink(missing_ok=True)
         save_config(cfg, self.out_dir / "config.yaml")
 
     @contextlib.contextmanager

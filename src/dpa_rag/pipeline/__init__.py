@@ -37,7 +37,7 @@ def run_pipeline(
     steps = build_steps(cfg)
     run_steps(steps, cfg.out_dir, from_step=from_step, force=force, until=until, on_step=on_step)
     report = cfg.out_dir / "report" / "report.md"
-    return report if report.exists() else cfg.out_dir
+    return report if until is None and report.exists() else cfg.out_dir
 
 
 def demo_config() -> Path:

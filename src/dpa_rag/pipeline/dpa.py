@@ -160,7 +160,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         lambda f: {"retrieval": f["retrieve-train"] / "retrieval.jsonl", "out_dir": f["mine"]},
         _lazy("dpa_rag.mining.mine", "run"), defaults=lambda f: _reader(cfg),
     )
-    aug = cfg.augmentation
+    aug = cfg.augmentation and (cfg.reranker or cfg.train_llm)  # rewrites only feed the training data
     add(
         "augment", ["split"], AugmentConfig, "augment",
         lambda f: {"input": f["split"] / "train_questions.jsonl", "out_dir": f["augment"]},
@@ -218,6 +218,15 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         _lazy("dpa_rag.mining.llm_data", "run"),
         enabled=cfg.train_llm,
     )
+    def prealign_start(folder: Path) -> dict[str, str]:
+        """The SFT stage starts from the pre-aligned run: its LoRA adapter, or its model after full fine-tuning."""
+        from dpa_rag.llm.merge import init_args_from
+
+        try:
+            return init_args_from(folder)
+        except FileNotFoundError:  # not trained yet (configs are also built to validate them up front)
+            return {"init_adapter": str(folder / "adapter")}
+
     reader_model = cfg.reader.get("model", "smollm2-135m")
     llm_common = {"model": reader_model}
     add(
@@ -235,19 +244,21 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         lambda f: {
             **llm_common, "stage": "sft", "data": [f["llm-data"] / "sft.jsonl"],
             "out_dir": f["train-llm-sft"], "merge": True,
-            "init_adapter": (f["train-llm-prealign"] / "adapter") if cfg.prealign else None,
+            **(prealign_start(f["train-llm-prealign"]) if cfg.prealign else {}),
         },
         _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm,
         defaults=lambda f: {"seed": cfg.seed},
     )
 
     def aligned(f: dict[str, Path]) -> dict[str, Any]:
-        """Generator options of the self-aligned reader: local transformers on the merged model, unless given."""
+        """Generator options of the self-aligned reader: local transformers on the trained model, unless given."""
         if cfg.aligned_reader is not None:
             return dict(cfg.aligned_reader)
         backend = cfg.reader.get("backend", "hf")
-        return {"backend": backend if backend in ("hf", "vllm", "fake") else "hf",
-                "model": str(f["train-llm-sft"] / "merged")}
+        sft = f["train-llm-sft"]
+        # LoRA runs are merged into merged/ (merge: true); full fine-tuning writes model/
+        model = sft / "model" if (sft / "model" / "config.json").exists() else sft / "merged"
+        return {"backend": backend if backend in ("hf", "vllm", "fake") else "hf", "model": str(model)}
 
     answers = {
         "answer-closed-book": (["split"], lambda f: {"questions": f["split"] / "eval_questions.jsonl", "top_k": 0},
@@ -294,6 +305,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             "out_dir": f["report"], "run_dir": cfg.out_dir,
             "systems": {k: str(f[v]) for k, v in system_steps(cfg).items()},
             "top_k": cfg.top_k, "retriever": cfg.retriever,
+            "steps": [st.name for st in steps if st.enabled],
         },
         _lazy("dpa_rag.pipeline.report", "run_report"),
     )

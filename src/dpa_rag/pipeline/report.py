@@ -53,6 +53,7 @@ class ReportConfig(StageConfig):
     systems: dict[str, str] = Field(description="System name → answer step folder holding predictions.jsonl.")
     top_k: int = Field(3, description="Passages per question (for the table's caption).")
     retriever: str = Field("bm25", description="Retriever of the system (for the caption).")
+    steps: list[str] = Field(default_factory=list, description="Enabled steps: only their folders are read.")
 
 
 def outcome_shares(closed: list[dict[str, Any]], opened: list[dict[str, Any]]) -> dict[str, Any]:
@@ -119,9 +120,9 @@ def _outcome_plot(shift: dict[str, dict[str, Any]], path: Path) -> Path:
     return path
 
 
-def _curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
+def _curves(run_dir: Path, steps: set[str]) -> dict[str, list[tuple[float, float]]]:
     curves: dict[str, list[tuple[float, float]]] = {}
-    rr = _read_json(run_dir / "train-reranker" / "train_log.json")
+    rr = _read_json(run_dir / "train-reranker" / "train_log.json") if "train-reranker" in steps else None
     history = rr.get("log_history", rr.get("history", [])) if isinstance(rr, dict) else rr or []
     for entry in history if isinstance(history, list) else []:
         if isinstance(entry, dict) and "loss" in entry and "step" in entry:
@@ -130,6 +131,8 @@ def _curves(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
                 if k.startswith("weight") and isinstance(v, (int, float)):
                     curves.setdefault(f"reranker {k}", []).append((entry["step"], v))
     for stage in ("prealign", "sft"):
+        if f"train-llm-{stage}" not in steps:
+            continue
         log = _read_json(run_dir / f"train-llm-{stage}" / "train_log.json")
         history = log.get("log_history", []) if isinstance(log, dict) else log or []
         for entry in history if isinstance(history, list) else []:
@@ -168,9 +171,9 @@ def _curves_plot(curves: dict[str, list[tuple[float, float]]], path: Path) -> Pa
     return path
 
 
-def _timings(run_dir: Path) -> str:
+def _timings(run_dir: Path, steps: set[str]) -> str:
     rows = []
-    for d in sorted(p for p in run_dir.iterdir() if p.is_dir()):
+    for d in sorted(p for p in run_dir.iterdir() if p.is_dir() and p.name in steps):
         m = read_manifest(d)
         if m and "timings_s" in m:
             rows.append((d.name, m["timings_s"].get("total", 0.0)))
@@ -180,27 +183,32 @@ def _timings(run_dir: Path) -> str:
     return f"## Step timings (last run of each step)\n\n| step | seconds |\n|---|---:|\n{body}"
 
 
-def _context_sections(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
+def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[str, Any]]:
     sections: list[str] = []
     summary: dict[str, Any] = {}
-    rm = _read_json(run_dir / "retrieve-eval" / "retrieval_metrics.json")
+
+    def folder(step: str) -> Path:
+        # a folder left by an earlier run with other switches must not leak into this report
+        return run_dir / step if step in steps else run_dir / f".not-enabled-{step}"
+
+    rm = _read_json(folder("retrieve-eval") / "retrieval_metrics.json")
     if isinstance(rm, dict):
         summary["retrieval_eval"] = rm
         flat = {k: v for k, v in rm.items() if isinstance(v, (int, float))}
         if flat:
             cells = ", ".join(f"{k} {v:.3g}" for k, v in flat.items())
             sections.append(f"## Retrieval (evaluation questions)\n\n{cells}")
-    mine_summary = run_dir / "mine" / "summary.md"
+    mine_summary = folder("mine") / "summary.md"
     if mine_summary.exists():
         text = mine_summary.read_text(encoding="utf-8").replace("# Preference mining summary", "").strip()
         sections.append("## Preference knowledge mined from the reader (training questions)\n\n" + text)
-        summary["mining"] = _read_json(run_dir / "mine" / "stats.json")
-    fr = run_dir / "filter" / "filter_report.md"
+        summary["mining"] = _read_json(folder("mine") / "stats.json")
+    fr = folder("filter") / "filter_report.md"
     if fr.exists():
         body = fr.read_text(encoding="utf-8").split("\n", 1)[-1].strip()
         sections.append("## Query augmentation and consistency filter\n\n" + body)
     for name in ("valid_metrics.json", "test_metrics.json", "retrieval_metrics.json"):
-        data = _read_json(run_dir / "train-reranker" / name)
+        data = _read_json(folder("train-reranker") / name)
         if data is not None:
             summary[f"reranker_{name[:-5]}"] = data
     rt = summary.get("reranker_test_metrics")
@@ -210,7 +218,7 @@ def _context_sections(run_dir: Path) -> tuple[list[str], dict[str, Any]]:
             "## Reranker (held-out preference pairs, best checkpoint)\n\n"
             + ", ".join(f"{k} {v:.3f}" for k, v in flat.items())
         )
-    card = run_dir / "train-reranker" / "model" / "README.md"
+    card = folder("train-reranker") / "model" / "README.md"
     if card.exists():
         sections.append(f"Model card with ranking quality vs BM25 order and the untrained backbone: `{card}`.")
     return sections, summary
@@ -252,14 +260,15 @@ def run_report(cfg: ReportConfig) -> Path:
             + "\n\n![outcomes](outcomes.png)"
         )
         _outcome_plot(shift, cfg.out_dir / "outcomes.png")
-    context, summary = _context_sections(cfg.run_dir)
+    steps = set(cfg.steps)
+    context, summary = _context_sections(cfg.run_dir, steps)
     extra.extend(context)
     bar_plot(results, cfg.out_dir / "systems.png", title="Evaluation questions")
     extra.insert(1, "![systems](systems.png)")
-    curves = _curves(cfg.run_dir)
+    curves = _curves(cfg.run_dir, steps)
     if _curves_plot(curves, cfg.out_dir / "training_curves.png"):
         extra.append("## Training curves\n\n![training curves](training_curves.png)")
-    timings = _timings(cfg.run_dir)
+    timings = _timings(cfg.run_dir, steps)
     if timings:
         extra.append(timings)
     path = write_report(table_names, cfg.out_dir, title="DPA-RAG run report", extra_sections=extra)

@@ -96,6 +96,11 @@ def run_steps(
             raise ValueError(f"{opt} {val!r}: unknown step (steps: {', '.join(names)})")
     folders = {s.name: run_dir / (s.folder or s.name) for s in steps}
     enabled = {s.name for s in steps if s.enabled}
+    if until is not None and until not in enabled:
+        raise ValueError(f"--until {until!r}: that step is disabled in this config")
+    for step in steps:  # a typo in a late step's options fails now, not after hours of earlier steps
+        if step.enabled:
+            step.make_config(folders)
     forced_from = names.index(from_step) if from_step else None
     results: list[StepResult] = []
     for i, step in enumerate(steps):

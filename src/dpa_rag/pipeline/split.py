@@ -13,6 +13,7 @@ from pydantic import Field
 
 from dpa_rag.config import StageConfig
 from dpa_rag.data.loaders import load_questions
+from dpa_rag.data.schema import Question
 from dpa_rag.eval.metrics import normalize_answer
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.stage import stage_recorder
@@ -42,6 +43,10 @@ def run_split(cfg: SplitConfig) -> Path:
         train = [q for q in pool if normalize_answer(q.question) not in held_texts]
         dropped = len(pool) - len(train)
     else:
+        unique: dict[str, Question] = {}  # the same question twice in the file must not end up on both sides
+        for q in pool:
+            unique.setdefault(normalize_answer(q.question), q)
+        pool = list(unique.values())
         order = list(range(len(pool)))
         random.Random(cfg.seed).shuffle(order)
         n_eval = max(1, round(len(pool) * cfg.eval_fraction))
