@@ -70,6 +70,11 @@ def test_rerun_skips_everything(pipeline_run):
     seen = []
     run_pipeline(cfg, on_step=seen.append)
     assert {r.status for r in seen if r.status != "disabled"} == {"skipped"}
+    # a speed-only option (the reader's batch size) does not invalidate anything
+    faster = cfg.model_copy(update={"reader": {**cfg.reader, "batch_size": 3}})
+    seen = []
+    run_pipeline(faster, on_step=seen.append)
+    assert {r.status for r in seen if r.status != "disabled"} == {"skipped"}
 
 
 def test_changed_option_reruns_downstream_only(pipeline_run, tiny_bert_dir, tiny_llm_dir):

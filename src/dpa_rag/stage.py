@@ -26,7 +26,16 @@ __all__ = ["MANIFEST", "StageRecorder", "hash_inputs", "manifest_matches", "read
 
 MANIFEST = "manifest.json"
 # Fields that never change a stage's result (where to write, how loud, caches, parallelism).
-RESULT_NEUTRAL_FIELDS = {"out_dir", "cache_dir", "use_cache", "progress", "max_concurrency", "timeout", "max_retries"}
+RESULT_NEUTRAL_FIELDS = {
+    "out_dir", "cache_dir", "use_cache", "progress", "max_concurrency", "timeout", "max_retries", "chunk_size",
+    "records_per_chunk",
+}
+
+
+def _neutral(cfg: BaseModel) -> set[str]:
+    """Fields of ``cfg`` left out of its manifest hash (the global list plus the class's ``result_neutral``)."""
+    extra = getattr(type(cfg), "result_neutral", frozenset())
+    return (RESULT_NEUTRAL_FIELDS | set(extra)) & set(type(cfg).model_fields)
 
 
 def hash_inputs(paths: Iterable[str | Path | None]) -> dict[str, str]:
@@ -92,7 +101,7 @@ def manifest_matches(
     m = read_manifest(out_dir)
     if not m or m.get("status") != "complete":
         return False
-    if m.get("config_hash") != config_hash(cfg, exclude=RESULT_NEUTRAL_FIELDS & set(type(cfg).model_fields)):
+    if m.get("config_hash") != config_hash(cfg, exclude=_neutral(cfg)):
         return False
     recorded = m.get("inputs") or {}
     if m.get("inputs") != hash_inputs(recorded if inputs is None else inputs):
@@ -129,7 +138,7 @@ class StageRecorder:
         import transformers
 
         self.counts.update(counts)
-        neutral = RESULT_NEUTRAL_FIELDS & set(type(self.cfg).model_fields)
+        neutral = _neutral(self.cfg)
         manifest = {
             "stage": self.stage,
             "status": "complete",

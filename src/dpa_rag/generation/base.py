@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Protocol, Union, runtime_checkable
+from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -60,6 +60,9 @@ class GeneratorOptions(BaseModel):
     """Options shared by every stage that calls an LLM (mixed into those stages' configs)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    # options that change how fast outputs come, not what they are (the stage manifests ignore them)
+    result_neutral: ClassVar[frozenset[str]] = frozenset({"batch_size"})
 
     backend: Literal["hf", "openai", "vllm", "fake"] = Field(
         "hf",
