@@ -193,7 +193,9 @@ def test_relevance_warmup_and_retrieval_report(tiny_bert_dir, authors, run_dir):
     write_jsonl(warm, retrieval([r.query for r in train[:4]] + ["an unrelated question"],
                                 lambda i: train[i % 4].rank_list + train[i % 4].positive))
     evalr = run_dir / "evalr.jsonl"
-    write_jsonl(evalr, retrieval([r.question for r in valid[:3]], lambda i: [v.ctx for v in valid[i:i + 4]]))
+    # the 4th list is a training question's: dropped from the report and the fusion choice (held out only)
+    write_jsonl(evalr, retrieval([r.question for r in valid[:3]] + [train[0].query],
+                                 lambda i: [v.ctx for v in valid[i:i + 4]]))
     out = train_reranker(TrainRerankerConfig(
         train=str(authors["train"]), out_dir=str(run_dir / "w"), backbone=str(tiny_bert_dir), max_steps=1,
         max_length=64, warmup_retrieval=str(warm), eval_retrieval=str(evalr), weighting="equal",
@@ -201,9 +203,17 @@ def test_relevance_warmup_and_retrieval_report(tiny_bert_dir, authors, run_dir):
     log = json.loads((out / "train_log.json").read_text())
     assert log["warmup"]["examples"] == 4  # one answer-bearing passage for each of the 4 training questions
     report = json.loads((out / "retrieval_metrics.json").read_text())
-    assert list(report) == ["bm25 order", "backbone (untrained)", "after relevance warm-up", "reranker"]
-    assert report["bm25 order"]["mrr"] == pytest.approx(0.5)  # the answer-bearing passage is 2nd in file order
-    assert "Ranking quality" in (out / "model" / "README.md").read_text()
+    assert list(report)[:4] == ["retriever order", "backbone (untrained)", "after relevance warm-up", "reranker"]
+    assert report["retriever order"]["mrr"] == pytest.approx(0.5)  # the answer-bearing passage is 2nd in file order
+    assert report["retriever order"]["n_questions"] == 3
+    fused = [k for k in report if k.startswith("reranker + retriever fusion")]
+    assert len(fused) == 1
+    best_single = max(report["retriever order"]["mrr"], report["reranker"]["mrr"])
+    assert report[fused[0]]["mrr"] >= best_single - 1e-9
+    saved = json.loads((out / "model" / "config.json").read_text())["dpa_rag"]["retriever_fusion"]
+    assert saved["alpha"] == log["retriever_fusion"]["alpha"] and saved["questions"] == 3
+    card = (out / "model" / "README.md").read_text()
+    assert "Ranking quality" in card and "Retriever fusion" in card
 
 
 @pytest.mark.slow

@@ -188,12 +188,14 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         defaults=lambda f: {"pool": "graded", "seed": cfg.seed},
     )
     add(
-        "train-reranker", ["reranker-data", "retrieve-train", "retrieve-eval"], TrainRerankerConfig, "train_reranker",
+        "train-reranker", ["reranker-data", "retrieve-train"], TrainRerankerConfig, "train_reranker",
         lambda f: {
             "train": str(f["reranker-data"] / "train.jsonl"), "valid": str(f["reranker-data"] / "valid.jsonl"),
             "test": str(f["reranker-data"] / "test.jsonl"), "out_dir": str(f["train-reranker"]),
             "warmup_retrieval": str(f["retrieve-train"] / "retrieval.jsonl"),
-            "eval_retrieval": str(f["retrieve-eval"] / "retrieval.jsonl"), "seed": cfg.seed,
+            # held-out questions for the ranking report and the fusion weight: the training split's questions that
+            # no reranker training record uses (train_reranker drops the others); never the evaluation questions
+            "eval_retrieval": str(f["retrieve-train"] / "retrieval.jsonl"), "seed": cfg.seed,
         },
         _lazy("dpa_rag.reranker.train", "train_reranker"), enabled=cfg.reranker,
     )

@@ -218,9 +218,21 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
             "## Reranker (held-out preference pairs, best checkpoint)\n\n"
             + ", ".join(f"{k} {v:.3f}" for k, v in flat.items())
         )
+    rq = summary.get("reranker_retrieval_metrics")
+    if isinstance(rq, dict) and rq:
+        rows = ["| ranking | MRR | hit@1 | hit@3 | questions |", "|---|---|---|---|---|"]
+        for name, m in rq.items():
+            if isinstance(m, dict):
+                rows.append(f"| {name} | {m.get('mrr', float('nan')):.3f} | {m.get('hit_at_1', float('nan')):.3f} "
+                            f"| {m.get('hit_at_3', float('nan')):.3f} | {int(m.get('n_questions', 0))} |")
+        sections.append(
+            "## Reranker ranking quality (answer-bearing passages, held-out training questions)\n\n"
+            "Training questions the reranker never trained on; the retriever-fusion weight is chosen here.\n\n"
+            + "\n".join(rows)
+        )
     card = folder("train-reranker") / "model" / "README.md"
     if card.exists():
-        sections.append(f"Model card with ranking quality vs BM25 order and the untrained backbone: `{card}`.")
+        sections.append(f"Model card (ranking quality vs the retriever order and the untrained backbone): `{card}`.")
     return sections, summary
 
 

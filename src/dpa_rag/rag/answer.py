@@ -45,6 +45,10 @@ class AnswerConfig(GeneratorOptions, StageConfig):
     rerank_depth: int = Field(100, ge=1, description="Retrieved candidates the reranker scores per question.")
     reranker_batch_size: int = Field(32, ge=1, description="Reranker batch size (pairs).")
     reranker_max_length: int = Field(512, ge=8, description="Reranker max tokens per (question, passage) pair.")
+    reranker_fusion: str = Field(
+        "saved",
+        description="Blend in the retriever rank: saved (weight chosen at training), off, or a reranker weight 0-1.",
+    )
     template: str = Field(DEFAULT_TEMPLATE, description="Prompt template: qa, dpa, plain, or a YAML file path.")
     chat: bool = Field(True, description="Send chat messages (model's chat template); --no-chat: plain text.")
     limit: int | None = Field(None, ge=1, description="Answer only the first N questions.")
@@ -57,6 +61,9 @@ class AnswerConfig(GeneratorOptions, StageConfig):
             raise ValueError("give a retrieval file (--retrieval) or, for closed-book answering, --questions")
         if self.retrieval is not None and self.questions is not None:
             raise ValueError("give either --retrieval or --questions, not both")
+        from dpa_rag.reranker.fusion import resolve_alpha
+
+        resolve_alpha(self.reranker_fusion, None)
         return self
 
 
@@ -145,6 +152,7 @@ def _rerank(cfg: AnswerConfig, records: list[RetrievalRecord]) -> list[Retrieval
         dtype=_RERANKER_DTYPES[cfg.dtype],
         batch_size=cfg.reranker_batch_size,
         max_length=cfg.reranker_max_length,
+        fusion=cfg.reranker_fusion,
     )
     candidates = [r.model_copy(update={"ctxs": r.ctxs[: cfg.rerank_depth]}) for r in records]
     return list(reranker.rerank(candidates, top_k=cfg.top_k))

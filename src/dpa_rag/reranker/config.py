@@ -117,7 +117,14 @@ class TrainRerankerConfig(StageConfig):
     warmup_lr: float = Field(2e-5, gt=0, description="Learning rate of the relevance warm-up.")
     warmup_negatives: int = Field(3, ge=1, description="Retrieved negatives per positive in the warm-up.")
     eval_retrieval: str | None = Field(
-        None, description="Per-question validation retrieval file: report MRR/hit@k vs BM25 order and the backbone."
+        None,
+        description="Retrieval file of held-out questions (training questions in it are dropped): report MRR/hit@k "
+        "vs the retriever order and the backbone, and choose the retriever-fusion weight.",
+    )
+    retriever_fusion: bool = Field(
+        True,
+        description="Choose a weight for blending the reranker score with the retriever rank on --eval-retrieval "
+        "(0 = retriever order ... 1 = reranker), saved with the model and used by rerank/answer.",
     )
 
     @field_validator("losses", mode="before")
@@ -171,5 +178,17 @@ class RerankConfig(StageConfig):
     device: str = Field("auto", description="auto, cpu, cuda, mps.")
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Inference dtype.")
     score: Literal["prob", "z1"] | None = Field(None, description="Two-class score (default: saved with the model).")
+    fusion: str = Field(
+        "saved",
+        description="Blend in the retriever rank: saved (weight chosen at training), off, or a reranker weight 0-1.",
+    )
     records_per_chunk: int = Field(64, ge=1, description="Questions scored together (bounds memory).")
     limit: int | None = Field(None, description="Only the first N questions.")
+
+    @field_validator("fusion")
+    @classmethod
+    def _check_fusion(cls, v: str) -> str:
+        from dpa_rag.reranker.fusion import resolve_alpha
+
+        resolve_alpha(v, None)
+        return v

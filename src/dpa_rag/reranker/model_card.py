@@ -36,6 +36,7 @@ def render_model_card(
     test_metrics: dict[str, Any],
     retrieval_report: dict[str, dict[str, float]] | None = None,
     warmup: dict[str, Any] | None = None,
+    fusion: dict[str, Any] | None = None,
 ) -> str:
     """Markdown model card: what the model is, how it was trained, how it scores, how to load it."""
     card_cfg = {k: v for k, v in config.items() if v is not None}
@@ -71,9 +72,20 @@ def render_model_card(
     if retrieval_report:
         parts += [
             "## Ranking quality on the validation retrieval file\n",
-            "Answer-bearing (`has_answer`) passages: BM25 order = the retrieval file's order; backbone = the model "
-            "before any training; reranker = this model.\n",
+            "Answer-bearing (`has_answer`) passages on held-out questions (training questions are dropped): "
+            "retriever order = the retrieval file's order; backbone = the model before any training; reranker = "
+            "this model.\n",
             _retrieval_table(retrieval_report),
+        ]
+    if fusion:
+        parts += [
+            "## Retriever fusion\n",
+            f"`dpa_rag.Reranker` and `dpa-rag rerank` sort by `alpha * z(reranker score) + (1 - alpha) * "
+            f"z(-log retriever rank)` with **alpha = {fusion['alpha']:g}** (1 = this model alone, 0 = the "
+            f"retriever's order), chosen by {fusion['metric'].upper()} on {fusion['questions']} held-out questions "
+            "and saved in `config.json` (`dpa_rag.retriever_fusion`). `--fusion off` ranks by the model alone; "
+            "`sentence_transformers.CrossEncoder` gives the model's own scores.\n",
+            _retrieval_table({f"alpha={a}": m for a, m in fusion.get("grid", {}).items()}),
         ]
     parts += ["## Training configuration\n", "```json\n" + json.dumps(card_cfg, indent=2) + "\n```\n"]
     return "\n".join(parts)

@@ -5,7 +5,9 @@ under ``torch.inference_mode`` and returns the logits in input order. :class:`Re
 folder (or any ``CrossEncoder``-compatible model: bundled alias, hub id or folder) for the answer stage:
 ``score(query, docs)`` and ``rerank(records, top_k)``. Reranked records keep the DPR layout: ``ctxs`` sorted by the
 reranker score (ties by retriever rank), cut to ``top_k``, each with ``score`` = reranker score and the retriever's
-``retriever_score``/``retriever_rank`` (1-based) kept.
+``retriever_score``/``retriever_rank`` (1-based) kept. A model trained with retriever fusion (``train-reranker``
+picks a weight on held-out questions, see :mod:`dpa_rag.reranker.fusion`) sorts by the fused score; ``score`` is then
+the fused score and ``reranker_score`` the model's own.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from dpa_rag.data.schema import RetrievalRecord
+from dpa_rag.reranker.fusion import fuse, resolve_alpha
 
 __all__ = ["Reranker", "predict_logits", "resolve_dtype", "run_rerank"]
 
@@ -105,6 +108,9 @@ class Reranker:
         max_length: truncation length of a pair.
         score: for two-class models: ``prob`` (softmax(z)_1) or ``z1``; default: the one saved with the model
             (``prob`` if none). 1-logit models always score with the raw logit (sigmoid is monotone).
+        fusion: how :meth:`rerank` blends in the retriever's rank: ``saved`` (the weight chosen at training, if
+            any; none = pure reranker), ``off`` (pure reranker) or a reranker weight in ``[0, 1]`` as a number
+            or string (``0`` = retriever order).
 
     Example:
         >>> rr = Reranker("runs/reranker/model")
@@ -119,6 +125,7 @@ class Reranker:
         batch_size: int = 64,
         max_length: int = 512,
         score: str | None = None,
+        fusion: str | float = "saved",
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -137,7 +144,9 @@ class Reranker:
         self.score_mode = score or saved.get("score") or ("logit" if n == 1 else "prob")
         self.batch_size = batch_size
         self.max_length = max_length
-        logger.info("reranker %s on %s (%s), score %s", model_path, self.device, self.dtype, self.score_mode)
+        self.fusion_alpha = resolve_alpha(fusion, saved.get("retriever_fusion"))
+        logger.info("reranker %s on %s (%s), score %s, retriever fusion %s", model_path, self.device, self.dtype,
+                    self.score_mode, "off" if self.fusion_alpha is None else f"alpha={self.fusion_alpha:g}")
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Scores of ``(query, passage)`` pairs, in input order."""
@@ -159,16 +168,20 @@ class Reranker:
             n = len(rec.ctxs)
             s = scores[pos : pos + n]
             pos += n
-            order = sorted(range(n), key=lambda i: -s[i])  # stable: ties keep retriever order
+            ranks = [int((c.model_extra or {}).get("retriever_rank", i + 1)) for i, c in enumerate(rec.ctxs)]
+            key = s if self.fusion_alpha is None else fuse(s, ranks, self.fusion_alpha)
+            order = sorted(range(n), key=lambda i: -key[i])  # stable: ties keep retriever order
             ctxs = []
             for i in order[: top_k if top_k else n]:
                 c = rec.ctxs[i]
                 extra = c.model_extra or {}
                 update = {
-                    "score": float(s[i]),
+                    "score": float(key[i]),
                     "retriever_score": extra.get("retriever_score", c.score),
-                    "retriever_rank": extra.get("retriever_rank", i + 1),
+                    "retriever_rank": ranks[i],
                 }
+                if self.fusion_alpha is not None:
+                    update["reranker_score"] = float(s[i])
                 ctxs.append(c.model_copy(update=update))
             out.append(rec.model_copy(update={"ctxs": ctxs}))
         return out
@@ -185,7 +198,7 @@ def run_rerank(cfg: Any) -> Any:
     out_dir = Path(cfg.out_dir)
     rec = stage_recorder("rerank", cfg, out_dir, [cfg.input])
     records = load_retrieval(cfg.input, limit=cfg.limit)
-    reranker = Reranker(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.max_length, cfg.score)
+    reranker = Reranker(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.max_length, cfg.score, cfg.fusion)
     out = out_dir / "reranked.jsonl"
     n_pairs = 0
     import json

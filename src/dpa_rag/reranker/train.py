@@ -2,7 +2,8 @@
 
 Steps: load and check the data → load the backbone with the chosen head → (optional) ranking baseline on
 ``--eval-retrieval`` → (optional) relevance warm-up → preference alignment with :class:`RerankerTrainer` → valid and
-test metrics of the best checkpoint → ``model/`` (weights, tokenizer, model card) and the logs.
+test metrics of the best checkpoint → (optional) retriever-fusion weight chosen on the held-out questions of
+``--eval-retrieval`` (:mod:`dpa_rag.reranker.fusion`) → ``model/`` (weights, tokenizer, model card) and the logs.
 
 Outputs in ``out_dir``: ``model/`` (``save_pretrained`` + tokenizer + ``README.md``), ``train_log.json`` (Trainer log
 history and per-step losses/weights), ``valid_metrics.json``, ``test_metrics.json``, ``retrieval_metrics.json`` (with
@@ -24,7 +25,8 @@ from dpa_rag.models import pick_device
 from dpa_rag.reranker.config import TrainRerankerConfig, parse_loss_weights
 from dpa_rag.reranker.data import FusedCollator, RerankerTrainDataset, check_train_records
 from dpa_rag.reranker.evaluation import PairEvaluator, retrieval_metrics
-from dpa_rag.reranker.model import head_of, inference_scores, load_reranker_model
+from dpa_rag.reranker.fusion import select_alpha
+from dpa_rag.reranker.model import CONFIG_KEY, head_of, inference_scores, load_reranker_model
 from dpa_rag.reranker.model_card import render_model_card
 from dpa_rag.reranker.rerank import predict_logits
 from dpa_rag.reranker.step import build_losses
@@ -58,16 +60,34 @@ def _log_to_logging(trainer: Any) -> None:
     trainer.add_callback(LogCallback())
 
 
-def _rank_retrieval(
+def _retrieval_scores(
     model: Any, tokenizer: Any, records: list, batch_size: int, max_length: int, score: str
-) -> dict[str, float]:
+) -> list[list[float]]:
     pairs = [(r.question, c.render()) for r in records for c in r.ctxs]
     scores = inference_scores(predict_logits(model, tokenizer, pairs, batch_size, max_length), score).tolist()
     per, pos = [], 0
     for r in records:
         per.append(scores[pos : pos + len(r.ctxs)])
         pos += len(r.ctxs)
-    return retrieval_metrics(records, per)
+    return per
+
+
+def _rank_retrieval(
+    model: Any, tokenizer: Any, records: list, batch_size: int, max_length: int, score: str
+) -> dict[str, float]:
+    return retrieval_metrics(records, _retrieval_scores(model, tokenizer, records, batch_size, max_length, score))
+
+
+def _held_out(records: list, train: list, source: str) -> list:
+    """``records`` without the questions the reranker trains on (normalised match), so its report is held out."""
+    from dpa_rag.eval.metrics import normalize_answer
+
+    seen = {normalize_answer(r.query) for r in train}
+    kept = [r for r in records if normalize_answer(r.question) not in seen]
+    if len(kept) < len(records):
+        logger.info("%s: %d of %d questions are training questions; the ranking report and the fusion weight use "
+                    "the other %d", source, len(records) - len(kept), len(records), len(kept))
+    return kept
 
 
 def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, train: list, out_dir: Path,
@@ -149,8 +169,8 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     if cfg.eval_retrieval:
         from dpa_rag.data.loaders import load_retrieval
 
-        eval_records = load_retrieval(cfg.eval_retrieval)
-        retrieval_report["bm25 order"] = retrieval_metrics(eval_records)
+        eval_records = _held_out(load_retrieval(cfg.eval_retrieval), train, cfg.eval_retrieval)
+        retrieval_report["retriever order"] = retrieval_metrics(eval_records)
         retrieval_report["backbone (untrained)"] = _rank_retrieval(
             model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score
         )
@@ -196,9 +216,24 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     if test:
         test_raw = PairEvaluator(test, cfg.eval_batch_size, cfg.max_length, score=cfg.score)(model, tokenizer)
         test_metrics = {f"test_{k}": float(v) for k, v in test_raw.items()}
+    fusion: dict[str, Any] | None = None
     if eval_records is not None:
-        retrieval_report["reranker"] = _rank_retrieval(model, tokenizer, eval_records, cfg.eval_batch_size,
-                                                       cfg.max_length, cfg.score)
+        scores = _retrieval_scores(model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score)
+        retrieval_report["reranker"] = retrieval_metrics(eval_records, scores)
+        if cfg.retriever_fusion:
+            alpha, table = select_alpha(eval_records, scores)
+            if alpha is not None:
+                fusion = {"alpha": alpha, "prior": "-log(retriever rank)", "metric": "mrr",
+                          "questions": int(table[str(alpha)]["n_questions"]), "grid": table}
+                retrieval_report[f"reranker + retriever fusion (alpha={alpha:g})"] = table[str(alpha)]
+                settings = dict(getattr(model.config, CONFIG_KEY, None) or {})
+                settings["retriever_fusion"] = {k: fusion[k] for k in ("alpha", "prior", "metric", "questions")}
+                setattr(model.config, CONFIG_KEY, settings)
+                logger.info("retriever fusion: alpha=%g (1 = reranker only, 0 = retriever order), held-out MRR "
+                            "%.4f (retriever %.4f, reranker %.4f)", alpha, table[str(alpha)]["mrr"],
+                            table["0.0"]["mrr"], table["1.0"]["mrr"])
+            else:
+                logger.info("retriever fusion skipped: no held-out question has an answer-bearing passage")
         write_json(out_dir / "retrieval_metrics.json", retrieval_report)
     write_json(out_dir / "valid_metrics.json", valid_metrics)
     write_json(out_dir / "test_metrics.json", test_metrics)
@@ -210,6 +245,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         "losses": losses,
         "weighting": weighting.get_config_dict(),
         "warmup": warmup,
+        "retriever_fusion": fusion,
     })
 
     model_dir = out_dir / "model"
@@ -219,7 +255,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         config=cfg.to_dict(), head=head_of(model), score=cfg.score if cfg.head == "two-class" else "logit",
         losses={k: m.get_config_dict() for k, m in modules.items()}, weighting=weighting.get_config_dict(),
         valid_metrics=valid_metrics, test_metrics=test_metrics, retrieval_report=retrieval_report or None,
-        warmup=warmup,
+        warmup=warmup, fusion=fusion,
     ))
     outputs = ["model", "train_log.json", "valid_metrics.json", "test_metrics.json"]
     if eval_records is not None:
