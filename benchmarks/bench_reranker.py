@@ -7,8 +7,10 @@ step), fp32 (and bf16 autocast where bf16 is fast):
   negatives, each padded to its own length), per-record Python loops for the pair and SupCon losses, parameter-level
   MGDA on flattened gradients of embeddings + encoder with their Frank–Wolfe and numerical grid line search (100-point
   grid of f'(γ) by autograd, ≤ 4 bracket-shrinking rounds), weighted backward, AdamW step.
-* ``ours-mgda`` / ``ours-mgda-ub`` / ``ours-equal``: one fused forward (:class:`FusedCollator`), the three loss
-  modules, the weighting strategy, one weighted backward, AdamW step.
+* ``ours-mgda`` / ``ours-mgda-ub`` / ``ours-equal``: the trainer's step: the fused, length-sorted batch
+  (:class:`FusedCollator`; per-group passes for ``mgda``) encoded in forwards of 4 rows, each cut to its own padding
+  (the CPU default of ``--forward-chunk-size``), the three loss modules, the weighting strategy, one weighted
+  backward, AdamW step. ``ours-mgda-ub/1-forward``: the same with the whole batch in one forward.
 
 Reranking: real NQ questions (lost-in-the-middle oracle file) with their gold passage plus FlashRAG wiki passages;
 :class:`dpa_rag.reranker.Reranker` vs ``sentence_transformers.CrossEncoder.predict`` on the same pairs and weights,
@@ -148,7 +150,8 @@ class OursStep:
     per-loss parameter gradients set ``p.grad`` directly (the trainer's single-process path).
     """
 
-    def __init__(self, model: torch.nn.Module, tokenizer, weighting: str, max_length: int = 512) -> None:
+    def __init__(self, model: torch.nn.Module, tokenizer, weighting: str, max_length: int = 512,
+                 chunk_size: int | None = None) -> None:
         from dpa_rag.reranker.data import FusedCollator
         from dpa_rag.reranker.step import build_losses
         from dpa_rag.reranker.weighting import build_weighting
@@ -160,6 +163,7 @@ class OursStep:
         self.modules = build_losses(names, model.config.num_labels)
         self.weighting = build_weighting(weighting)
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-6, weight_decay=0.0)
+        self.chunk_size = chunk_size
 
     def __call__(self, records, autocast: bool = False) -> float:
         from dpa_rag.reranker.step import compute_losses
@@ -168,7 +172,8 @@ class OursStep:
         batch = self.collate(records)
         self.opt.zero_grad()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            losses, out = compute_losses(self.model, batch, self.modules, separate=self.grouped)
+            losses, out = compute_losses(self.model, batch, self.modules, chunk_size=self.chunk_size,
+                                         separate=self.grouped)
         if self.grouped:
             w = mgda_direct_gradients(self.model, losses, self.weighting)
             total = sum(w[k] * v.detach() for k, v in losses.items())
@@ -180,7 +185,16 @@ class OursStep:
         return float(total.detach())
 
 
-SYSTEMS = ("authors", "ours-mgda", "ours-mgda-ub", "ours-equal")
+SYSTEMS = ("authors", "ours-mgda", "ours-mgda-ub", "ours-equal", "ours-mgda-ub/1-forward")
+
+
+def _ours(model: torch.nn.Module, tok, name: str, max_length: int) -> OursStep:
+    """``ours-<weighting>`` with the trainer's default forward chunks on a CPU; ``/1-forward``: one forward."""
+    from dpa_rag.reranker.train import resolve_chunk_size
+
+    weighting, _, variant = name.removeprefix("ours-").partition("/")
+    chunk = resolve_chunk_size(0 if variant == "1-forward" else None, use_cpu=True)
+    return OursStep(model, tok, weighting, max_length, chunk)
 
 
 def bench_training(steps: int, max_length: int) -> None:
@@ -198,13 +212,13 @@ def bench_training(steps: int, max_length: int) -> None:
         print("bf16: skipped (cpu_has_fast_bf16() is False: bf16 matmuls are emulated and slower here)")
     print(f"\n## training step (minilm two-class, 4 records/step, max_length {max_length}; systems interleaved "
           f"round by round on the same batch; 1 warm-up + {steps} timed rounds, median)")
-    print(f"{'system':<16}{'dtype':<7}{'cpu s/step':>11}{'speed-up':>10}{'wall s/step':>13}{'speed-up':>10}")
+    print(f"{'system':<24}{'dtype':<7}{'cpu s/step':>11}{'speed-up':>10}{'wall s/step':>13}{'speed-up':>10}")
     for dtype_name, autocast in modes:
         runners = {}
         for name in SYSTEMS:
             model = copy.deepcopy(base).train()
-            runners[name] = AuthorsStep(model, tok, max_length) if name == "authors" else OursStep(
-                model, tok, name.removeprefix("ours-"), max_length)
+            runners[name] = AuthorsStep(model, tok, max_length) if name == "authors" else _ours(
+                model, tok, name, max_length)
         cpu: dict[str, list[float]] = {k: [] for k in SYSTEMS}
         wall: dict[str, list[float]] = {k: [] for k in SYSTEMS}
         for r in range(steps + 1):
@@ -218,7 +232,7 @@ def bench_training(steps: int, max_length: int) -> None:
         ref_c, ref_w = statistics.median(cpu["authors"]), statistics.median(wall["authors"])
         for name in SYSTEMS:
             mc, mw = statistics.median(cpu[name]), statistics.median(wall[name])
-            print(f"{name:<16}{dtype_name:<7}{mc:>11.2f}{ref_c / mc:>9.2f}x{mw:>13.2f}{ref_w / mw:>9.2f}x", flush=True)
+            print(f"{name:<24}{dtype_name:<7}{mc:>11.2f}{ref_c / mc:>9.2f}x{mw:>13.2f}{ref_w / mw:>9.2f}x", flush=True)
     print(f"peak RSS of the benchmark process (all training systems at once): {_peak_rss_mb():.0f} MB")
 
 

@@ -40,6 +40,7 @@ def test_fused_forward_equals_separate_passes(tiny_bert_dir, authors, head, anch
         fused, _ = compute_losses(model, fused_batch, modules)
         chunked, _ = compute_losses(model, fused_batch, modules, chunk_size=7)
         separate, _ = compute_losses(model, plain_batch, modules, separate=True)
+        sep_chunked, _ = compute_losses(model, plain_batch, modules, chunk_size=3, separate=True)
     assert set(fused) == set(LOSSES)
     # per-group passes: a loss's graph reaches only its own groups (what makes parameter-level MGDA cheap)
     sep_losses, sep_out = compute_losses(model, plain_batch, modules, separate=True)
@@ -49,6 +50,15 @@ def test_fused_forward_equals_separate_passes(tiny_bert_dir, authors, head, anch
     for k in LOSSES:
         assert fused[k].item() == pytest.approx(separate[k].item(), abs=1e-5), k
         assert chunked[k].item() == pytest.approx(separate[k].item(), abs=1e-5), k
+        assert sep_chunked[k].item() == pytest.approx(separate[k].item(), abs=1e-5), k
+
+
+def test_forward_chunk_default():
+    from dpa_rag.reranker.train import CPU_FORWARD_CHUNK, resolve_chunk_size
+
+    assert resolve_chunk_size(None, use_cpu=True) == CPU_FORWARD_CHUNK
+    assert resolve_chunk_size(None, use_cpu=False) is None
+    assert resolve_chunk_size(0, use_cpu=True) is None and resolve_chunk_size(8, use_cpu=False) == 8
 
 
 def test_fused_step_gradients_flow_and_weights_sum(tiny_bert_dir, authors):

@@ -104,7 +104,10 @@ class TrainRerankerConfig(StageConfig):
     logging_steps: int = Field(1, ge=1, description="Log loss, per-loss values and weights every N steps.")
     eval_batch_size: int = Field(32, ge=1, description="Pairs per forward in evaluation.")
     forward_chunk_size: int | None = Field(
-        None, description="Rows per encoder forward in a training step (default: all in one forward)."
+        None,
+        ge=0,
+        description="Rows per encoder forward in a training step, each chunk cut to its own padding (default: 4 on "
+        "CPU, where small chunks stay in cache and run ~1.5x faster; one forward on GPUs; 0 = one forward).",
     )
     resume_from_checkpoint: str | None = Field(None, description="Checkpoint folder to resume from ('last' = newest).")
     warmup_relevance: bool = Field(

@@ -77,19 +77,19 @@ def compute_losses(
         model: the cross-encoder.
         batch: a :class:`~dpa_rag.reranker.data.FusedCollator` batch.
         modules: loss modules from :func:`build_losses`.
-        chunk_size: rows per forward (``None`` = one forward).
+        chunk_size: rows per forward (``None`` or 0 = one forward; with ``separate``, per group).
         separate: one forward per group (``group_bounds``), each cut to its own padding: the authors' layout.
     """
     if separate:
         if not batch.get("grouped", False):
             raise ValueError("separate passes need a batch collated with FusedCollator(sort=False, dedupe=False)")
-        out = _encode_groups(model, batch)
+        out = _encode_groups(model, batch, chunk_size)
     else:
         out = encode_pairs(model, batch, chunk_size=chunk_size)
     return losses_from_outputs(out, batch, modules), out
 
 
-def _encode_groups(model: nn.Module, batch: dict[str, Any]) -> EncodeOutput:
+def _encode_groups(model: nn.Module, batch: dict[str, Any], chunk_size: int | None = None) -> EncodeOutput:
     import torch
 
     parts, bounds = [], []
@@ -98,7 +98,7 @@ def _encode_groups(model: nn.Module, batch: dict[str, Any]) -> EncodeOutput:
             continue
         inputs = {k: batch[k][start:end] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         width = int(inputs["attention_mask"].sum(dim=1).max().item())
-        parts.append(encode_pairs(model, {k: v[:, :width] for k, v in inputs.items()}))
+        parts.append(encode_pairs(model, {k: v[:, :width] for k, v in inputs.items()}, chunk_size=chunk_size))
         bounds.append((start, end))
     return EncodeOutput(
         torch.cat([p.logits for p in parts]),
