@@ -248,10 +248,11 @@ def test_reranker_path_reranks_then_keeps_top_k(run_dir: Path, retrieval_file: P
     monkeypatch.setitem(sys.modules, "dpa_rag.reranker.rerank", module)
     cfg = AnswerConfig(
         backend="fake", retrieval=retrieval_file, top_k=1, rerank_depth=3, reranker=run_dir / "rr", dtype="bfloat16",
-        out_dir=run_dir / "out", progress=False,
+        out_dir=run_dir / "out", progress=False, reranker_fusion=False,  # YAML's `off`
     )
     preds = read_jsonl(run_answer(cfg, backend=FakeGenerator(first_passage_reader)))
     assert created["path"] == str(run_dir / "rr")
+    assert created["kwargs"]["fusion"] == "off"
     assert created["kwargs"]["batch_size"] == cfg.reranker_batch_size
     assert created["kwargs"]["dtype"] == "bf16"  # the reranker's dtype names
     assert created["depths"] == [3, 2, 1]  # candidates cut to rerank_depth before reranking

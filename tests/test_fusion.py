@@ -112,13 +112,17 @@ def test_rerank_command_fusion_option(fused_model, run_dir):
 
     inp = run_dir / "r.jsonl"
     write_jsonl(inp, [r.model_dump(mode="json", exclude_none=True) for r in _retrieval()])
-    for fusion, first in (("saved", "p0"), ("0", "p0")):
+    for fusion in ("saved", "0", "off"):
         out = run_dir / f"out-{fusion}"
         res = CliRunner().invoke(app, ["rerank", "--input", str(inp), "--model", str(fused_model), "--out-dir",
-                                       str(out), "--top-k", "2", "--device", "cpu", "--fusion", fusion])
+                                       str(out), "--top-k", "5", "--device", "cpu", "--fusion", fusion])
         assert res.exit_code == 0, res.output
         row = json.loads((out / "reranked.jsonl").read_text())
-        assert row["ctxs"][0]["id"] == first and "reranker_score" in row["ctxs"][0]
+        ids = [c["id"] for c in row["ctxs"]]
+        if fusion == "off":  # the model alone: its own order, no fused score
+            assert ids != ["p0", "p1", "p2", "p3", "p4"] and "reranker_score" not in row["ctxs"][0]
+        else:  # the saved alpha 0 (or --fusion 0): the retriever's order
+            assert ids == ["p0", "p1", "p2", "p3", "p4"] and "reranker_score" in row["ctxs"][0]
     res = CliRunner().invoke(app, ["rerank", "--input", str(inp), "--model", str(fused_model), "--out-dir",
                                    str(run_dir / "bad"), "--fusion", "2"])
     assert res.exit_code != 0 and "fusion" in res.output
@@ -133,3 +137,42 @@ def test_resolve_alpha():
     for bad in ("x", "-0.1", 1.5):
         with pytest.raises(ValueError, match="fusion"):
             resolve_alpha(bad, None)
+
+
+def test_fusion_settings_from_yaml(run_dir):
+    import yaml
+
+    from dpa_rag.config import load_config
+    from dpa_rag.reranker.config import RerankConfig
+    from dpa_rag.reranker.fusion import normalize_fusion
+
+    assert normalize_fusion(False) == "off" and normalize_fusion(0.3) == "0.3" and normalize_fusion("Saved") == "saved"
+    assert normalize_fusion(0) == "0.0" and normalize_fusion(1) == "1.0"
+    for text, want in (("off", "off"), ("0.3", "0.3"), ("saved", "saved")):
+        path = run_dir / f"r-{text}.yaml"
+        path.write_text(yaml.safe_dump({"input": "x.jsonl", "model": "m"}) + f"fusion: {text}\n")
+        assert load_config(RerankConfig, path).fusion == want
+    with pytest.raises(ValueError, match="fusion"):
+        RerankConfig(input="x", model="m", fusion=1.5)
+
+
+def test_safe_ranks():
+    from dpa_rag.reranker.fusion import safe_ranks
+
+    assert safe_ranks([3, 1, 2]) == [3, 1, 2]
+    for bad in ([None, 2], [0, 1], [1, 1], ["a", 2], [1.5, 2]):
+        assert safe_ranks(bad) == [1, 2]
+
+
+def test_reranker_fuses_with_retriever_rank_not_file_order(fused_model):
+    rec = _retrieval()[0]
+    ctxs = [c.model_copy(update={"retriever_rank": 5 - i}) for i, c in enumerate(rec.ctxs)]  # file order reversed
+    out = Reranker(str(fused_model), device="cpu", dtype="fp32").rerank([rec.model_copy(update={"ctxs": ctxs})])[0]
+    assert [c.id for c in out.ctxs] == ["p4", "p3", "p2", "p1", "p0"]  # alpha 0 follows retriever_rank
+    assert [c.model_extra["retriever_rank"] for c in out.ctxs] == [1, 2, 3, 4, 5]
+
+
+def test_select_alpha_tie_goes_to_reranker():
+    records = [_record([True, False, False])]
+    alpha, table = select_alpha(records, [[3.0, 2.0, 1.0]])  # same order as the retriever: every alpha ties
+    assert len({m["mrr"] for m in table.values()}) == 1 and alpha == 1.0

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
 from dpa_rag.data.loaders import load_questions, load_retrieval
@@ -61,10 +61,14 @@ class AnswerConfig(GeneratorOptions, StageConfig):
             raise ValueError("give a retrieval file (--retrieval) or, for closed-book answering, --questions")
         if self.retrieval is not None and self.questions is not None:
             raise ValueError("give either --retrieval or --questions, not both")
-        from dpa_rag.reranker.fusion import resolve_alpha
-
-        resolve_alpha(self.reranker_fusion, None)
         return self
+
+    @field_validator("reranker_fusion", mode="before")
+    @classmethod
+    def _check_fusion(cls, v: object) -> str:
+        from dpa_rag.reranker.fusion import normalize_fusion
+
+        return normalize_fusion(v)  # YAML reads `off` as False and `0.3` as a float
 
 
 def build_prompts(

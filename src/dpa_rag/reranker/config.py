@@ -188,10 +188,9 @@ class RerankConfig(StageConfig):
     records_per_chunk: int = Field(64, ge=1, description="Questions scored together (bounds memory).")
     limit: int | None = Field(None, description="Only the first N questions.")
 
-    @field_validator("fusion")
+    @field_validator("fusion", mode="before")
     @classmethod
-    def _check_fusion(cls, v: str) -> str:
-        from dpa_rag.reranker.fusion import resolve_alpha
+    def _check_fusion(cls, v: object) -> str:
+        from dpa_rag.reranker.fusion import normalize_fusion
 
-        resolve_alpha(v, None)
-        return v
+        return normalize_fusion(v)  # YAML reads `off` as False and `0.3` as a float

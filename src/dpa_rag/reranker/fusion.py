@@ -21,7 +21,7 @@ from typing import Any
 
 from dpa_rag.data.schema import RetrievalRecord
 
-__all__ = ["DEFAULT_GRID", "fuse", "resolve_alpha", "select_alpha"]
+__all__ = ["DEFAULT_GRID", "fuse", "normalize_fusion", "resolve_alpha", "select_alpha", "safe_ranks"]
 
 DEFAULT_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(11))
 
@@ -107,3 +107,36 @@ def resolve_alpha(fusion: str | float, saved: dict[str, Any] | None) -> float | 
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"fusion weight must be in [0, 1]; got {alpha}")
     return None if alpha == 1.0 else alpha
+
+
+def normalize_fusion(value: object) -> str:
+    """A fusion setting as typed on the command line or read from YAML (``off`` → False, ``0.3`` → float) → str.
+
+    Raises:
+        ValueError: not ``saved``, ``off`` or a number in ``[0, 1]``.
+    """
+    if value is False:
+        value = "off"
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = repr(float(value))
+    text = str(value).strip().lower()
+    resolve_alpha(text, None)
+    return text
+
+
+def safe_ranks(values: Sequence[object]) -> list[int]:
+    """1-based retriever ranks from ``retriever_rank`` values; a missing, non-integer or < 1 value (or a list with
+    repeated ranks) falls back to the list position, which is the rank of a plain retrieval file."""
+    ranks: list[int] = []
+    for v in values:
+        try:
+            r = int(v)  # type: ignore[call-overload]
+        except (TypeError, ValueError):
+            return list(range(1, len(values) + 1))
+        if r < 1 or r != v:
+            return list(range(1, len(values) + 1))
+        ranks.append(r)
+    if len(set(ranks)) != len(ranks):
+        return list(range(1, len(values) + 1))
+    return ranks
+

@@ -71,10 +71,11 @@ def render_model_card(
         parts += ["## Relevance warm-up\n", "```json\n" + json.dumps(warmup, indent=2) + "\n```\n"]
     if retrieval_report:
         parts += [
-            "## Ranking quality on the validation retrieval file\n",
+            "## Ranking quality on held-out questions\n",
             "Answer-bearing (`has_answer`) passages on held-out questions (training questions are dropped): "
             "retriever order = the retrieval file's order; backbone = the model before any training; reranker = "
-            "this model.\n",
+            "this model (its checkpoint was picked on the preference validation pairs, whose questions may be among "
+            "these); the fused row is optimistic: its weight was chosen on these same questions.\n",
             _retrieval_table(retrieval_report),
         ]
     if fusion:

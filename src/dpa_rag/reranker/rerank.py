@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from dpa_rag.data.schema import RetrievalRecord
-from dpa_rag.reranker.fusion import fuse, resolve_alpha
+from dpa_rag.reranker.fusion import fuse, resolve_alpha, safe_ranks
 
 __all__ = ["Reranker", "predict_logits", "resolve_dtype", "run_rerank"]
 
@@ -168,8 +168,8 @@ class Reranker:
             n = len(rec.ctxs)
             s = scores[pos : pos + n]
             pos += n
-            ranks = [int((c.model_extra or {}).get("retriever_rank", i + 1)) for i, c in enumerate(rec.ctxs)]
-            key = s if self.fusion_alpha is None else fuse(s, ranks, self.fusion_alpha)
+            given = [(c.model_extra or {}).get("retriever_rank", i + 1) for i, c in enumerate(rec.ctxs)]
+            key = s if self.fusion_alpha is None else fuse(s, safe_ranks(given), self.fusion_alpha)
             order = sorted(range(n), key=lambda i: -key[i])  # stable: ties keep retriever order
             ctxs = []
             for i in order[: top_k if top_k else n]:
@@ -178,7 +178,7 @@ class Reranker:
                 update = {
                     "score": float(key[i]),
                     "retriever_score": extra.get("retriever_score", c.score),
-                    "retriever_rank": ranks[i],
+                    "retriever_rank": given[i],
                 }
                 if self.fusion_alpha is not None:
                     update["reranker_score"] = float(s[i])

@@ -208,13 +208,15 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, tensorboard=_tensorboard_available(),
         max_grad_norm=cfg.max_grad_norm,
     )
+    chunk_size = resolve_chunk_size(cfg.forward_chunk_size, use_cpu)
+    logger.info("training forwards: %s rows each", chunk_size or "all")
     grouped = cfg.weighting == "mgda"  # per-group passes: each loss's parameter gradient only sees its own rows
     collator = FusedCollator(tokenizer, losses, cfg.max_length, query_anchor=cfg.contrastive_anchor == "query",
                              sort=not grouped, dedupe=not grouped)
     trainer = RerankerTrainer(
         model=model, args=args, train_dataset=RerankerTrainDataset(train), eval_dataset=evaluator,
         data_collator=collator, processing_class=tokenizer, loss_modules=modules, weighting=weighting,
-        forward_chunk_size=resolve_chunk_size(cfg.forward_chunk_size, use_cpu),
+        forward_chunk_size=chunk_size,
     )
     _point_tensorboard(trainer, tb_dir)
     _log_to_logging(trainer)
@@ -240,7 +242,9 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
             if alpha is not None:
                 fusion = {"alpha": alpha, "prior": "-log(retriever rank)", "metric": "mrr",
                           "questions": int(table[str(alpha)]["n_questions"]), "grid": table}
-                retrieval_report[f"reranker + retriever fusion (alpha={alpha:g})"] = table[str(alpha)]
+                retrieval_report[f"reranker + retriever fusion (alpha={alpha:g}, chosen on these questions)"] = (
+                    table[str(alpha)]
+                )
                 settings = dict(getattr(model.config, CONFIG_KEY, None) or {})
                 settings["retriever_fusion"] = {k: fusion[k] for k in ("alpha", "prior", "metric", "questions")}
                 setattr(model.config, CONFIG_KEY, settings)
@@ -261,6 +265,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         "weighting": weighting.get_config_dict(),
         "warmup": warmup,
         "retriever_fusion": fusion,
+        "forward_chunk_size": chunk_size,
     })
 
     model_dir = out_dir / "model"
