@@ -142,6 +142,18 @@ def test_ablation_switches_remove_steps(tmp_path, tiny_bert_dir, tiny_llm_dir):
     assert "train-reranker" not in names and "train-llm-prealign" not in names and "train-llm-sft" in names
 
 
+def test_skip_systems(tmp_path, tiny_bert_dir, tiny_llm_dir):
+    from dpa_rag.pipeline.dpa import system_steps
+
+    cfg = _config(tmp_path, tiny_bert_dir, tiny_llm_dir, skip_systems=["aligned_reader", "closed_book_aligned"])
+    names = step_names(cfg)
+    assert "answer-aligned-reader" not in names and "answer-closed-book-aligned" not in names
+    assert {"answer-full", "answer-reranker", "answer-bm25", "answer-dense", "train-llm-sft"} <= set(names)
+    assert set(system_steps(cfg)) == {"closed_book", "retriever", "reranker", "full", "dense"}
+    with pytest.raises(ConfigError, match="skip_systems"):
+        _config(tmp_path, tiny_bert_dir, tiny_llm_dir, skip_systems=["retriever"])
+
+
 def test_cli_run_list_steps(tmp_path, tiny_bert_dir, tiny_llm_dir):
     cfg = _config(tmp_path / "r", tiny_bert_dir, tiny_llm_dir)
     path = tmp_path / "p.yaml"

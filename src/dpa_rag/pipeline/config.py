@@ -85,6 +85,11 @@ class PipelineConfig(StageConfig):
     reranker: bool = Field(True, description="Ablation: train and use the preference-aligned reranker.")
     train_llm: bool = Field(True, description="Ablation: self-align the reader (LoRA SFT).")
     prealign: bool = Field(True, description="Ablation: run the pre-aligned stage before SFT.")
+    skip_systems: list[Literal["closed_book", "reranker", "aligned_reader", "closed_book_aligned", "full"]] = Field(
+        default_factory=list,
+        description="Report systems not to answer (saves reader time: each is one pass over the evaluation "
+        "questions); the retriever baseline always runs.",
+    )
     sections: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-stage options: " + ", ".join(SECTION_NAMES) + "."
     )

@@ -83,7 +83,7 @@ def system_steps(cfg: PipelineConfig) -> dict[str, str]:
     for method in cfg.compare_retrievers:
         if method != cfg.retriever:
             out[method] = f"answer-{method}"
-    return out
+    return {k: v for k, v in out.items() if k not in cfg.skip_systems}
 
 
 def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear recipe, easier to read flat
@@ -292,7 +292,9 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
                 lambda f, m=method: {"retrieval": f[f"retrieve-eval-{m}"] / "retrieval.jsonl"},
                 True,
             )
+    wanted = set(system_steps(cfg).values())
     for name, (deps, wired, enabled) in answers.items():
+        enabled = enabled and name in wanted
         add(
             name, deps, AnswerConfig, "answer",
             lambda f, wired=wired, name=name: {"top_k": cfg.top_k, **wired(f), "out_dir": f[name]},
