@@ -7,14 +7,17 @@ step), fp32 (and bf16 autocast where bf16 is fast):
   negatives, each padded to its own length), per-record Python loops for the pair and SupCon losses, parameter-level
   MGDA on flattened gradients of embeddings + encoder with their Frank–Wolfe and numerical grid line search (100-point
   grid of f'(γ) by autograd, ≤ 4 bracket-shrinking rounds), weighted backward, AdamW step.
-* ``ours-mgda`` / ``ours-mgda-ub`` / ``ours-equal``: the trainer's step: the fused, length-sorted batch
-  (:class:`FusedCollator`; per-group passes for ``mgda``) encoded in forwards of 4 rows, each cut to its own padding
-  (the CPU default of ``--forward-chunk-size``), the three loss modules, the weighting strategy, one weighted
-  backward, AdamW step. ``ours-mgda-ub/1-forward``: the same with the whole batch in one forward.
+* ``ours-mgda`` / ``ours-mgda-ub`` / ``ours-equal``: the trainer's step with its CPU defaults: the fused,
+  length-sorted batch (:class:`FusedCollator`; per-group passes for ``mgda``) encoded in forwards of 4 rows, each cut
+  to its own padding, sharing one token-embedding lookup (``--forward-chunk-size``), fast CPU dropout
+  (:mod:`dpa_rag.reranker.fast_dropout`, ``--fast-dropout``), the three loss modules, the weighting strategy, one
+  weighted backward, fused AdamW step. ``ours-mgda-ub/1-forward``: the same with the whole batch in one forward;
+  ``ours-mgda-ub/torch-dropout``: with torch's dropout and SDPA dropout.
 
 Reranking: real NQ questions (lost-in-the-middle oracle file) with their gold passage plus FlashRAG wiki passages;
 :class:`dpa_rag.reranker.Reranker` vs ``sentence_transformers.CrossEncoder.predict`` on the same pairs and weights,
-fp32, same batch size; pairs/s, max |score difference|, peak RSS of a fresh process per system.
+fp32: each at its default batch size (CrossEncoder 32; ours 16 on a CPU), then both at ``--batch-size``; pairs/s,
+max |score difference|, peak RSS of a fresh process per system.
 
 Run: ``python benchmarks/bench_reranker.py`` (``--help`` for options).
 """
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gzip
+import inspect
 import json
 import os
 import resource
@@ -151,8 +155,11 @@ class OursStep:
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer, weighting: str, max_length: int = 512,
-                 chunk_size: int | None = None) -> None:
+                 chunk_size: int | None = None, fast_dropout: bool = True) -> None:
+        import contextlib
+
         from dpa_rag.reranker.data import FusedCollator
+        from dpa_rag.reranker.fast_dropout import fast_cpu_dropout
         from dpa_rag.reranker.step import build_losses
         from dpa_rag.reranker.weighting import build_weighting
 
@@ -162,8 +169,10 @@ class OursStep:
         self.collate = FusedCollator(tokenizer, names, max_length, sort=not self.grouped, dedupe=not self.grouped)
         self.modules = build_losses(names, model.config.num_labels)
         self.weighting = build_weighting(weighting)
-        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-6, weight_decay=0.0)
+        self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-6, weight_decay=0.0, fused=True)
         self.chunk_size = chunk_size
+        self._dropout = contextlib.ExitStack()  # the trainer's CPU default, held for the runner's lifetime
+        self._dropout.enter_context(fast_cpu_dropout(model, enabled=fast_dropout))
 
     def __call__(self, records, autocast: bool = False) -> float:
         from dpa_rag.reranker.step import compute_losses
@@ -185,16 +194,18 @@ class OursStep:
         return float(total.detach())
 
 
-SYSTEMS = ("authors", "ours-mgda", "ours-mgda-ub", "ours-equal", "ours-mgda-ub/1-forward")
+SYSTEMS = ("authors", "ours-mgda", "ours-mgda-ub", "ours-equal", "ours-mgda-ub/1-forward",
+           "ours-mgda-ub/torch-dropout")
 
 
 def _ours(model: torch.nn.Module, tok, name: str, max_length: int) -> OursStep:
-    """``ours-<weighting>`` with the trainer's default forward chunks on a CPU; ``/1-forward``: one forward."""
+    """``ours-<weighting>`` with the trainer's CPU defaults (forwards of 4 rows, fast dropout); ``/1-forward``: one
+    forward; ``/torch-dropout``: torch's dropout and SDPA dropout instead of :mod:`dpa_rag.reranker.fast_dropout`."""
     from dpa_rag.reranker.train import resolve_chunk_size
 
     weighting, _, variant = name.removeprefix("ours-").partition("/")
     chunk = resolve_chunk_size(0 if variant == "1-forward" else None, use_cpu=True)
-    return OursStep(model, tok, weighting, max_length, chunk)
+    return OursStep(model, tok, weighting, max_length, chunk, fast_dropout=variant != "torch-dropout")
 
 
 def bench_training(steps: int, max_length: int) -> None:
@@ -212,7 +223,7 @@ def bench_training(steps: int, max_length: int) -> None:
         print("bf16: skipped (cpu_has_fast_bf16() is False: bf16 matmuls are emulated and slower here)")
     print(f"\n## training step (minilm two-class, 4 records/step, max_length {max_length}; systems interleaved "
           f"round by round on the same batch; 1 warm-up + {steps} timed rounds, median)")
-    print(f"{'system':<24}{'dtype':<7}{'cpu s/step':>11}{'speed-up':>10}{'wall s/step':>13}{'speed-up':>10}")
+    print(f"{'system':<28}{'dtype':<7}{'cpu s/step':>11}{'speed-up':>10}{'wall s/step':>13}{'speed-up':>10}")
     for dtype_name, autocast in modes:
         runners = {}
         for name in SYSTEMS:
@@ -232,7 +243,7 @@ def bench_training(steps: int, max_length: int) -> None:
         ref_c, ref_w = statistics.median(cpu["authors"]), statistics.median(wall["authors"])
         for name in SYSTEMS:
             mc, mw = statistics.median(cpu[name]), statistics.median(wall[name])
-            print(f"{name:<24}{dtype_name:<7}{mc:>11.2f}{ref_c / mc:>9.2f}x{mw:>13.2f}{ref_w / mw:>9.2f}x", flush=True)
+            print(f"{name:<28}{dtype_name:<7}{mc:>11.2f}{ref_c / mc:>9.2f}x{mw:>13.2f}{ref_w / mw:>9.2f}x", flush=True)
     print(f"peak RSS of the benchmark process (all training systems at once): {_peak_rss_mb():.0f} MB")
 
 
@@ -273,20 +284,23 @@ def _peak_rss_mb() -> float:
 
 def _rerank_worker(system: str, model_dir: str, pairs_file: str, batch_size: int, repeats: int) -> None:
     pairs = [tuple(p) for p in json.loads(Path(pairs_file).read_text())]
+    batch = batch_size or None  # 0: the system's own default
     if system == "ours":
         from dpa_rag.reranker.rerank import Reranker
 
-        rr = Reranker(model_dir, device="cpu", dtype="fp32", batch_size=batch_size)
-        run = rr.score_pairs
+        rr = Reranker(model_dir, device="cpu", dtype="fp32", batch_size=batch)
+        run, used = rr.score_pairs, rr.batch_size
     else:
         from sentence_transformers import CrossEncoder
 
         ce = CrossEncoder(model_dir, device="cpu", activation_fn=torch.nn.Identity())
+        kwargs = {"batch_size": batch} if batch else {}
+        used = batch or inspect.signature(ce.predict).parameters["batch_size"].default
 
         def run(p):
-            return ce.predict(p, batch_size=batch_size, show_progress_bar=False).tolist()
+            return ce.predict(p, show_progress_bar=False, **kwargs).tolist()
 
-    run(pairs[:batch_size])  # warm-up
+    run(pairs[:32])  # warm-up
     times, cpu, scores = [], [], None
     for _ in range(repeats):
         c, t = time.process_time(), time.perf_counter()
@@ -295,13 +309,15 @@ def _rerank_worker(system: str, model_dir: str, pairs_file: str, batch_size: int
         cpu.append(time.process_time() - c)
     rss = _peak_rss_mb()
     print(json.dumps({"time": statistics.median(times), "cpu": statistics.median(cpu), "scores": scores,
-                      "rss_mb": rss}))
+                      "rss_mb": rss, "batch": used}))
 
 
 def bench_rerank(questions: int, docs: int, batch_size: int, repeats: int) -> None:
+    """Each system at its default batch size, then both at ``batch_size``; speed-ups against CrossEncoder's default."""
     from dpa_rag.reranker.model import load_reranker_model
 
     pairs = _pairs(questions, docs)
+    runs = [("crossencoder", 0), ("ours", 0), ("crossencoder", batch_size), ("ours", batch_size)]
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         model, tok = load_reranker_model("minilm", "single")
@@ -309,22 +325,26 @@ def bench_rerank(questions: int, docs: int, batch_size: int, repeats: int) -> No
         tok.save_pretrained(tmp)
         pairs_file = Path(tmp) / "pairs.json"
         pairs_file.write_text(json.dumps(pairs))
-        res = {}
-        for system in ("crossencoder", "ours"):
-            cmd = [sys.executable, __file__, "--worker", system, tmp, str(pairs_file), str(batch_size), str(repeats)]
+        res = []
+        for system, bs in runs:
+            cmd = [sys.executable, __file__, "--worker", system, tmp, str(pairs_file), str(bs), str(repeats)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=os.environ.copy())
-            res[system] = json.loads(out.stdout.strip().splitlines()[-1])
-    diff = max(abs(a - b) for a, b in zip(res["ours"]["scores"], res["crossencoder"]["scores"], strict=True))
+            res.append((system, bs, json.loads(out.stdout.strip().splitlines()[-1])))
+    ref = res[0][2]["scores"]
+    diff = max(abs(a - b) for _, _, r in res[1:] for a, b in zip(r["scores"], ref, strict=True))
     n = len(pairs)
     print(f"\n## reranking throughput (minilm 1-logit, fp32, {n} NQ pairs = {questions} questions x {docs} passages, "
-          f"batch {batch_size}, median of {repeats})")
-    print(f"{'system':<30}{'pairs/cpu-s':>12}{'speed-up':>10}{'pairs/s wall':>14}{'speed-up':>10}{'peak RSS MB':>13}")
-    base_c, base_w = n / res["crossencoder"]["cpu"], n / res["crossencoder"]["time"]
-    for system, label in (("crossencoder", "CrossEncoder.predict"), ("ours", "dpa_rag Reranker.score_pairs")):
-        pc, pw = n / res[system]["cpu"], n / res[system]["time"]
-        rss = res[system]["rss_mb"]
-        print(f"{label:<30}{pc:>12.1f}{pc / base_c:>9.2f}x{pw:>14.1f}{pw / base_w:>9.2f}x{rss:>13.0f}")
-    print(f"max |score difference|: {diff:.2e}")
+          f"median of {repeats}; each system in a fresh process; speed-up vs CrossEncoder.predict at its default)")
+    print(f"{'system':<38}{'batch':>6}{'pairs/cpu-s':>12}{'speed-up':>10}{'pairs/s wall':>14}{'speed-up':>10}"
+          f"{'peak RSS MB':>13}")
+    base_c, base_w = n / res[0][2]["cpu"], n / res[0][2]["time"]
+    labels = {"crossencoder": "CrossEncoder.predict", "ours": "dpa_rag Reranker.score_pairs"}
+    for system, bs, r in res:
+        pc, pw = n / r["cpu"], n / r["time"]
+        label = labels[system] + (" (default)" if not bs else "")
+        print(f"{label:<38}{r['batch']:>6}{pc:>12.1f}{pc / base_c:>9.2f}x{pw:>14.1f}{pw / base_w:>9.2f}x"
+              f"{r['rss_mb']:>13.0f}")
+    print(f"max |score difference| against CrossEncoder.predict (default): {diff:.2e}")
 
 
 def main() -> None:
@@ -338,7 +358,7 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--questions", type=int, default=8)
     ap.add_argument("--docs", type=int, default=32, help="passages per question")
-    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32, help="reranking: the batch size both systems share")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()

@@ -124,6 +124,8 @@ def test_authors_command_trains_and_saves_crossencoder_model(tiny_bert_dir, auth
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     log = json.loads((out / "train_log.json").read_text())
     assert [s["step"] for s in log["steps"]] == [1, 2]
+    assert log["fast_dropout"] is True and log["forward_chunk_size"] == 4  # the CPU defaults
+    assert "dpa_rag_cpu" not in (out / "model" / "config.json").read_text()
     for entry in log["steps"]:
         assert set(entry["weights"]) == set(LOSSES)
         assert sum(entry["weights"].values()) == pytest.approx(1.0)

@@ -43,7 +43,9 @@ class AnswerConfig(GeneratorOptions, StageConfig):
     top_k: int = Field(3, ge=0, description="Passages shown to the reader (method: 3; 2 for WebQSP); 0 = closed-book.")
     reranker: Path | None = Field(None, description="Reranker model folder: rerank the candidates, then keep top-k.")
     rerank_depth: int = Field(100, ge=1, description="Retrieved candidates the reranker scores per question.")
-    reranker_batch_size: int = Field(32, ge=1, description="Reranker batch size (pairs).")
+    reranker_batch_size: int | None = Field(
+        None, ge=1, description="Reranker pairs per forward (default: 16 on CPU, 64 on GPUs)."
+    )
     reranker_max_length: int = Field(512, ge=8, description="Reranker max tokens per (question, passage) pair.")
     reranker_fusion: str = Field(
         "saved",

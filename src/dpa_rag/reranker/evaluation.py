@@ -70,7 +70,7 @@ class PairEvaluator:
 
     Args:
         records: the pair records.
-        batch_size: pairs per forward.
+        batch_size: pairs per forward (default: 16 on a CPU, 64 elsewhere).
         max_length: truncation length.
         k_values: cut-offs of nDCG@k and hit@k.
         score: inference score of a two-class head for the ranking metrics (``prob`` or ``z1``).
@@ -79,7 +79,7 @@ class PairEvaluator:
     def __init__(
         self,
         records: Sequence[RerankerPairRecord],
-        batch_size: int = 32,
+        batch_size: int | None = None,
         max_length: int = 512,
         k_values: Sequence[int] = (1, 3, 5),
         score: str = "prob",

@@ -175,6 +175,9 @@ class EncodeOutput:
 
 
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+# model types whose embedding layer treats ``inputs_embeds`` exactly as the looked-up ``input_ids`` (no scaling; the
+# positions of right-padded rows are the same), so a chunked step can look tokens up once (see :func:`encode_pairs`)
+_EMBEDS_ONCE = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
 
 
 def encode_pairs(model: nn.Module, batch: dict[str, Any], chunk_size: int | None = None) -> EncodeOutput:
@@ -190,6 +193,10 @@ def encode_pairs(model: nn.Module, batch: dict[str, Any], chunk_size: int | None
     inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch and batch[k] is not None}
     n = inputs["input_ids"].shape[0]
     step = n if not chunk_size or chunk_size >= n else chunk_size
+    if step < n and getattr(model.config, "model_type", None) in _EMBEDS_ONCE:
+        # one token-embedding lookup for the whole batch: its backward then builds the (vocab x hidden) gradient
+        # once per step instead of once per chunk
+        inputs["inputs_embeds"] = model.get_input_embeddings()(inputs.pop("input_ids"))
     logits, reps, hidden = [], [], []
     for start in range(0, n, step):
         part = {k: v[start : start + step] for k, v in inputs.items()}

@@ -22,7 +22,7 @@ from torch import nn
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.reranker.fusion import fuse, resolve_alpha, safe_ranks
 
-__all__ = ["Reranker", "predict_logits", "resolve_dtype", "run_rerank"]
+__all__ = ["CPU_BATCH_SIZE", "Reranker", "predict_logits", "resolve_batch_size", "resolve_dtype", "run_rerank"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +43,23 @@ def resolve_dtype(dtype: str | torch.dtype, device: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+CPU_BATCH_SIZE = 16
+GPU_BATCH_SIZE = 64
+
+
+def resolve_batch_size(batch_size: int | None, device: str | torch.device) -> int:
+    """Pairs per forward: ``batch_size`` if set, else :data:`CPU_BATCH_SIZE` on a CPU and 64 elsewhere.
+
+    On a CPU, small length-sorted forwards keep activations in cache and carry less padding: MiniLM on 256 real NQ
+    pairs scored ~10% more pairs/s in forwards of 16 than of 32, and ~30% more than of 64.
+    """
+    if batch_size is not None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1; got {batch_size}")
+        return batch_size
+    return CPU_BATCH_SIZE if torch.device(device).type == "cpu" else GPU_BATCH_SIZE
+
+
 def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
     width = max(len(r) for r in rows)
     return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
@@ -52,12 +69,13 @@ def predict_logits(
     model: nn.Module,
     tokenizer: Any,
     pairs: Sequence[tuple[str, str]],
-    batch_size: int = 64,
+    batch_size: int | None = None,
     max_length: int = 512,
 ) -> torch.Tensor:
     """Logits ``[N, num_labels]`` (float32, CPU) of ``(query, passage)`` pairs, in input order.
 
     Identical pairs are scored once. The model is put in eval mode for the call and restored afterwards.
+    ``batch_size``: pairs per forward (default: :func:`resolve_batch_size` for the model's device).
     """
     n_labels = int(model.config.num_labels)
     if not pairs:
@@ -69,6 +87,7 @@ def predict_logits(
         logits = predict_logits(model, tokenizer, unique, batch_size, max_length)
         return logits[torch.tensor([where[p] for p in pairs], dtype=torch.long)]
     device = next(model.parameters()).device
+    batch_size = resolve_batch_size(batch_size, device)
     enc = tokenizer(
         [q for q, _ in pairs], [d for _, d in pairs], truncation="longest_first", max_length=max_length
     )
@@ -104,7 +123,7 @@ class Reranker:
             checkpoint (hub id or folder) or a bundled alias.
         device: ``auto`` (cuda, mps, cpu), or a torch device string.
         dtype: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (weights and compute).
-        batch_size: pairs per forward.
+        batch_size: pairs per forward (default: 16 on a CPU, 64 elsewhere; see :func:`resolve_batch_size`).
         max_length: truncation length of a pair.
         score: for two-class models: ``prob`` (softmax(z)_1) or ``z1``; default: the one saved with the model
             (``prob`` if none). 1-logit models always score with the raw logit (sigmoid is monotone).
@@ -122,7 +141,7 @@ class Reranker:
         model_path: str,
         device: str = "auto",
         dtype: str | torch.dtype = "auto",
-        batch_size: int = 64,
+        batch_size: int | None = None,
         max_length: int = 512,
         score: str | None = None,
         fusion: str | float = "saved",
@@ -142,7 +161,7 @@ class Reranker:
             raise ValueError(f"{model_path}: a reranker needs 1 or 2 labels, the model has {n}")
         saved = getattr(self.model.config, "dpa_rag", None) or {}
         self.score_mode = score or saved.get("score") or ("logit" if n == 1 else "prob")
-        self.batch_size = batch_size
+        self.batch_size = resolve_batch_size(batch_size, self.device)
         self.max_length = max_length
         self.fusion_alpha = resolve_alpha(fusion, saved.get("retriever_fusion"))
         logger.info("reranker %s on %s (%s), score %s, retriever fusion %s", model_path, self.device, self.dtype,

@@ -25,6 +25,7 @@ from dpa_rag.models import pick_device
 from dpa_rag.reranker.config import TrainRerankerConfig, parse_loss_weights
 from dpa_rag.reranker.data import FusedCollator, RerankerTrainDataset, check_train_records
 from dpa_rag.reranker.evaluation import PairEvaluator, retrieval_metrics
+from dpa_rag.reranker.fast_dropout import fast_cpu_dropout
 from dpa_rag.reranker.fusion import select_alpha
 from dpa_rag.reranker.model import CONFIG_KEY, head_of, inference_scores, load_reranker_model
 from dpa_rag.reranker.model_card import render_model_card
@@ -61,7 +62,7 @@ def _log_to_logging(trainer: Any) -> None:
 
 
 def _retrieval_scores(
-    model: Any, tokenizer: Any, records: list, batch_size: int, max_length: int, score: str
+    model: Any, tokenizer: Any, records: list, batch_size: int | None, max_length: int, score: str
 ) -> list[list[float]]:
     pairs = [(r.question, c.render()) for r in records for c in r.ctxs]
     scores = inference_scores(predict_logits(model, tokenizer, pairs, batch_size, max_length), score).tolist()
@@ -73,7 +74,7 @@ def _retrieval_scores(
 
 
 def _rank_retrieval(
-    model: Any, tokenizer: Any, records: list, batch_size: int, max_length: int, score: str
+    model: Any, tokenizer: Any, records: list, batch_size: int | None, max_length: int, score: str
 ) -> dict[str, float]:
     return retrieval_metrics(records, _retrieval_scores(model, tokenizer, records, batch_size, max_length, score))
 
@@ -114,7 +115,7 @@ def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, trai
     args = TrainingArguments(
         output_dir=str(out_dir / "warmup"), num_train_epochs=cfg.warmup_epochs,
         per_device_train_batch_size=cfg.batch_size,
-        learning_rate=cfg.warmup_lr, lr_scheduler_type="constant", optim="adamw_torch", adam_epsilon=1e-6,
+        learning_rate=cfg.warmup_lr, lr_scheduler_type="constant", optim="adamw_torch_fused", adam_epsilon=1e-6,
         weight_decay=0.0, max_grad_norm=cfg.max_grad_norm, bf16=cfg.bf16, seed=cfg.seed, use_cpu=use_cpu,
         save_strategy="no", eval_strategy="no",
         logging_steps=1, report_to=[], remove_unused_columns=False, disable_tqdm=True,
@@ -125,7 +126,8 @@ def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, trai
         data_collator=WarmupCollator(tokenizer, cfg.max_length), processing_class=tokenizer,
     )
     _log_to_logging(trainer)
-    result = trainer.train()
+    with fast_cpu_dropout(model, enabled=resolve_fast_dropout(cfg.fast_dropout, use_cpu)):
+        result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     logger.info("relevance warm-up: %d examples, %d steps, loss %.4f → %.4f", len(examples), result.global_step,
                 losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
@@ -147,6 +149,11 @@ def resolve_chunk_size(value: int | None, use_cpu: bool) -> int | None:
     if value is not None:
         return value or None
     return CPU_FORWARD_CHUNK if use_cpu else None
+
+
+def resolve_fast_dropout(value: bool | None, use_cpu: bool) -> bool:
+    """:func:`~dpa_rag.reranker.fast_dropout.fast_cpu_dropout` on or off: ``value`` if set, else on for a CPU."""
+    return use_cpu if value is None else value
 
 
 def train_reranker(cfg: TrainRerankerConfig) -> Path:
@@ -224,7 +231,8 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     resume: str | bool | None = cfg.resume_from_checkpoint
     if resume == "last":
         resume = True
-    with rec.timer("train"):
+    fast_dropout = resolve_fast_dropout(cfg.fast_dropout, use_cpu)
+    with rec.timer("train"), fast_cpu_dropout(model, enabled=fast_dropout):
         result = trainer.train(resume_from_checkpoint=resume)
     model = trainer.model
     logger.info("trained %d steps; best checkpoint: %s", result.global_step, trainer.state.best_model_checkpoint)
@@ -267,6 +275,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         "warmup": warmup,
         "retriever_fusion": fusion,
         "forward_chunk_size": chunk_size,
+        "fast_dropout": fast_dropout,
     })
 
     model_dir = out_dir / "model"
