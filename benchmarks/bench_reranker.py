@@ -19,6 +19,9 @@ Reranking: real NQ questions (lost-in-the-middle oracle file) with their gold pa
 fp32: each at its default batch size (CrossEncoder 32; ours 16 on a CPU), then both at ``--batch-size``; pairs/s,
 max |score difference|, peak RSS of a fresh process per system.
 
+bf16 (``--bf16 auto|on|off``): training under bf16 autocast and reranking with ``dtype="bf16"`` (Spearman correlation
+of its scores with fp32), by default only where bf16 matmuls are fast.
+
 Run: ``python benchmarks/bench_reranker.py`` (``--help`` for options).
 """
 
@@ -208,19 +211,34 @@ def _ours(model: torch.nn.Module, tok, name: str, max_length: int) -> OursStep:
     return OursStep(model, tok, weighting, max_length, chunk, fast_dropout=variant != "torch-dropout")
 
 
-def bench_training(steps: int, max_length: int) -> None:
-    from dpa_rag.data.authors import load_reranker_train
+def _use_bf16(choice: str) -> bool:
+    """``--bf16 auto``: where :func:`dpa_rag.models.cpu_has_fast_bf16` says bf16 matmuls are faster than fp32."""
     from dpa_rag.models import cpu_has_fast_bf16
+
+    if choice == "auto":
+        if cpu_has_fast_bf16():
+            return True
+        print("bf16: skipped (cpu_has_fast_bf16() is False: bf16 matmuls are emulated and slower here; --bf16 on "
+              "runs it anyway)")
+        return False
+    return choice == "on"
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra = torch.tensor(a, dtype=torch.float64).argsort().argsort().double()
+    rb = torch.tensor(b, dtype=torch.float64).argsort().argsort().double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    return float((ra @ rb) / (ra.norm() * rb.norm()))
+
+
+def bench_training(steps: int, max_length: int, bf16: bool) -> None:
+    from dpa_rag.data.authors import load_reranker_train
     from dpa_rag.reranker.model import load_reranker_model
 
     records = load_reranker_train(TRAIN_FILE)
     batches = [records[i : i + 4] for i in range(0, len(records), 4)]
     base, tok = load_reranker_model("minilm", "two-class")
-    modes = [("fp32", False)]
-    if cpu_has_fast_bf16():
-        modes.append(("bf16", True))
-    else:
-        print("bf16: skipped (cpu_has_fast_bf16() is False: bf16 matmuls are emulated and slower here)")
+    modes = [("fp32", False)] + ([("bf16", True)] if bf16 else [])
     print(f"\n## training step (minilm two-class, 4 records/step, max_length {max_length}; systems interleaved "
           f"round by round on the same batch; 1 warm-up + {steps} timed rounds, median)")
     print(f"{'system':<28}{'dtype':<7}{'cpu s/step':>11}{'speed-up':>10}{'wall s/step':>13}{'speed-up':>10}")
@@ -285,10 +303,10 @@ def _peak_rss_mb() -> float:
 def _rerank_worker(system: str, model_dir: str, pairs_file: str, batch_size: int, repeats: int) -> None:
     pairs = [tuple(p) for p in json.loads(Path(pairs_file).read_text())]
     batch = batch_size or None  # 0: the system's own default
-    if system == "ours":
+    if system in ("ours", "ours-bf16"):
         from dpa_rag.reranker.rerank import Reranker
 
-        rr = Reranker(model_dir, device="cpu", dtype="fp32", batch_size=batch)
+        rr = Reranker(model_dir, device="cpu", dtype="bf16" if system == "ours-bf16" else "fp32", batch_size=batch)
         run, used = rr.score_pairs, rr.batch_size
     else:
         from sentence_transformers import CrossEncoder
@@ -312,12 +330,18 @@ def _rerank_worker(system: str, model_dir: str, pairs_file: str, batch_size: int
                       "rss_mb": rss, "batch": used}))
 
 
-def bench_rerank(questions: int, docs: int, batch_size: int, repeats: int) -> None:
-    """Each system at its default batch size, then both at ``batch_size``; speed-ups against CrossEncoder's default."""
+def bench_rerank(questions: int, docs: int, batch_size: int, repeats: int, bf16: bool) -> None:
+    """Each system at its default batch size, then both at ``batch_size``; speed-ups against CrossEncoder's default.
+
+    With ``bf16``, ours also runs with ``dtype="bf16"``; its scores are compared by Spearman correlation with ours
+    in fp32.
+    """
     from dpa_rag.reranker.model import load_reranker_model
 
     pairs = _pairs(questions, docs)
     runs = [("crossencoder", 0), ("ours", 0), ("crossencoder", batch_size), ("ours", batch_size)]
+    if bf16:
+        runs.append(("ours-bf16", 0))
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
         model, tok = load_reranker_model("minilm", "single")
@@ -340,21 +364,27 @@ def bench_rerank(questions: int, docs: int, batch_size: int, repeats: int) -> No
         r["rss_mb"] = max(x["rss_mb"] for x in got[i])
         res.append((system, bs, r))
     ref = res[0][2]["scores"]
-    diff = max(abs(a - b) for _, _, r in res[1:] for a, b in zip(r["scores"], ref, strict=True))
+    diff = max(abs(a - b) for name, _, r in res[1:] if name != "ours-bf16" for a, b in zip(r["scores"], ref,
+                                                                                          strict=True))
     n = len(pairs)
-    print(f"\n## reranking throughput (minilm 1-logit, fp32, {n} NQ pairs = {questions} questions x {docs} passages, "
+    print(f"\n## reranking throughput (minilm 1-logit, fp32 unless marked, {n} NQ pairs = {questions} questions x "
+          f"{docs} passages, "
           f"2 passes x median of {repeats}; a fresh process per system and pass, the 2nd pass in reversed order; "
           f"speed-up vs CrossEncoder.predict at its default)")
-    print(f"{'system':<38}{'batch':>6}{'pairs/cpu-s':>12}{'speed-up':>10}{'pairs/s wall':>14}{'speed-up':>10}"
+    print(f"{'system':<44}{'batch':>6}{'pairs/cpu-s':>12}{'speed-up':>10}{'pairs/s wall':>14}{'speed-up':>10}"
           f"{'peak RSS MB':>13}")
     base_c, base_w = n / res[0][2]["cpu"], n / res[0][2]["time"]
-    labels = {"crossencoder": "CrossEncoder.predict", "ours": "dpa_rag Reranker.score_pairs"}
+    labels = {"crossencoder": "CrossEncoder.predict", "ours": "dpa_rag Reranker.score_pairs",
+              "ours-bf16": "dpa_rag Reranker.score_pairs bf16"}
     for system, bs, r in res:
         pc, pw = n / r["cpu"], n / r["time"]
         label = labels[system] + (" (default)" if not bs else "")
-        print(f"{label:<38}{r['batch']:>6}{pc:>12.1f}{pc / base_c:>9.2f}x{pw:>14.1f}{pw / base_w:>9.2f}x"
+        print(f"{label:<44}{r['batch']:>6}{pc:>12.1f}{pc / base_c:>9.2f}x{pw:>14.1f}{pw / base_w:>9.2f}x"
               f"{r['rss_mb']:>13.0f}")
     print(f"max |score difference| against CrossEncoder.predict (default): {diff:.2e}")
+    if bf16:
+        rho = _spearman(res[-1][2]["scores"], res[1][2]["scores"])
+        print(f"bf16 vs fp32 (ours): Spearman correlation of scores {rho:.4f}")
 
 
 def main() -> None:
@@ -371,15 +401,17 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32, help="reranking: the batch size both systems share")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    ap.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                    help="bf16 rows (training autocast, reranking dtype): auto = where bf16 matmuls are fast")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     print("reproduce: " + shlex.join([os.path.relpath(sys.executable), *sys.argv]))
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, cpu")
     if args.part in ("all", "rerank"):
-        bench_rerank(args.questions, args.docs, args.batch_size, args.repeats)
+        bench_rerank(args.questions, args.docs, args.batch_size, args.repeats, _use_bf16(args.bf16))
     if args.part in ("all", "train"):
-        bench_training(args.steps, args.max_length)
+        bench_training(args.steps, args.max_length, _use_bf16(args.bf16))
 
 
 if __name__ == "__main__":
