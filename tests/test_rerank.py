@@ -131,6 +131,21 @@ def test_bf16_mode_close_to_fp32(model_dirs):
     assert bf16.score("capital of france", docs) == pytest.approx(fp32, abs=0.05)
 
 
+def test_batch_size_defaults(model_dirs):
+    from dpa_rag.reranker.rerank import CPU_BATCH_SIZE, predict_logits, resolve_batch_size
+
+    assert resolve_batch_size(None, "cpu") == CPU_BATCH_SIZE == 16
+    assert resolve_batch_size(None, "cuda:0") == 64 and resolve_batch_size(5, "cpu") == 5
+    with pytest.raises(ValueError, match="batch_size"):
+        resolve_batch_size(0, "cpu")
+    assert Reranker(str(model_dirs["single"]), device="cpu", dtype="fp32").batch_size == CPU_BATCH_SIZE
+    model, tok = load_reranker_model(str(model_dirs["single"]), "single")
+    pairs = [("what is the capital of france", f"Title: {t} Content: {x}") for t, x in DOCS] * 7  # > 16 pairs
+    pairs = [(q + " " * (i % 3), d) for i, (q, d) in enumerate(pairs)]  # distinct pairs (no dedupe)
+    torch.testing.assert_close(predict_logits(model, tok, pairs), predict_logits(model, tok, pairs, batch_size=3),
+                               atol=1e-5, rtol=1e-5)
+
+
 def test_bad_dtype():
     from dpa_rag.reranker.rerank import resolve_dtype
 
