@@ -204,3 +204,46 @@ def test_swap_keeps_eval_outputs(kind):
             assert not torch.allclose(model(**batch).logits, before)
         model.eval()
         torch.testing.assert_close(model(**batch).logits, before)
+
+
+def test_restored_after_error_and_in_the_mode_left(monkeypatch):
+    import dpa_rag.reranker.fast_dropout as fd
+
+    model = _tiny("bert").eval()
+    with pytest.raises(RuntimeError, match="boom"), fast_cpu_dropout(model):
+        raise RuntimeError("boom")
+    assert not any(isinstance(m, FastDropout) for m in model.modules())
+
+    def broken() -> None:
+        raise RuntimeError("registration failed")
+
+    monkeypatch.setattr(fd, "_register", broken)  # an error while switching, after the dropout swap
+    with pytest.raises(RuntimeError, match="registration failed"), fast_cpu_dropout(model):
+        pass
+    monkeypatch.undo()
+    assert not any(isinstance(m, FastDropout) for m in model.modules())
+    assert model.config._attn_implementation == "sdpa"
+    with fast_cpu_dropout(model):
+        model.train()
+    assert all(m.training for m in model.modules() if type(m) is nn.Dropout)  # train() inside the block sticks
+    with fast_cpu_dropout(model):
+        model.eval()
+    assert not any(m.training for m in model.modules() if type(m) is nn.Dropout)
+
+
+def test_causal_modules_go_to_sdpa():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    module = _Attn().train()
+    module.is_causal = True
+    torch.manual_seed(2)
+    q, k, v = (torch.randn(1, 2, 4, 3) for _ in range(3))
+    torch.manual_seed(5)
+    ours, _ = attention_forward(module, q, k, v, None, dropout=0.0)
+    torch.testing.assert_close(ours, sdpa_attention_forward(module, q, k, v, None, dropout=0.0)[0])
+    with torch.no_grad():
+        ours_drop, _ = attention_forward(module, q, k, v, None, dropout=0.5)
+    # causal: the first query attends to the first key only, whatever the dropout keeps (0 or v[0] / (1 - p))
+    first = ours_drop[0, 0, :, :]  # [heads, dim] of query position 0
+    for h in range(2):
+        assert torch.allclose(first[h], torch.zeros(3)) or torch.allclose(first[h], v[0, h, 0] * 2, atol=1e-5)

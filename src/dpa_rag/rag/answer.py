@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator, model_validator
 
@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 class AnswerConfig(GeneratorOptions, StageConfig):
     """Options of ``dpa-rag answer`` (plus the generator options)."""
+
+    result_neutral: ClassVar[frozenset[str]] = GeneratorOptions.result_neutral | {"reranker_batch_size"}
 
     retrieval: Path | None = Field(
         None, description="DPR-style retrieval file (question, answers, ctxs), any layout load_retrieval reads."

@@ -46,14 +46,16 @@ def keep_mask(
         n *= int(s)
     threshold = round(p * 65536)
     words = torch.empty(-(-n // 3), dtype=torch.int64, device=device).random_()
-    halves = words.view(torch.int16).view(-1, 4)[:, _SLICES]  # signed view of a uniform 16-bit value u: u - 32768
+    # the int16 view of a uniform 16-bit value is uniform over [-32768, 32767] (two's complement is a bijection), so
+    # ">= threshold - 32768" holds with probability 1 - threshold / 65536
+    halves = words.view(torch.int16).view(-1, 4)[:, _SLICES]
     keep = (halves >= threshold - 32768).reshape(-1)[:n].view(tuple(shape))
     return keep, 1.0 / (1.0 - threshold / 65536)
 
 
 def _drop(x: Tensor, p: float) -> Tensor:
     keep, scale = keep_mask(x.shape, p, x.device)
-    return x * keep.to(x.dtype).mul_(scale)
+    return torch.where(keep, x, 0.0).mul_(scale)  # autograd keeps the bool mask, not a float copy
 
 
 class FastDropout(nn.Dropout):
@@ -78,11 +80,16 @@ def attention_forward(
     """Transformers attention function: SDPA when there is no dropout (or off CPU), else eager + :func:`keep_mask`.
 
     The eager branch is the formula of ``modeling_bert.eager_attention_forward`` (``softmax(qkᵀ·s + mask)``, dropout,
-    ``@ v``) for ``[batch, heads, seq, dim]`` inputs without grouped keys; anything else goes to SDPA.
+    ``@ v``) for bidirectional ``[batch, heads, seq, dim]`` inputs without grouped keys or a position bias; anything
+    else (a causal module, whose mask SDPA builds itself) goes to SDPA.
     """
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout == 0.0 or query.device.type != "cpu" or key.shape[1] != query.shape[1]:
+    causal = kwargs.get("is_causal")
+    if causal is None:
+        causal = getattr(module, "is_causal", False)
+    if (dropout == 0.0 or query.device.type != "cpu" or key.shape[1] != query.shape[1] or causal
+            or kwargs.get("position_bias") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     if scaling is None:
@@ -102,6 +109,12 @@ def attention_forward(
 _ATTENTION_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "electra"})
 
 
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])
+
+
 def _register() -> None:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -114,33 +127,36 @@ def _register() -> None:
 def fast_cpu_dropout(model: nn.Module, enabled: bool = True) -> Iterator[nn.Module]:
     """Within the block, ``model`` trains with :class:`FastDropout` and :func:`attention_forward`; restored after.
 
-    Only BERT-family encoders (``bert``, ``roberta``, ``xlm-roberta``, ``electra``) on SDPA or eager attention get
-    the attention function; other models keep their own attention and only have their ``nn.Dropout`` swapped.
+    Only BERT-family encoders (``bert``, ``roberta``, ``xlm-roberta``, ``electra``) on SDPA or eager attention, with
+    transformers >= 5 (whose attention and mask interfaces it plugs into), get the attention function; other models
+    keep their own attention and only have their ``nn.Dropout`` swapped. Everything is restored on exit, also after
+    an error, with each dropout module in the train/eval mode the model was left in.
     """
     if not enabled:
         yield model
         return
     swapped: list[tuple[nn.Module, str, nn.Module]] = []
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is nn.Dropout:
-                setattr(parent, name, FastDropout(child.p, child.inplace).train(child.training))
-                swapped.append((parent, name, child))
     config = getattr(model, "config", None)
     previous = getattr(config, "_attn_implementation", None)
     attention = False
-    if (previous in ("sdpa", "eager") and getattr(config, "model_type", None) in _ATTENTION_TYPES
-            and hasattr(model, "set_attn_implementation")):
-        try:
-            _register()
-            model.set_attn_implementation(ATTENTION_NAME)
-            attention = True
-        except (ValueError, ImportError, AttributeError, TypeError):
-            attention = False
     try:
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if type(child) is nn.Dropout:
+                    setattr(parent, name, FastDropout(child.p, child.inplace).train(child.training))
+                    swapped.append((parent, name, child))
+        if (previous in ("sdpa", "eager") and getattr(config, "model_type", None) in _ATTENTION_TYPES
+                and hasattr(model, "set_attn_implementation") and _transformers_major() >= 5):
+            try:
+                _register()
+                model.set_attn_implementation(ATTENTION_NAME)
+                attention = True
+            except (ValueError, ImportError, AttributeError, TypeError, KeyError):
+                attention = False
         yield model
     finally:
         for parent, name, child in swapped:
-            setattr(parent, name, child)
+            current = getattr(parent, name)
+            setattr(parent, name, child.train(current.training))  # the mode the model was left in
         if attention:
             model.set_attn_implementation(previous)
