@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 __all__ = ["ATTENTION_NAME", "FastDropout", "attention_forward", "fast_cpu_dropout", "keep_mask"]
 
@@ -83,8 +84,6 @@ def attention_forward(
     ``@ v``) for bidirectional ``[batch, heads, seq, dim]`` inputs without grouped keys or a position bias; anything
     else (a causal module, whose mask SDPA builds itself) goes to SDPA.
     """
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     causal = kwargs.get("is_causal")
     if causal is None:
         causal = getattr(module, "is_causal", False)
