@@ -3,6 +3,8 @@
 Each field of the :class:`~dpa_rag.config.StageConfig` becomes a ``--kebab-case`` option whose help is the field's
 ``description``; ``--config FILE`` reads a YAML file; flags given on the command line win over the file. Extra option
 names for a field (e.g. the authors' ``--train_data_path``) come from ``json_schema_extra={"cli": [...]}``.
+A field with ``json_schema_extra={"flag_value": "True"}`` also works as a bare switch: ``--cls_loss`` alone (last, or
+followed by another option) means ``--cls_loss True``, like an ``argparse`` ``store_true`` flag.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ from typing import Any, Literal, Optional, Union, get_args, get_origin
 
 import typer
 from pydantic.fields import FieldInfo
+from typer.core import TyperCommand
 
 from dpa_rag.config import ConfigError, StageConfig, load_config
 from dpa_rag.io import DataError
 
-__all__ = ["add_stage_command", "fail"]
+__all__ = ["add_stage_command", "bare_switches", "fail"]
 
 _SCALARS = (str, int, float, bool, Path)
 
@@ -70,6 +73,26 @@ def _default_text(field: FieldInfo) -> str:
     return f"[default: {value}]"
 
 
+def bare_switches(args: list[str], flag_values: dict[str, str]) -> list[str]:
+    """Rewrite a bare ``--name`` of an optional-value option to ``--name=VALUE`` (the next token is not its value
+    when there is none or it starts with ``-``); ``--name True`` and ``--name=False`` pass unchanged."""
+    out = []
+    for i, arg in enumerate(args):
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if arg in flag_values and (nxt is None or nxt.startswith("-")):
+            arg = f"{arg}={flag_values[arg]}"
+        out.append(arg)
+    return out
+
+
+def _switch_command(flag_values: dict[str, str]) -> type[TyperCommand]:
+    class SwitchCommand(TyperCommand):
+        def parse_args(self, ctx: Any, args: list[str]) -> list[str]:
+            return super().parse_args(ctx, bare_switches(args, flag_values))
+
+    return SwitchCommand
+
+
 def add_stage_command(
     app: typer.Typer,
     name: str,
@@ -89,6 +112,7 @@ def add_stage_command(
     ]
     field_names: list[str] = []
     yaml_only: list[str] = []
+    flag_values: dict[str, str] = {}
     for fname, field in config_cls.model_fields.items():
         cli_type, note = _cli_type(field.annotation)
         if cli_type is None:
@@ -99,6 +123,8 @@ def add_stage_command(
         aliases = list(extra.get("cli", []))
         decls = [f"{flag}/--no-{fname.replace('_', '-')}"] if cli_type is bool else [flag]
         decls += aliases
+        if "flag_value" in extra:
+            flag_values.update({d: str(extra["flag_value"]) for d in [flag, *aliases]})
         help_text = " ".join(x for x in (field.description or "", note, _default_text(field)) if x)
         if field.is_required():
             help_text += " \\[required]"
@@ -131,5 +157,6 @@ def add_stage_command(
     if yaml_only:
         doc += "\n\nSet in the YAML file only: " + ", ".join(yaml_only) + "."
     command.__doc__ = doc
-    app.command(name, help=doc, rich_help_panel=rich_help_panel)(command)
+    extra_kw = {"cls": _switch_command(flag_values)} if flag_values else {}
+    app.command(name, help=doc, rich_help_panel=rich_help_panel, **extra_kw)(command)
     return command

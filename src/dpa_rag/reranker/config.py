@@ -1,19 +1,21 @@
 """Configs of ``dpa-rag train-reranker`` and ``dpa-rag rerank`` (every field is a CLI option and a YAML key).
 
-The authors' flags (``--train_data_path --valid_data_path --test_data_path --outdir --tensorboard_log_dir --cls_loss
---rank_loss --scl_loss``) are accepted as extra option names; ``--cls_loss/--rank_loss/--scl_loss`` take the strings
-``True``/``False`` as in their script and switch the point/pair/contrastive losses.
+Every flag of the authors' README command (``--pretrained_model_path --train_data_path --valid_data_path
+--test_data_path --gpu --outdir --tensorboard_log_dir --cls_loss --rank_loss --scl_loss``) is accepted as an extra
+option name. ``--cls_loss/--rank_loss/--scl_loss`` switch the point/pair/contrastive losses: bare (their script's
+``store_true``) or with ``True``/``False``. ``--gpu=N`` trains on GPU N; without that GPU, one warning and the CPU.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
 
-__all__ = ["RerankConfig", "TrainRerankerConfig", "parse_bool", "parse_loss_weights"]
+__all__ = ["RerankConfig", "TrainRerankerConfig", "apply_gpu_flag", "parse_bool", "parse_loss_weights"]
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
@@ -47,7 +49,7 @@ def parse_loss_weights(text: str) -> dict[str, float]:
 class TrainRerankerConfig(StageConfig):
     """``dpa-rag train-reranker``: align a cross-encoder with the reader's preferences (method.md §6)."""
 
-    result_neutral: ClassVar[frozenset[str]] = frozenset({"eval_batch_size"})
+    result_neutral: ClassVar[frozenset[str]] = frozenset({"eval_batch_size", "gpu"})
 
     train: str | None = Field(
         None, description="Training file (authors' format: query, classification, rank_list, positive, negative).",
@@ -66,19 +68,22 @@ class TrainRerankerConfig(StageConfig):
         None, description="TensorBoard folder (default: OUT_DIR/tensorboard).",
         json_schema_extra={"cli": ["--tensorboard_log_dir"]},
     )
-    cls_loss: str | None = Field(None, description="Authors' flag: True/False switches the point-wise loss.",
-                                 json_schema_extra={"cli": ["--cls_loss"]})
-    rank_loss: str | None = Field(None, description="Authors' flag: True/False switches the pair-wise loss.",
-                                  json_schema_extra={"cli": ["--rank_loss"]})
-    scl_loss: str | None = Field(None, description="Authors' flag: True/False switches the contrastive loss.",
-                                 json_schema_extra={"cli": ["--scl_loss"]})
+    cls_loss: str | None = Field(None, description="Authors' flag (bare or True/False) switches the point-wise loss.",
+                                 json_schema_extra={"cli": ["--cls_loss"], "flag_value": "True"})
+    rank_loss: str | None = Field(None, description="Authors' flag (bare or True/False) switches the pair-wise loss.",
+                                  json_schema_extra={"cli": ["--rank_loss"], "flag_value": "True"})
+    scl_loss: str | None = Field(None, description="Authors' flag (bare or True/False) switches the contrastive loss.",
+                                 json_schema_extra={"cli": ["--scl_loss"], "flag_value": "True"})
     losses: list[str] = Field(
         default_factory=lambda: ["point", "pair", "contrastive"],
         description="Losses: point, pair, contrastive (comma-separated or repeated).",
     )
     weighting: Literal["mgda", "mgda-ub", "equal", "fixed"] = Field("mgda", description="Loss weighting strategy.")
     loss_weights: str | None = Field(None, description="Weights for --weighting fixed, e.g. point=1,pair=0.5.")
-    backbone: str = Field("minilm", description="Encoder: bundled alias, hub id or folder.")
+    backbone: str = Field(
+        "minilm", description="Encoder: bundled alias, hub id or folder.",
+        json_schema_extra={"cli": ["--pretrained_model_path"]},
+    )
     head: Literal["single", "two-class"] = Field(
         "single", description="single = 1 relevance logit (CrossEncoder-compatible); two-class = the authors' head."
     )
@@ -99,6 +104,10 @@ class TrainRerankerConfig(StageConfig):
     bf16: bool = Field(False, description="bf16 mixed precision.")
     seed: int = Field(42, description="Random seed.")
     device: str = Field("auto", description="auto, cpu, cuda, mps.")
+    gpu: int | None = Field(
+        None, ge=0,
+        description="Authors' flag: train on GPU N (the process sees only that GPU); without it, a warning and CPU.",
+    )
     eval_strategy: Literal["epoch", "steps"] = Field("epoch", description="When to evaluate and checkpoint.")
     eval_steps: int = Field(500, ge=1, description="Evaluation/checkpoint interval with --eval-strategy steps.")
     metric_for_best_model: str = Field("f1", description="Validation metric that picks the best checkpoint.")
@@ -162,6 +171,23 @@ class TrainRerankerConfig(StageConfig):
             parse_bool(v)
         return v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _authors_switches(cls, data: object) -> object:
+        """Their script trains only the losses whose switch is given (``store_true``): with any of the three flags
+        and no ``losses``, start from none, so ``--cls_loss --scl_loss`` trains point + contrastive."""
+        flags = {"cls_loss": "point", "rank_loss": "pair", "scl_loss": "contrastive"}
+        if isinstance(data, dict) and "losses" not in data and any(data.get(f) is not None for f in flags):
+            chosen = []
+            for flag, name in flags.items():
+                try:
+                    if data.get(flag) is not None and parse_bool(data[flag]):
+                        chosen.append(name)
+                except ValueError:
+                    pass  # reported by _bool_string
+            data = {**data, "losses": chosen}
+        return data
+
     def enabled_losses(self) -> list[str]:
         """The losses to train: ``losses``, switched on/off by the authors' flags where given."""
         chosen = list(self.losses)
@@ -177,6 +203,32 @@ class TrainRerankerConfig(StageConfig):
         if not chosen:
             raise ValueError("no loss enabled (check --losses and --cls_loss/--rank_loss/--scl_loss)")
         return chosen
+
+
+def apply_gpu_flag(cfg: TrainRerankerConfig) -> TrainRerankerConfig:
+    """Resolve the authors' ``--gpu=N``: the process sees only GPU N (``CUDA_VISIBLE_DEVICES``, so the Trainer does
+    not spread over the others) and trains on ``cuda``; without that GPU, one warning line and ``cpu``."""
+    import os
+
+    if cfg.gpu is None:
+        return cfg
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if not torch.cuda.is_initialized():
+        ids = [x for x in visible.split(",") if x.strip()] if visible is not None else None
+        if ids is None or cfg.gpu < len(ids):
+            os.environ["CUDA_VISIBLE_DEVICES"] = ids[cfg.gpu] if ids is not None else str(cfg.gpu)
+            if torch.cuda.is_available():
+                return cfg.model_copy(update={"device": "cuda"})
+        if visible is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = visible
+    elif cfg.gpu < torch.cuda.device_count():
+        return cfg.model_copy(update={"device": f"cuda:{cfg.gpu}"})
+    logging.getLogger(__name__).warning("--gpu=%d: no such GPU on this machine, training on the CPU", cfg.gpu)
+    return cfg.model_copy(update={"device": "cpu"})
 
 
 class RerankConfig(StageConfig):

@@ -13,9 +13,10 @@ PANEL = "Reranker"
 
 
 def _train(cfg: TrainRerankerConfig):
+    from dpa_rag.reranker.config import apply_gpu_flag
     from dpa_rag.reranker.train import train_reranker
 
-    return train_reranker(cfg)
+    return train_reranker(apply_gpu_flag(cfg))
 
 
 def _rerank(cfg: RerankConfig):
@@ -34,7 +35,7 @@ def register(app: typer.Typer) -> None:
         help=(
             "Align a cross-encoder reranker with the reader's preferences: point-wise, pair-wise and contrastive "
             "losses, MGDA weighting (method.md §6). Reads the authors' files; accepts their flags "
-            "(--train_data_path, --outdir, --cls_loss True, ...)."
+            "(--pretrained_model_path, --train_data_path, --gpu=0, --outdir, --cls_loss, ...)."
         ),
         rich_help_panel=PANEL,
     )
