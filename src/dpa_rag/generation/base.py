@@ -62,7 +62,9 @@ class GeneratorOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
     # options that change how fast outputs come, not what they are (the stage manifests ignore them)
-    result_neutral: ClassVar[frozenset[str]] = frozenset({"batch_size"})
+    result_neutral: ClassVar[frozenset[str]] = frozenset(
+        {"batch_size", "tensor_parallel_size", "gpu_memory_utilization"}
+    )
 
     backend: Literal["hf", "openai", "vllm", "fake"] = Field(
         "hf",
@@ -80,6 +82,12 @@ class GeneratorOptions(BaseModel):
         "auto", description="Weights/compute dtype for hf/vllm; auto picks bf16 where the hardware runs it fast."
     )
     device: str = Field("auto", description="Device for hf: auto, cpu, cuda, cuda:1, mps.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over.")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory vLLM may take.")
+    max_model_len: int | None = Field(None, ge=1, description="vllm: context length cap (default: the model's).")
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict, description="vllm: any other vllm.LLM argument, e.g. {enforce_eager: true} (YAML only)."
+    )
     batch_size: int = Field(16, ge=1, description="Prompts per backend call (hf batch; cache flush unit).")
     max_new_tokens: int = Field(32, ge=1, description="Maximum new tokens per answer.")
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 = greedy.")

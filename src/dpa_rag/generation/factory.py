@@ -32,7 +32,10 @@ def build_backend(opts: GeneratorOptions) -> Generator:
     if opts.backend == "vllm":
         from dpa_rag.generation.vllm_backend import VLLMGenerator
 
-        return VLLMGenerator(opts.model, dtype=opts.dtype)
+        return VLLMGenerator(
+            opts.model, dtype=opts.dtype, tensor_parallel_size=opts.tensor_parallel_size,
+            gpu_memory_utilization=opts.gpu_memory_utilization, max_model_len=opts.max_model_len, **opts.engine_args,
+        )
     raise ValueError(f"unknown generation backend '{opts.backend}'")
 
 

@@ -25,9 +25,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
+from dpa_rag.pipeline.launcher import LauncherConfig
 
 __all__ = ["SECTION_NAMES", "PipelineConfig"]
 
@@ -54,11 +55,27 @@ class PipelineConfig(StageConfig):
     """Everything ``dpa-rag run`` needs; see the module docstring for the YAML layout."""
 
     out_dir: Path = Field(Path("runs/dpa"), description="Run folder; each step writes to a sub-folder.")
-    questions: Path = Field(description="Questions with gold answers (any layout load_questions reads).")
+    questions: Path | None = Field(
+        None, description="Questions with gold answers (any layout load_questions reads); default: the questions of "
+        "`retrieval_file`."
+    )
     eval_questions: Path | None = Field(
         None, description="Held-out evaluation questions; default: a seeded split of `questions`."
     )
-    corpus: list[Path] = Field(description="Corpus files for the retrieval index (any layout load_corpus reads).")
+    corpus: list[Path] = Field(
+        default_factory=list,
+        description="Corpus files for the retrieval index (any layout load_corpus reads); not needed when the "
+        "retrieval files are given and no baseline retriever is compared.",
+    )
+    retrieval_file: Path | None = Field(
+        None,
+        description="Bring your own retrieval: a DPR/FiD or FlashRAG retrieval file (top-100, has_answer computed "
+        "when absent) of the training questions (and of the evaluation ones unless `eval_retrieval_file`); the "
+        "pipeline uses it instead of building an index and retrieving.",
+    )
+    eval_retrieval_file: Path | None = Field(
+        None, description="Retrieval file of the evaluation questions (default: `retrieval_file`)."
+    )
     eval_fraction: float = Field(0.4, gt=0, lt=1, description="Share of `questions` held out when no eval file.")
     train_limit: int | None = Field(None, ge=1, description="At most N training questions.")
     eval_limit: int | None = Field(None, ge=1, description="At most N evaluation questions.")
@@ -93,6 +110,11 @@ class PipelineConfig(StageConfig):
     sections: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="Per-stage options: " + ", ".join(SECTION_NAMES) + "."
     )
+    launcher: LauncherConfig = Field(
+        default_factory=LauncherConfig,
+        description="Run the training steps under a launcher: {kind: none|accelerate|deepspeed, config_file, "
+        "num_processes, extra_args} (docs/scale.md).",
+    )
 
     @field_validator("sections")
     @classmethod
@@ -104,6 +126,18 @@ class PipelineConfig(StageConfig):
             if not isinstance(body, dict):
                 raise ValueError(f"section '{name}' must be a mapping")
         return v
+
+    @model_validator(mode="after")
+    def _inputs(self) -> PipelineConfig:
+        if self.questions is None and self.retrieval_file is None:
+            raise ValueError("give `questions` (or a `retrieval_file` to take them from)")
+        if self.eval_retrieval_file is not None and self.retrieval_file is None:
+            raise ValueError("`eval_retrieval_file` needs `retrieval_file` (the training questions' retrieval)")
+        needs_index = self.retrieval_file is None or any(m for m in self.compare_retrievers)
+        if needs_index and not self.corpus:
+            raise ValueError("give `corpus` (needed to build the index" + (
+                " of the compared retrievers)" if self.retrieval_file is not None else ")"))
+        return self
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.sections.get(name) or {})

@@ -18,9 +18,10 @@ from pydantic import BaseModel, ValidationError
 
 from dpa_rag.config import ConfigError
 from dpa_rag.pipeline.config import PipelineConfig
+from dpa_rag.pipeline.launcher import launched
 from dpa_rag.pipeline.runner import Step
 
-__all__ = ["SYSTEMS", "build_steps", "system_steps"]
+__all__ = ["SYSTEMS", "aligned_model_folder", "build_steps", "main_retriever", "system_steps"]
 
 # report name → (answer step, description)
 SYSTEMS = {
@@ -70,9 +71,24 @@ def _lazy(module: str, fn: str) -> Callable[[Any], Any]:
     return run
 
 
+def main_retriever(cfg: PipelineConfig) -> str:
+    """``file`` when the run starts from a given retrieval file (``retrieval_file``), else ``cfg.retriever``."""
+    return "file" if cfg.retrieval_file is not None else cfg.retriever
+
+
+def aligned_model_folder(cfg: PipelineConfig, stage: str = "sft") -> str:
+    """Where the self-aligned reader's weights land: ``model/`` after full fine-tuning, ``merged/`` for LoRA/QLoRA
+    (the SFT step merges), ``adapter/`` for a LoRA pre-aligned run (it is continued, not merged)."""
+    method = {**cfg.section("train_llm"), **cfg.section(f"train_llm_{stage}")}.get("method", "lora")
+    if method == "full":
+        return "model"
+    return "merged" if stage == "sft" else "adapter"
+
+
 def system_steps(cfg: PipelineConfig) -> dict[str, str]:
     """Which answer step produces each system of the report, for the enabled parts."""
-    out = {"closed_book": "answer-closed-book", "retriever": f"answer-{cfg.retriever}"}
+    main = main_retriever(cfg)
+    out = {"closed_book": "answer-closed-book", "retriever": f"answer-{main}"}
     if cfg.reranker:
         out["reranker"] = "answer-reranker"
     if cfg.train_llm:
@@ -81,7 +97,7 @@ def system_steps(cfg: PipelineConfig) -> dict[str, str]:
     if cfg.reranker and cfg.train_llm:
         out["full"] = "answer-full"
     for method in cfg.compare_retrievers:
-        if method != cfg.retriever:
+        if method != main:
             out[method] = f"answer-{method}"
     return {k: v for k, v in out.items() if k not in cfg.skip_systems}
 
@@ -101,9 +117,11 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
     from dpa_rag.retrieval.retrieve import RetrieveConfig
 
     s = cfg.section
-    methods = list(dict.fromkeys([cfg.retriever, *cfg.compare_retrievers]))
-    kinds = {"bm25" if m == "bm25" else "dense" if m == "dense" else "both" for m in methods}
-    index_kind = "both" if len(kinds) > 1 or "both" in kinds else kinds.pop()
+    main = main_retriever(cfg)
+    methods = list(dict.fromkeys([main, *cfg.compare_retrievers]))
+    searched = [m for m in methods if m != "file"]  # retrievers that need the index
+    kinds = {"bm25" if m == "bm25" else "dense" if m == "dense" else "both" for m in searched}
+    index_kind = ("both" if len(kinds) > 1 or "both" in kinds else kinds.pop()) if kinds else "bm25"
     steps: list[Step] = []
 
     def names(section: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -132,7 +150,8 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
     add(
         "split", [], SplitConfig, "split",
         lambda f: {
-            "questions": cfg.questions, "eval_questions": cfg.eval_questions, "out_dir": f["split"],
+            "questions": cfg.questions or cfg.retrieval_file,
+            "eval_questions": cfg.eval_questions or cfg.eval_retrieval_file, "out_dir": f["split"],
             "eval_fraction": cfg.eval_fraction, "train_limit": cfg.train_limit, "eval_limit": cfg.eval_limit,
             "seed": cfg.seed,
         },
@@ -141,11 +160,24 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
     add(
         "index", [], IndexConfig, "index",
         lambda f: {"corpus": cfg.corpus, "out_dir": f["index"], "kind": index_kind},
-        _lazy("dpa_rag.retrieval.index", "run_index"),
+        _lazy("dpa_rag.retrieval.index", "run_index"), enabled=bool(searched),
     )
     for part in ("train", "eval"):
-        for method in methods if part == "eval" else [cfg.retriever]:
-            name = f"retrieve-{part}" if method == cfg.retriever else f"retrieve-{part}-{method}"
+        for method in methods if part == "eval" else [main]:
+            name = f"retrieve-{part}" if method == main else f"retrieve-{part}-{method}"
+            if method == "file":  # bring your own retrieval: the given file, cut to the split's questions
+                from dpa_rag.pipeline.import_retrieval import ImportRetrievalConfig
+
+                given = cfg.eval_retrieval_file if part == "eval" and cfg.eval_retrieval_file else cfg.retrieval_file
+                add(
+                    name, ["split"], ImportRetrievalConfig, "retrieval_file",
+                    lambda f, part=part, name=name, given=given: {
+                        "input": given, "questions": f["split"] / f"{part}_questions.jsonl", "out_dir": f[name],
+                        "top_k": cfg.retrieve_top_k,
+                    },
+                    _lazy("dpa_rag.pipeline.import_retrieval", "run_import_retrieval"),
+                )
+                continue
             add(
                 name, ["split", "index"], RetrieveConfig, "retrieve",
                 lambda f, part=part, method=method, name=name: {
@@ -197,7 +229,9 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             # no reranker training record uses (train_reranker drops the others); never the evaluation questions
             "eval_retrieval": str(f["retrieve-train"] / "retrieval.jsonl"), "seed": cfg.seed,
         },
-        _lazy("dpa_rag.reranker.train", "train_reranker"), enabled=cfg.reranker,
+        launched(cfg.launcher, "train-reranker", _lazy("dpa_rag.reranker.train", "train_reranker"),
+                 lambda c: c.out_dir),
+        enabled=cfg.reranker,
     )
     for part in ("train", "eval"):
         add(
@@ -227,7 +261,8 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         try:
             return init_args_from(folder)
         except FileNotFoundError:  # not trained yet (configs are also built to validate them up front)
-            return {"init_adapter": str(folder / "adapter")}
+            sub = aligned_model_folder(cfg, "prealign")
+            return {"init_adapter" if sub == "adapter" else "init_model": str(folder / sub)}
 
     reader_model = cfg.reader.get("model", "smollm2-135m")
     llm_common = {"model": reader_model}
@@ -237,7 +272,9 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             **llm_common, "stage": "prealign", "data": [f["llm-data"] / "prealign.jsonl"],
             "out_dir": f["train-llm-prealign"],
         },
-        _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm and cfg.prealign,
+        launched(cfg.launcher, "train-llm-prealign", _lazy("dpa_rag.llm.train", "run"),
+                 lambda c: c.resolved_out_dir()),
+        enabled=cfg.train_llm and cfg.prealign,
         defaults=lambda f: {"seed": cfg.seed},
     )
     add(
@@ -248,8 +285,8 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             "out_dir": f["train-llm-sft"], "merge": True,
             **(prealign_start(f["train-llm-prealign"]) if cfg.prealign else {}),
         },
-        _lazy("dpa_rag.llm.train", "run"), enabled=cfg.train_llm,
-        defaults=lambda f: {"seed": cfg.seed},
+        launched(cfg.launcher, "train-llm-sft", _lazy("dpa_rag.llm.train", "run"), lambda c: c.resolved_out_dir()),
+        enabled=cfg.train_llm, defaults=lambda f: {"seed": cfg.seed},
     )
 
     def aligned(f: dict[str, Path]) -> dict[str, Any]:
@@ -257,15 +294,14 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         if cfg.aligned_reader is not None:
             return dict(cfg.aligned_reader)
         backend = cfg.reader.get("backend", "hf")
-        sft = f["train-llm-sft"]
         # LoRA runs are merged into merged/ (merge: true); full fine-tuning writes model/
-        model = sft / "model" if (sft / "model" / "config.json").exists() else sft / "merged"
+        model = f["train-llm-sft"] / aligned_model_folder(cfg)
         return {"backend": backend if backend in ("hf", "vllm", "fake") else "hf", "model": str(model)}
 
     answers = {
         "answer-closed-book": (["split"], lambda f: {"questions": f["split"] / "eval_questions.jsonl", "top_k": 0},
                                True),
-        f"answer-{cfg.retriever}": (["retrieve-eval"],
+        f"answer-{main}": (["retrieve-eval"],
                                     lambda f: {"retrieval": f["retrieve-eval"] / "retrieval.jsonl"}, True),
         "answer-reranker": (["rerank-eval"], lambda f: {"retrieval": Path(f["rerank-eval"]) / "reranked.jsonl"},
                             cfg.reranker),
@@ -286,7 +322,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         ),
     }
     for method in methods:
-        if method != cfg.retriever:
+        if method != main:
             answers[f"answer-{method}"] = (
                 [f"retrieve-eval-{method}"],
                 lambda f, m=method: {"retrieval": f[f"retrieve-eval-{m}"] / "retrieval.jsonl"},
@@ -308,7 +344,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         lambda f: {
             "out_dir": f["report"], "run_dir": cfg.out_dir,
             "systems": {k: str(f[v]) for k, v in system_steps(cfg).items()},
-            "top_k": cfg.top_k, "retriever": cfg.retriever,
+            "top_k": cfg.top_k, "retriever": main if main != "file" else f"given file ({cfg.retrieval_file})",
             "steps": [st.name for st in steps if st.enabled],
         },
         _lazy("dpa_rag.pipeline.report", "run_report"),

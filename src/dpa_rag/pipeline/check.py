@@ -1,0 +1,184 @@
+"""``dpa-rag run CONFIG --check``: a dry run that validates a pipeline before hours of compute.
+
+For every enabled step it builds the step's config (unknown keys and bad values fail here, naming the section) and
+checks each path the step reads: a path inside the run folder must be written by a step upstream of it (its
+dependency, transitively), and, where the writing step's outputs are known, be one of them (e.g. ``model/`` after
+full fine-tuning, ``merged/`` after a merged LoRA run); a path outside the run folder must exist. Nothing runs.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel
+
+from dpa_rag.config import ConfigError
+from dpa_rag.pipeline.config import PipelineConfig
+from dpa_rag.pipeline.runner import Step
+
+__all__ = ["CheckReport", "check_pipeline", "check_steps", "step_outputs"]
+
+# config fields that a step writes or that are not files (never checked as inputs)
+_NOT_READ = {"out_dir", "cache_dir", "tensorboard_log_dir", "run_dir", "resume_from_checkpoint", "steps"}
+# fields outside the run folder that must exist (a hub id or an alias elsewhere is not a path)
+_EXTERNAL_INPUTS = {
+    "questions", "eval_questions", "corpus", "input", "retrieval", "train", "valid", "test", "data", "data_extra",
+    "preferences", "warmup_retrieval", "eval_retrieval", "include_augmented", "index_dir", "init_adapter",
+}
+
+
+def _train_llm_outputs(cfg: Any) -> set[str]:
+    if cfg.method == "full":
+        return {"model"}
+    return {"adapter", "merged"} if cfg.merge else {"adapter"}
+
+
+# stage config class name → what the stage writes in its folder (first path component); None = anything
+_OUTPUTS: dict[str, Callable[[Any], set[str] | None]] = {
+    "SplitConfig": lambda c: {"train_questions.jsonl", "eval_questions.jsonl", "split.json"},
+    "IndexConfig": lambda c: None,
+    "RetrieveConfig": lambda c: {"retrieval.jsonl", "retrieval_metrics.json"},
+    "ImportRetrievalConfig": lambda c: {"retrieval.jsonl", "retrieval_metrics.json"},
+    "MineConfig": lambda c: None,
+    "AugmentConfig": lambda c: {"augmented.jsonl", "questions_augmented.jsonl"},
+    "FilterConfig": lambda c: {"augmented.jsonl", "questions_augmented.jsonl", "filter_report.json",
+                               "filter_report.md"},
+    "RerankerDataConfig": lambda c: {"train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json"},
+    "TrainRerankerConfig": lambda c: None,
+    "RerankConfig": lambda c: {"reranked.jsonl"},
+    "LLMDataConfig": lambda c: None,
+    "TrainLLMConfig": _train_llm_outputs,
+    "AnswerConfig": lambda c: {"predictions.jsonl", "metrics.json"},
+}
+
+
+def step_outputs(stage_cfg: BaseModel) -> set[str] | None:
+    """The first path components a stage writes in its folder, or ``None`` when not declared."""
+    fn = _OUTPUTS.get(type(stage_cfg).__name__)
+    return fn(stage_cfg) if fn else None
+
+
+@dataclass
+class CheckReport:
+    """What ``--check`` found: per step the paths it reads, and the problems (empty = the config is runnable)."""
+
+    reads: dict[str, list[str]] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _strings(value: Any, key: str) -> Iterator[tuple[str, str]]:
+    """(field, value) for every string or path inside ``value`` (lists and dicts walked)."""
+    if isinstance(value, (str, Path)):
+        yield key, str(value)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v, key)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v, key)
+
+
+def _norm(path: str | Path) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+def _upstream(steps: Sequence[Step]) -> dict[str, set[str]]:
+    """Each step's transitive dependencies."""
+    out: dict[str, set[str]] = {}
+    for s in steps:  # topologically sorted
+        seen: set[str] = set()
+        for d in s.deps:
+            seen |= {d} | out.get(d, set())
+        out[s.name] = seen
+    return out
+
+
+def check_steps(steps: Sequence[Step], run_dir: Path) -> CheckReport:
+    """Validate ``steps`` (see the module docstring); returns a report instead of raising on wiring problems."""
+    report = CheckReport()
+    folders = {s.name: Path(run_dir) / (s.folder or s.name) for s in steps}
+    enabled = {s.name for s in steps if s.enabled}
+    upstream = _upstream(steps)
+    configs: dict[str, BaseModel] = {}
+    for step in steps:
+        if not step.enabled:
+            continue
+        missing = [d for d in step.deps if d not in enabled]
+        if missing:
+            report.problems.append(f"step '{step.name}' needs {', '.join(missing)}, which is disabled in this config")
+        try:
+            configs[step.name] = step.make_config(folders)
+        except (ConfigError, ValueError) as exc:
+            report.problems.append(f"step '{step.name}': {exc}")
+    run_root = _norm(run_dir)
+    owners = sorted(((_norm(p), n) for n, p in folders.items()), key=lambda x: -len(x[0]))
+    for name, stage_cfg in configs.items():
+        reads: list[str] = []
+        for key, value in stage_cfg.model_dump(mode="json").items():
+            if key in _NOT_READ or value is None:
+                continue
+            for _, text in _strings(value, key):
+                path = _norm(text)
+                inside = path == run_root or path.startswith(run_root + os.sep)
+                if inside:
+                    reads.append(text)
+                    owner = next((n for p, n in owners if path == p or path.startswith(p + os.sep)), None)
+                    problem = _inside_problem(name, key, text, path, owner, folders, enabled, upstream, configs)
+                    if problem:
+                        report.problems.append(problem)
+                elif key in _EXTERNAL_INPUTS:
+                    reads.append(text)
+                    if not Path(text).exists():
+                        report.problems.append(f"step '{name}': {key} = {text} does not exist")
+        report.reads[name] = reads
+    return report
+
+
+def _inside_problem(
+    name: str, key: str, text: str, path: str, owner: str | None, folders: dict[str, Path], enabled: set[str],
+    upstream: dict[str, set[str]], configs: dict[str, BaseModel],
+) -> str | None:
+    """Why the in-run path ``text`` read by step ``name`` would not be there, or ``None``."""
+    if owner is None:
+        return f"step '{name}': {key} = {text} is inside the run folder but no step writes it"
+    if owner == name:
+        return None
+    if owner not in enabled:
+        return f"step '{name}': {key} = {text} is written by step '{owner}', which is disabled in this config"
+    if owner not in upstream.get(name, set()):
+        return f"step '{name}': {key} = {text} is written by step '{owner}', which is not upstream of it"
+    rel = Path(path).relative_to(_norm(folders[owner]))
+    outputs = step_outputs(configs[owner]) if owner in configs else None
+    if rel.parts and outputs is not None and rel.parts[0] not in outputs:
+        return (
+            f"step '{name}': {key} = {text}, but step '{owner}' writes only "
+            f"{', '.join(sorted(outputs))} in {folders[owner]}"
+        )
+    return None
+
+
+def check_pipeline(cfg: PipelineConfig) -> CheckReport:
+    """``--check`` for a pipeline config: its steps' configs, their wiring, the data files and the launcher."""
+    from dpa_rag.pipeline.dpa import build_steps
+
+    try:
+        steps = build_steps(cfg)
+    except (ConfigError, ValueError) as exc:
+        return CheckReport(problems=[str(exc)])
+    report = check_steps(steps, cfg.out_dir)
+    try:
+        config_file = cfg.launcher.resolved_config_file()
+    except ConfigError as exc:
+        report.problems.append(str(exc))
+    else:
+        if config_file is not None and not config_file.exists():
+            report.problems.append(f"launcher.config_file = {config_file} does not exist")
+    return report
