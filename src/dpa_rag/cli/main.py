@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "llm",  # train-llm
     "answer",  # answer
     "evaluate",  # evaluate
+    "serve",  # serve
     "pipeline",  # run, demo
 ]
 

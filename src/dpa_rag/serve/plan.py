@@ -1,0 +1,178 @@
+"""Decide what to serve: the index, the retriever, the reranker and the two readers.
+
+A pipeline run folder (``dpa-rag run`` / ``dpa-rag demo``) is read through its step folders and manifests: ``index/``
+(the index), ``train-reranker/model`` (the aligned reranker; reranking options from ``rerank-eval/config.yaml``),
+``answer-<retriever>/config.yaml`` (the base reader's generator options) and ``answer-full/config.yaml`` or
+``answer-aligned-reader/config.yaml`` (the self-aligned reader). A step counts only when its ``manifest.json`` says
+``complete``. Explicit options win over the run; without either, the bundled defaults are served.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpa_rag.config import ConfigError, load_yaml
+from dpa_rag.generation import GeneratorOptions
+from dpa_rag.serve.config import ServeConfig
+from dpa_rag.stage import read_manifest
+
+__all__ = ["ServePlan", "make_plan", "sample_index"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_RERANKER = "minilm"
+DEFAULT_READER = "smollm2-135m"
+
+
+@dataclass
+class ServePlan:
+    """The resolved parts of a server.
+
+    Attributes:
+        index_dir: the index folder.
+        retriever: ``bm25``, ``dense`` or ``hybrid``.
+        reranker: ``Reranker`` keyword arguments (``model_path``, ``max_length``, …), or ``None``.
+        reranker_aligned: the reranker was trained by the run (not a bundled/base model).
+        base_reader: generator options of the base reader (model ``dpa-rag-base``).
+        aligned_reader: generator options of the self-aligned reader (model ``dpa-rag``); ``None`` = the base one.
+        template: reader prompt template name or file; ``chat``: chat messages or plain text.
+        top_k: passages shown to the reader; ``candidates``: retrieved candidates the reranker scores.
+        source: where the parts came from (for ``/health`` and the log).
+    """
+
+    index_dir: Path
+    retriever: str = "bm25"
+    reranker: dict[str, Any] | None = None
+    reranker_aligned: bool = False
+    base_reader: GeneratorOptions = field(default_factory=lambda: GeneratorOptions(model=DEFAULT_READER))
+    aligned_reader: GeneratorOptions | None = None
+    template: str = "qa"
+    chat: bool = True
+    top_k: int = 3
+    candidates: int = 20
+    source: str = "bundled defaults"
+
+
+def _complete(step_dir: Path) -> bool:
+    m = read_manifest(step_dir)
+    return bool(m) and m.get("status") == "complete"
+
+
+def _generator_options(data: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in data.items() if k in GeneratorOptions.model_fields}
+
+
+def _step_config(step_dir: Path) -> dict[str, Any] | None:
+    path = step_dir / "config.yaml"
+    return load_yaml(path) if _complete(step_dir) and path.exists() else None
+
+
+def sample_index(cache_dir: Path | None = None) -> Path:
+    """A BM25 index of the bundled sample corpus, built once under the cache folder."""
+    from dpa_rag.generation.cache import default_cache_dir
+    from dpa_rag.retrieval.index import INDEX_INFO, IndexConfig, build_index
+    from dpa_rag.sample import sample_path
+
+    out = (cache_dir or default_cache_dir()) / "serve-sample-index"
+    if not (out / INDEX_INFO).exists():
+        logger.info("indexing the bundled sample corpus (BM25) into %s (once)", out)
+        build_index(IndexConfig(corpus=[sample_path("corpus.jsonl")], out_dir=out, kind="bm25", progress=False))
+    return out
+
+
+def _from_run(run: Path) -> dict[str, Any]:
+    """The parts a finished pipeline run provides (keys of :class:`ServePlan`)."""
+    pipeline_file = run / "pipeline.yaml"
+    if not pipeline_file.exists():
+        raise ConfigError(f"{run}: not a pipeline run folder (pipeline.yaml missing; create it with `dpa-rag run`)")
+    pipe = load_yaml(pipeline_file)
+    out: dict[str, Any] = {"source": f"run {run}"}
+    if not _complete(run / "index"):
+        raise ConfigError(f"{run / 'index'}: the index step has not finished (no complete manifest.json)")
+    out["index_dir"] = run / "index"
+    out["retriever"] = pipe.get("retriever", "bm25")
+    out["top_k"] = int(pipe.get("top_k", 3))
+    out["candidates"] = int(pipe.get("retrieve_top_k", 20))
+    base = _step_config(run / f"answer-{out['retriever']}")
+    reader_opts = {"cache_dir": str(run / "cache"), **(pipe.get("reader") or {})}
+    if base is not None:
+        reader_opts = _generator_options(base)
+        out["template"] = base.get("template", "qa")
+        out["chat"] = bool(base.get("chat", True))
+    out["base_reader"] = GeneratorOptions.model_validate(reader_opts)
+    model_dir = run / "train-reranker" / "model"
+    if _complete(run / "train-reranker") and (model_dir / "config.json").exists():
+        rerank_cfg = _step_config(run / "rerank-eval") or {}
+        out["reranker"] = {
+            "model_path": str(model_dir),
+            **{k: rerank_cfg[k] for k in ("max_length", "batch_size", "score", "fusion") if rerank_cfg.get(k)},
+        }
+        out["reranker_aligned"] = True
+    else:
+        logger.warning("%s: no finished aligned reranker; serving without a reranker", run)
+        out["reranker"] = None
+    for step in ("answer-full", "answer-aligned-reader"):
+        aligned = _step_config(run / step)
+        if aligned is not None:
+            out["aligned_reader"] = GeneratorOptions.model_validate(_generator_options(aligned))
+            break
+    else:
+        sft = run / "train-llm-sft"
+        model = sft / "model" if (sft / "model" / "config.json").exists() else sft / "merged"
+        if _complete(sft) and (model / "config.json").exists():
+            out["aligned_reader"] = GeneratorOptions.model_validate({**reader_opts, "model": str(model)})
+        else:
+            logger.warning("%s: no finished self-aligned reader; model dpa-rag uses the base reader", run)
+    return out
+
+
+def make_plan(cfg: ServeConfig) -> ServePlan:
+    """Resolve ``cfg`` into the parts to load (nothing is loaded here except the sample index, built once)."""
+    if cfg.run is not None and not Path(cfg.run).is_dir():
+        raise FileNotFoundError(f"{cfg.run}: run folder not found")
+    parts: dict[str, Any] = _from_run(Path(cfg.run)) if cfg.run is not None else {}
+    if cfg.index is not None:
+        parts["index_dir"] = Path(cfg.index)
+    if "index_dir" not in parts:
+        parts["index_dir"] = sample_index(cfg.cache_dir)
+    explicit = cfg.run is None and (cfg.index is not None or cfg.reranker is not None or cfg.reader is not None)
+    if cfg.run is None:
+        parts["source"] = "explicit options" if explicit else "bundled defaults"
+        parts["reranker"] = {"model_path": DEFAULT_RERANKER}
+    if cfg.retriever is not None:
+        parts["retriever"] = cfg.retriever
+    if cfg.reranker is not None:
+        parts["reranker"] = None if cfg.reranker.lower() == "none" else {"model_path": cfg.reranker}
+        parts["reranker_aligned"] = False
+    if parts.get("reranker") is not None:
+        extra = {"max_length": cfg.reranker_max_length, "batch_size": cfg.reranker_batch_size, "device": cfg.device,
+                 "dtype": cfg.dtype}
+        parts["reranker"] = {**parts["reranker"], **{k: v for k, v in extra.items() if v is not None}}
+    override: dict[str, Any] = {"use_cache": cfg.use_cache}
+    for key in ("backend", "base_url", "device", "dtype", "max_new_tokens", "cache_dir"):
+        if getattr(cfg, key) is not None:
+            override[key] = getattr(cfg, key)
+    base = parts.get("base_reader") or GeneratorOptions(model=DEFAULT_READER)
+    if cfg.base_reader is not None:
+        base = base.model_copy(update={"model": cfg.base_reader})
+    parts["base_reader"] = GeneratorOptions.model_validate({**base.model_dump(), **override})
+    aligned = parts.get("aligned_reader")
+    if cfg.reader is not None:
+        aligned = (aligned or parts["base_reader"]).model_copy(update={"model": cfg.reader})
+    if aligned is not None:
+        aligned = GeneratorOptions.model_validate({**aligned.model_dump(), **override})
+        if aligned == parts["base_reader"]:
+            aligned = None
+    parts["aligned_reader"] = aligned
+    for key in ("top_k", "candidates"):
+        if getattr(cfg, key) is not None:
+            parts[key] = getattr(cfg, key)
+    parts["candidates"] = max(parts.get("candidates", 20), parts.get("top_k", 3))
+    plan = ServePlan(**parts)
+    if not (plan.index_dir / "index.json").exists():
+        raise FileNotFoundError(f"{plan.index_dir}: not an index folder (index.json missing; build it with "
+                                "`dpa-rag index`)")
+    return plan
