@@ -57,9 +57,11 @@ def test_questions_errors(tmp_path):
         load_questions(f3)
 
 
-def test_duplicate_ids_get_suffix(tmp_path):
+def test_duplicate_ids_are_an_error_unless_deduped(tmp_path):
     f = _write(tmp_path / "d.jsonl", ['{"question": "same", "answers": ["a"]}'] * 2)
-    ids = [q.id for q in load_questions(f)]
+    with pytest.raises(DataError, match=r"d.jsonl:2: .*line 1.*--dedupe-ids"):
+        load_questions(f)
+    ids = [q.id for q in load_questions(f, dedupe_ids=True)]
     assert len(set(ids)) == 2
 
 

@@ -77,6 +77,10 @@ def test_started_stage_drops_its_old_manifest(tmp_path):
     cfg = C(out_dir=str(tmp_path / "s"))
     stage_recorder("toy", cfg, cfg.out_dir, []).finish(outputs=[])
     assert (tmp_path / "s" / "manifest.json").exists()
-    stage_recorder("toy", cfg, cfg.out_dir, [])  # started again, then killed before finish()
+    rec = stage_recorder("toy", cfg, cfg.out_dir, [])  # created, nothing written yet: the finished run stays
+    assert manifest_matches(cfg.out_dir, cfg)
+    from dpa_rag.io import write_json
+
+    write_json(tmp_path / "s" / "part.json", {})  # started producing, then killed before finish()
     assert not (tmp_path / "s" / "manifest.json").exists()
-    assert not manifest_matches(cfg.out_dir, cfg)
+    assert not manifest_matches(cfg.out_dir, cfg) and rec.started

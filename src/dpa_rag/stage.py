@@ -3,12 +3,18 @@
 ``config.yaml`` is the resolved configuration. ``manifest.json`` records the config hash, the SHA-256 of each input
 file, row counts, timings, versions and the git commit, so ``dpa-rag run`` can tell whether a stage's outputs are
 still valid for its current inputs (see :func:`manifest_matches`).
+
+A stage never destroys a finished result before its new run is known to start: the recorder checks the output folder
+and the models the config names (:func:`dpa_rag.models.check_model`) when it is created, but it removes the old
+``manifest.json`` and writes the new ``config.yaml`` only just before the stage first writes into its folder (or at
+:meth:`StageRecorder.finish`). A run that fails on its inputs or models leaves a finished folder as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import platform
 import subprocess
 import time
@@ -19,10 +25,19 @@ from typing import Any
 from pydantic import BaseModel
 
 from dpa_rag import __version__
-from dpa_rag.config import config_hash, save_config
-from dpa_rag.io import file_sha256, write_json
+from dpa_rag.config import ConfigError, config_hash, save_config
+from dpa_rag.io import file_sha256, respect_umask, unwatch_folder, watch_folder, write_json
 
-__all__ = ["MANIFEST", "StageRecorder", "hash_inputs", "manifest_matches", "read_manifest", "stage_recorder"]
+__all__ = [
+    "MANIFEST",
+    "StageRecorder",
+    "check_out_dir",
+    "check_stage_models",
+    "hash_inputs",
+    "manifest_matches",
+    "read_manifest",
+    "stage_recorder",
+]
 
 MANIFEST = "manifest.json"
 # Fields that never change a stage's result (where to write, how loud, caches, parallelism).
@@ -109,8 +124,76 @@ def manifest_matches(
     return all((Path(out_dir) / o).exists() for o in m.get("outputs", []))
 
 
+def check_out_dir(out_dir: str | Path) -> None:
+    """Raise :class:`~dpa_rag.config.ConfigError` unless ``out_dir`` is (or can be made) a writable folder."""
+    out_dir = Path(out_dir)
+    probe = out_dir
+    while not probe.exists():
+        if probe.is_symlink():
+            raise ConfigError(f"{out_dir}: {probe} is a broken symbolic link; choose another --out-dir")
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        what = "exists and is a file" if probe == out_dir else f"cannot be created: {probe} is a file"
+        raise ConfigError(f"{out_dir}: {what}, not a folder; choose another --out-dir")
+    if probe.exists() and not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(
+            f"{out_dir}: cannot write to {probe} (permission denied); choose another --out-dir or fix its permissions"
+        )
+
+
+def _model_fields(cfg: BaseModel) -> list[str]:
+    """Fields of ``cfg`` that name a model the stage will load (for its current backend/kind)."""
+    fields = type(cfg).model_fields
+    backend = getattr(cfg, "backend", None)
+    out = []
+    if "model" in fields and backend not in ("openai", "fake"):
+        out.append("model")
+    out += [f for f in ("backbone", "init_model") if f in fields]
+    if "encoder" in fields and getattr(cfg, "kind", "dense") in ("dense", "both") and backend in (None, "similarity"):
+        out.append("encoder")
+    if "nli_model" in fields and backend == "nli":
+        out.append("nli_model")
+    return out
+
+
+def check_stage_models(cfg: BaseModel) -> None:
+    """Fail before a stage writes anything if a model its config names cannot be loaded (see
+    :func:`dpa_rag.models.check_model`): a missing folder, a folder without a model, a hub id missing while offline."""
+    from dpa_rag.models import check_model
+
+    for name in _model_fields(cfg):
+        value = getattr(cfg, name, None)
+        if isinstance(value, (str, Path)) and str(value):
+            check_model(str(value), what=f"--{name.replace('_', '-')}")
+
+
+def _fix_private_modes(out_dir: Path, outputs: Iterable[str]) -> None:
+    """Outputs written through ``mkstemp``/``mkdtemp`` (0600/0700) get the modes the umask allows."""
+    seen: set[Path] = set()
+    for rel in outputs:
+        p = out_dir / rel
+        chain = [p, *[q for q in p.parents if q != out_dir and q.is_relative_to(out_dir)]]
+        for q in chain:
+            if q in seen:
+                continue
+            seen.add(q)
+            try:
+                mode = q.stat().st_mode & 0o777
+            except OSError:
+                continue
+            if (q.is_dir() and mode == 0o700) or (q.is_file() and mode == 0o600):
+                respect_umask(q)
+
+
 class StageRecorder:
-    """Collects counts and timings during a stage; :meth:`finish` writes ``config.yaml`` and ``manifest.json``."""
+    """Collects counts and timings during a stage; writes ``config.yaml`` and ``manifest.json``.
+
+    Creating one checks the output folder and the config's models but changes nothing on disk except creating the
+    folder; the old manifest is removed and the new ``config.yaml`` written by :meth:`start`, which runs by itself
+    just before the stage's first write through :mod:`dpa_rag.io` into the folder, or at :meth:`finish`.
+    """
 
     def __init__(self, stage: str, cfg: BaseModel, out_dir: str | Path, inputs: Iterable[str | Path | None]) -> None:
         self.stage = stage
@@ -120,10 +203,25 @@ class StageRecorder:
         self.counts: dict[str, Any] = {}
         self.timings: dict[str, float] = {}
         self._t0 = time.time()
+        self.started = False
+        check_out_dir(self.out_dir)
+        check_stage_models(cfg)
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        # a stage that starts is not complete until finish(): a kill from here on must not leave an old manifest
+        watch_folder(self.out_dir, self)
+
+    def before_first_write(self) -> None:
+        """Called by :mod:`dpa_rag.io` before the stage's first write into its folder."""
+        self.start()
+
+    def start(self) -> None:
+        """The new run starts producing: drop the old manifest, write the resolved config (once)."""
+        if self.started:
+            return
+        self.started = True
+        unwatch_folder(self.out_dir, self)
+        # not complete until finish(): a kill from here on must not leave an old manifest next to new outputs
         (self.out_dir / MANIFEST).unlink(missing_ok=True)
-        save_config(cfg, self.out_dir / "config.yaml")
+        save_config(self.cfg, self.out_dir / "config.yaml")
 
     @contextlib.contextmanager
     def timer(self, name: str) -> Iterator[None]:
@@ -137,6 +235,9 @@ class StageRecorder:
         import torch
         import transformers
 
+        self.start()
+        outputs = list(outputs)
+        _fix_private_modes(self.out_dir, outputs)
         self.counts.update(counts)
         neutral = _neutral(self.cfg)
         manifest = {
@@ -162,5 +263,5 @@ class StageRecorder:
 def stage_recorder(
     stage: str, cfg: BaseModel, out_dir: str | Path, inputs: Iterable[str | Path | None]
 ) -> StageRecorder:
-    """Start recording a stage (writes the resolved config right away)."""
+    """Start recording a stage: checks the output folder and models now, writes the resolved config lazily."""
     return StageRecorder(stage, cfg, out_dir, inputs)

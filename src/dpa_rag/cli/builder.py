@@ -5,12 +5,13 @@ Each field of the :class:`~dpa_rag.config.StageConfig` becomes a ``--kebab-case`
 names for a field (e.g. the authors' ``--train_data_path``) come from ``json_schema_extra={"cli": [...]}``.
 A field with ``json_schema_extra={"flag_value": "True"}`` also works as a bare switch: ``--cls_loss`` alone (last, or
 followed by another option) means ``--cls_loss True``, like an ``argparse`` ``store_true`` flag.
+Every command runs inside :func:`~dpa_rag.cli.errors.error_boundary` (one ``error:`` line and exit code 2 for expected
+failures); commands whose stage reads question files also get ``--dedupe-ids``.
 """
 
 from __future__ import annotations
 
 import inspect
-import logging
 import types
 import typing
 from collections.abc import Callable
@@ -22,16 +23,23 @@ import typer
 from pydantic.fields import FieldInfo
 from typer.core import TyperCommand
 
-from dpa_rag.config import ConfigError, StageConfig, load_config
-from dpa_rag.io import DataError
+from dpa_rag.cli.errors import error_boundary
+from dpa_rag.config import StageConfig, load_config
+from dpa_rag.data.loaders import dedupe_ids
 
 __all__ = ["add_stage_command", "bare_switches", "fail"]
 
 _SCALARS = (str, int, float, bool, Path)
 
 
+# stages that load question or retrieval files (their ids must be unique unless --dedupe-ids)
+LOADS_QUESTIONS = {"retrieve", "mine", "augment", "rerank", "answer", "build-llm-data", "train-reranker"}
+DEDUPE_HELP = "Rename repeated question ids (<id>-2, <id>-3…; the count is logged) instead of stopping with an error."
+
+
 def fail(message: str, code: int = 2) -> typing.NoReturn:
-    """Print an error for the user and exit (no traceback)."""
+    """Print an error for the user on one line and exit (no traceback)."""
+    message = " ".join(p.strip() for p in str(message).splitlines() if p.strip())
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
@@ -137,16 +145,25 @@ def add_stage_command(
             )
         )
         field_names.append(fname)
+    add_dedupe = name in LOADS_QUESTIONS and "dedupe_ids" not in config_cls.model_fields
+    if add_dedupe:
+        params.append(
+            inspect.Parameter(
+                "dedupe_ids",
+                inspect.Parameter.KEYWORD_ONLY,
+                default=typer.Option(False, "--dedupe-ids", help=DEDUPE_HELP),
+                annotation=bool,
+            )
+        )
 
     def command(**kwargs: Any) -> None:
         config_path = kwargs.pop("config", None)
+        dedupe = bool(kwargs.pop("dedupe_ids", False)) if add_dedupe else False
         overrides = {k: v for k, v in kwargs.items() if v is not None and v != []}
-        try:
+        with error_boundary(name):
             cfg = load_config(config_cls, config_path, overrides)
-            result = run(cfg)
-        except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-            logging.getLogger("dpa_rag").debug("command failed", exc_info=True)
-            fail(str(exc))
+            with dedupe_ids(dedupe or bool(getattr(cfg, "dedupe_ids", False))):
+                result = run(cfg)
         if result is not None:
             typer.echo(f"{name}: wrote {result}")
 

@@ -6,11 +6,14 @@ pipeline order so ``--help`` reads like the pipeline.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import os
 
 import typer
+
+from dpa_rag.cli.errors import error_boundary
 
 __all__ = ["app", "main"]
 
@@ -42,7 +45,9 @@ app = typer.Typer(
 
 @app.callback()
 def _global(
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging (and tracebacks on errors)."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", "--debug", help="Debug logging (and tracebacks on errors)."
+    ),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Only warnings and errors."),
 ) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
@@ -57,9 +62,23 @@ def _global(
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
 
 
+def _guard(name: str, callback):
+    """Run ``callback`` inside the error boundary (one ``error:`` line, exit code 2; see ``cli/errors.py``)."""
+
+    @functools.wraps(callback)
+    def guarded(*args, **kwargs):
+        with error_boundary(name):
+            return callback(*args, **kwargs)
+
+    return guarded
+
+
 def _register_all() -> None:
     for name in COMMAND_MODULES:
         importlib.import_module(f"dpa_rag.cli.commands.{name}").register(app)
+    for info in app.registered_commands:  # every command, however registered, fails the same way
+        if info.callback is not None:
+            info.callback = _guard(info.name or info.callback.__name__, info.callback)
 
 
 _register_all()

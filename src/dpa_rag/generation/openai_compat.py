@@ -1,8 +1,10 @@
 """Any OpenAI-compatible HTTP server (OpenAI, vLLM ``serve``, llama.cpp, TGI, Ollama…) over plain ``httpx``.
 
 Chats go to ``{base_url}/chat/completions``, plain strings to ``{base_url}/completions``. Requests run in parallel
-(``max_concurrency`` threads sharing one connection pool); connection errors, timeouts, 429 and 5xx are retried with
-exponential backoff and jitter (``Retry-After`` honoured); other 4xx fail at once with the status and body excerpt.
+(``max_concurrency`` threads sharing one connection pool); connection errors, timeouts, 429, 5xx and 2xx answers whose
+body is not JSON or lacks ``choices[0]`` text are retried with exponential backoff and jitter (``Retry-After``
+honoured); other 4xx fail at once. Either way the failure is a :class:`BackendError` naming the endpoint, the last
+status and how many prompts this run already answered (those are in the cache, so a re-run resumes).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import httpx
 from dpa_rag.generation.base import GenerationParams, Prompt
 from dpa_rag.generation.hf import truncate_at_stop
 
-__all__ = ["DEFAULT_BASE_URL", "OpenAICompatibleGenerator", "parse_retry_after"]
+__all__ = ["DEFAULT_BASE_URL", "BackendError", "OpenAICompatibleGenerator", "parse_retry_after"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,10 +48,32 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
+def _one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+class BackendError(RuntimeError):
+    """The server could not answer a prompt (retries exhausted, or a status that is not retried).
+
+    Attributes:
+        url: the endpoint.
+        status: the last HTTP status, or ``None`` for connection errors and timeouts.
+        answered: prompts this generator had answered before the failure (the cache wrapper stored them).
+    """
+
+    def __init__(self, message: str, url: str, status: int | None, answered: int) -> None:
+        super().__init__(message)
+        self.url = url
+        self.status = status
+        self.answered = answered
+
+
 class _Retryable(Exception):
-    def __init__(self, message: str, wait: float | None = None) -> None:
+    def __init__(self, message: str, wait: float | None = None, status: int | None = None) -> None:
         super().__init__(message)
         self.wait = wait
+        self.status = status
 
 
 class OpenAICompatibleGenerator:
@@ -74,6 +98,7 @@ class OpenAICompatibleGenerator:
     Attributes:
         model_id: ``openai:{base_url}:{model}`` (part of the cache key).
         requests_sent: HTTP attempts made so far (retries included).
+        answered: prompts answered so far (by :meth:`generate` calls that returned).
     """
 
     def __init__(
@@ -110,6 +135,7 @@ class OpenAICompatibleGenerator:
         self.extra_body = dict(extra_body or {})
         self.model_id = f"openai:{self.base_url}:{model}"
         self.requests_sent = 0
+        self.answered = 0
         self._count_lock = threading.Lock()
         headers = {"Content-Type": "application/json"}
         if api_key:
@@ -139,12 +165,16 @@ class OpenAICompatibleGenerator:
         return f"{self.base_url}/chat/completions", {**body, "messages": list(prompt)}
 
     @staticmethod
-    def _extract(url: str, data: Any) -> str:
+    def _extract(url: str, data: Any, status: int = 200) -> str:
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if "message" in choice else choice["text"]
         except (KeyError, IndexError, TypeError):
-            raise RuntimeError(f"unexpected response from {url}: {str(data)[:300]}") from None
+            raise _Retryable(
+                f"HTTP {status} without choices[0] text: {_one_line(str(data))}", status=status
+            ) from None
+        if text is not None and not isinstance(text, str):
+            raise _Retryable(f"HTTP {status} with a non-string completion: {_one_line(str(text))}", status=status)
         return text or ""
 
     # -- one prompt, with retries -----------------------------------------------------------------------------------
@@ -159,16 +189,31 @@ class OpenAICompatibleGenerator:
         except httpx.TransportError as e:
             raise _Retryable(f"connection error: {type(e).__name__}: {e}") from e
         status = resp.status_code
-        if status == 200:
+        if 200 <= status < 300:
             try:
                 data = resp.json()
             except ValueError:
-                raise RuntimeError(f"non-JSON response from {url}: {resp.text[:300]!r}") from None
-            return self._extract(url, data)
-        excerpt = resp.text[:500]
+                body = _one_line(resp.text)
+                raise _Retryable(f"HTTP {status} with a non-JSON body: {body!r}", status=status) from None
+            return self._extract(url, data, status)
+        excerpt = _one_line(resp.text, 500)
         if status in _RETRY_STATUS or status >= 500:
-            raise _Retryable(f"HTTP {status}: {excerpt}", wait=parse_retry_after(resp.headers.get("Retry-After")))
-        raise RuntimeError(f"{url} answered HTTP {status} (not retried): {excerpt}")
+            raise _Retryable(
+                f"HTTP {status}: {excerpt}", wait=parse_retry_after(resp.headers.get("Retry-After")), status=status
+            )
+        hint = "check the API key variable --api-key-env" if status in (401, 403) else "check --model and the request"
+        raise BackendError(
+            f"{url} answered HTTP {status} (not retried): {excerpt}; {hint}; {self._resume_note()}",
+            url=url,
+            status=status,
+            answered=self.answered,
+        )
+
+    def _resume_note(self) -> str:
+        return (
+            f"{self.answered} prompt(s) answered before this one are in the cache, so re-running the same command "
+            "resumes from there"
+        )
 
     def _backoff(self, retry: int, wait: float | None) -> float:
         if wait is not None:
@@ -183,8 +228,12 @@ class OpenAICompatibleGenerator:
                 return truncate_at_stop(text, params.stop).strip()
             except _Retryable as e:
                 if attempt == self.max_retries:
-                    raise RuntimeError(
-                        f"{url} failed after {attempt + 1} attempt(s) (max_retries={self.max_retries}): {e}"
+                    raise BackendError(
+                        f"{url} failed after {attempt + 1} attempt(s) (max_retries={self.max_retries}): {e}; "
+                        f"check that the server is up, or raise --max-retries/--timeout; {self._resume_note()}",
+                        url=url,
+                        status=e.status,
+                        answered=self.answered,
                     ) from e
                 delay = self._backoff(attempt, e.wait)
                 logger.warning("%s: %s; retry %d/%d in %.2f s", url, e, attempt + 1, self.max_retries, delay)
@@ -197,20 +246,25 @@ class OpenAICompatibleGenerator:
         """One completion per prompt, in order; up to ``max_concurrency`` requests in flight.
 
         Raises:
-            RuntimeError: a prompt failed (non-retryable status, or retries exhausted); the other requests of this
+            BackendError: a prompt failed (non-retryable status, or retries exhausted); the other requests of this
                 call are cancelled (finished ones are lost only for this call; the cache wrapper keeps earlier
                 batches).
         """
         if not prompts:
             return []
         if self.max_concurrency == 1 or len(prompts) == 1:
-            return [self._complete(p, params) for p in prompts]
-        pool = ThreadPoolExecutor(max_workers=min(self.max_concurrency, len(prompts)), thread_name_prefix="openai")
-        try:
-            futures = [pool.submit(self._complete, p, params) for p in prompts]
-            return [f.result() for f in futures]
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+            out = [self._complete(p, params) for p in prompts]
+        else:
+            pool = ThreadPoolExecutor(
+                max_workers=min(self.max_concurrency, len(prompts)), thread_name_prefix="openai"
+            )
+            try:
+                futures = [pool.submit(self._complete, p, params) for p in prompts]
+                out = [f.result() for f in futures]
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self.answered += len(out)
+        return out
 
     def close(self) -> None:
         """Close the HTTP connection pool."""

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from dpa_rag.cli.builder import fail
-from dpa_rag.config import ConfigError
-from dpa_rag.io import DataError
+from dpa_rag.cli.builder import DEDUPE_HELP
+from dpa_rag.cli.errors import error_boundary
+from dpa_rag.data.loaders import dedupe_ids
 
 __all__ = ["register"]
 
@@ -31,6 +31,20 @@ def _run(cfg, from_step: str | None, force: bool, until: str | None, list_steps:
     return run_pipeline(cfg, from_step=from_step, force=force, until=until, on_step=_echo_step)
 
 
+def _check(cfg) -> None:
+    """``run --check``: print what each step reads; exit 1 naming the step and path of every problem."""
+    from dpa_rag.pipeline.check import check_pipeline
+
+    result = check_pipeline(cfg)
+    for name, reads in result.reads.items():
+        typer.echo(f"  {name:28s} reads {len(reads)} path(s)")
+    if not result.ok:
+        typer.secho("error: --check found problems:\n  " + "\n  ".join(result.problems), fg=typer.colors.RED,
+                    err=True)
+        raise typer.Exit(1)
+    typer.echo(f"check: {len(result.reads)} steps OK")
+
+
 def _load(config: Path, overrides: dict):
     from dpa_rag.config import load_config
     from dpa_rag.pipeline import PipelineConfig
@@ -49,15 +63,21 @@ def register(app: typer.Typer) -> None:
         until: Optional[str] = typer.Option(None, "--until", help="Stop after this step."),  # noqa: UP045
         force: bool = typer.Option(False, "--force", help="Re-run every step."),
         list_steps: bool = typer.Option(False, "--list-steps", help="Print the enabled steps and exit."),
+        dedupe: bool = typer.Option(False, "--dedupe-ids", help=DEDUPE_HELP),
+        check: bool = typer.Option(
+            False, "--check", help="Dry run: validate every step's config and that each path a step reads is "
+            "written upstream or exists; runs nothing.",
+        ),
     ) -> None:
         """Run the DPA-RAG pipeline: index → retrieve → mine → augment → filter → build data → train reranker →
         rerank → train LLM → answer → report. Steps whose manifest matches their config and inputs are skipped,
         so a killed or repeated run resumes where it stopped."""
-        try:
+        with error_boundary("run"), dedupe_ids(dedupe):
             cfg = _load(config, {"out_dir": out_dir})
+            if check:
+                _check(cfg)
+                return
             report = _run(cfg, from_step, force, until, list_steps)
-        except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-            fail(str(exc))
         if report is not None:
             typer.echo(f"report: {report}")
 
@@ -73,7 +93,7 @@ def register(app: typer.Typer) -> None:
         from dpa_rag.pipeline import demo_config
         from dpa_rag.sample import sample_path
 
-        try:
+        with error_boundary("demo"):
             cfg = _load(
                 demo_config(),
                 {
@@ -83,8 +103,6 @@ def register(app: typer.Typer) -> None:
                 },
             )
             report = _run(cfg, from_step, force, None, list_steps)
-        except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
-            fail(str(exc))
         if report is not None:
             typer.echo(f"report: {report}")
             metrics = report.parent / "metrics.json"
