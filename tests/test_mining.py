@@ -12,7 +12,15 @@ from dpa_rag.data.authors import load_reranker_pairs
 from dpa_rag.eval.metrics import f1, hit
 from dpa_rag.generation.fake import FakeGenerator, first_capitalised_phrase
 from dpa_rag.io import write_jsonl
-from dpa_rag.mining.labels import ALIGNED, BOTH_CORRECT, BOTH_WRONG, CATEGORIES, UNALIGNED, categorize, score
+from dpa_rag.mining.labels import (
+    ALIGNED,
+    BOTH_CORRECT,
+    BOTH_WRONG,
+    UNALIGNED,
+    categorize,
+    rule_categories,
+    score,
+)
 from dpa_rag.mining.mine import MineConfig, probe_ranks, run
 from dpa_rag.mining.prompts import clean_answer, qa_prompt
 from dpa_rag.prompts import load_template
@@ -161,7 +169,7 @@ def test_mine_outputs_categories_and_batching(run_dir: Path) -> None:
     assert [p["rank"] for p in first["probes"]] == [1, 2, 3, 4]
     assert set(first["probes"][0]["ctx"]) >= {"id", "title", "text"}
     cats = {p["category"] for pref in prefs for p in pref["probes"]}
-    assert cats == set(CATEGORIES)
+    assert cats == set(rule_categories("hit"))
     for pref in prefs:  # every label follows the rule from the stored scores
         for p in pref["probes"]:
             assert p["category"] == categorize(pref["closed_book"], p, "hit")
@@ -300,7 +308,7 @@ def test_mine_with_smollm2(run_dir: Path, shared_data: Path) -> None:
     for pref in prefs:
         assert [p["rank"] for p in pref["probes"]] == [1, 3]
         for p in pref["probes"]:
-            assert p["category"] in CATEGORIES
+            assert p["category"] in rule_categories("hit")
             assert p["hit"] == hit(p["answer"], pref["answers"])
     stats = json.loads((run_dir / "mine" / "stats.json").read_text())
     assert stats["calls"] == 4 * 3

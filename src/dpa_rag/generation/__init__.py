@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from dpa_rag.generation.base import GenerationParams, Generator, GeneratorOptions, Prompt
+from dpa_rag.generation.base import (
+    GenerationParams,
+    Generator,
+    GeneratorOptions,
+    LoglikScorer,
+    LoglikUnsupported,
+    Prompt,
+    supports_loglik,
+)
 from dpa_rag.generation.cache import CachedGenerator, GenerationCache
 from dpa_rag.generation.factory import build_backend, build_generator
 
@@ -12,7 +20,10 @@ __all__ = [
     "GenerationParams",
     "Generator",
     "GeneratorOptions",
+    "LoglikScorer",
+    "LoglikUnsupported",
     "Prompt",
     "build_backend",
     "build_generator",
+    "supports_loglik",
 ]

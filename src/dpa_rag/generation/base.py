@@ -13,7 +13,16 @@ from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["GenerationParams", "Generator", "GeneratorOptions", "Prompt", "prompt_to_text"]
+__all__ = [
+    "GenerationParams",
+    "Generator",
+    "GeneratorOptions",
+    "LoglikScorer",
+    "LoglikUnsupported",
+    "Prompt",
+    "prompt_to_text",
+    "supports_loglik",
+]
 
 Prompt = Union[str, list[dict[str, str]]]  # noqa: UP007
 
@@ -47,6 +56,30 @@ class Generator(Protocol):
     def generate(self, prompts: Sequence[Prompt], params: GenerationParams) -> list[str]:
         """Return one completion per prompt, in order."""
         ...
+
+
+@runtime_checkable
+class LoglikScorer(Protocol):
+    """A backend that can score a continuation under a prompt (teacher forcing, no generation).
+
+    ``loglik(prompts, continuations)`` returns, per pair, ``(sum of the continuation tokens' log-probabilities,
+    number of continuation tokens)``: the prompt is rendered exactly as for :meth:`Generator.generate` (chat template
+    with the generation prompt), the continuation follows it as the assistant's answer, and only its tokens count.
+    """
+
+    model_id: str
+
+    def loglik(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[tuple[float, int]]:
+        ...
+
+
+class LoglikUnsupported(RuntimeError):
+    """The backend (or the server behind it) cannot return log-probabilities of given tokens."""
+
+
+def supports_loglik(backend: object) -> bool:
+    """Whether ``backend`` implements :class:`LoglikScorer`."""
+    return callable(getattr(backend, "loglik", None))
 
 
 def prompt_to_text(prompt: Prompt) -> str:

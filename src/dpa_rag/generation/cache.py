@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from dpa_rag.generation.base import GenerationParams, Generator, Prompt
+from dpa_rag.generation.base import GenerationParams, Generator, LoglikUnsupported, Prompt, supports_loglik
 
 __all__ = ["CachedGenerator", "GenerationCache", "default_cache_dir"]
 
@@ -49,6 +49,15 @@ class GenerationCache:
     def key(model_id: str, params: GenerationParams, prompt: Prompt) -> str:
         payload = json.dumps(
             {"model": model_id, "params": params.model_dump(mode="json"), "prompt": prompt},
+            sort_keys=True,
+            ensure_ascii=False,
+        )
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+    @staticmethod
+    def loglik_key(model_id: str, prompt: Prompt, continuation: str) -> str:
+        payload = json.dumps(
+            {"model": model_id, "kind": "loglik", "prompt": prompt, "continuation": continuation},
             sort_keys=True,
             ensure_ascii=False,
         )
@@ -145,3 +154,56 @@ class CachedGenerator:
             finally:
                 bar.close()
         return [r if r is not None else "" for r in results]
+
+    def loglik(
+        self, prompts: Sequence[Prompt], continuations: Sequence[str], desc: str = "score"
+    ) -> list[tuple[float, int]]:
+        """``(sum log-prob, n tokens)`` of each continuation under its prompt; only cache misses reach the backend.
+
+        Raises:
+            LoglikUnsupported: the backend cannot score given tokens.
+        """
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts for {len(continuations)} continuations")
+        if not supports_loglik(self.backend):
+            raise LoglikUnsupported(
+                f"the {type(self.backend).__name__} backend cannot score answers (no log-probabilities); use the "
+                "hf or vllm backend, an OpenAI-compatible server that returns prompt logprobs, or label_rule hit"
+            )
+        results: list[tuple[float, int] | None] = [None] * len(prompts)
+        keys = [GenerationCache.loglik_key(self.model_id, p, c) for p, c in zip(prompts, continuations, strict=True)]
+        if self.cache is not None:
+            found = self.cache.get_many(keys)
+            for i, k in enumerate(keys):
+                if k in found:
+                    value = json.loads(found[k])
+                    results[i] = (float(value[0]), int(value[1]))
+        todo: dict[str, list[int]] = {}
+        for i, r in enumerate(results):
+            if r is None:
+                todo.setdefault(keys[i], []).append(i)
+        self.hits += len(prompts) - sum(len(v) for v in todo.values())
+        if todo:
+            order = list(todo)
+            bar = tqdm(total=len(order), desc=desc, unit="pair", disable=not self.progress, leave=False)
+            try:
+                for start in range(0, len(order), self.batch_size):
+                    batch_keys = order[start : start + self.batch_size]
+                    first = [todo[k][0] for k in batch_keys]
+                    outs = self.backend.loglik([prompts[i] for i in first], [continuations[i] for i in first])
+                    if len(outs) != len(first):
+                        raise RuntimeError(
+                            f"backend {type(self.backend).__name__} returned {len(outs)} scores for {len(first)} pairs"
+                        )
+                    self.calls += len(first)
+                    if self.cache is not None:
+                        self.cache.put_many(
+                            self.model_id, [(k, json.dumps([float(o[0]), int(o[1])])) for k, o in zip(batch_keys, outs, strict=True)]
+                        )
+                    for k, o in zip(batch_keys, outs, strict=True):
+                        for i in todo[k]:
+                            results[i] = (float(o[0]), int(o[1]))
+                    bar.update(len(batch_keys))
+            finally:
+                bar.close()
+        return [r if r is not None else (0.0, 0) for r in results]

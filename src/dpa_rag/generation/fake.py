@@ -55,3 +55,23 @@ class FakeGenerator:
         self.batches += 1
         self.calls += len(prompts)
         return [self.fn(prompt_to_text(p)) for p in prompts]
+
+    def loglik(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[tuple[float, int]]:
+        """A deterministic stand-in for teacher-forced scoring: per whitespace token of the continuation, log-prob
+        -0.1 if the continuation appears in the prompt's passages (case-insensitive), else -2.0."""
+        self.calls += len(prompts)
+        out = []
+        for p, c in zip(prompts, continuations, strict=True):
+            n = max(1, len(c.split()))
+            inside = c.strip().lower() in _passages_text(prompt_to_text(p)).lower()
+            out.append(((-0.1 if inside else -2.0) * n, n))
+        return out
+
+
+def _passages_text(prompt: str) -> str:
+    """What follows ``Passages:``/``Content:`` up to the question (empty for a closed-book prompt)."""
+    for marker in ("Passages:", "Content:"):
+        _, sep, rest = prompt.partition(marker)
+        if sep:
+            return rest.split("Question:", 1)[0]
+    return ""

@@ -182,5 +182,54 @@ class HFGenerator:
                     results[i] = text
         return results
 
+    def encode_pair(self, prompt: Prompt, continuation: str) -> tuple[list[int], list[int]]:
+        """Token ids of the rendered prompt and of ``continuation`` as its answer (no special tokens added to it).
+
+        The continuation is tokenised on its own, so its tokens are exactly what the reader would have to produce
+        after the prompt; the pair is left-truncated like :meth:`encode` if it would not fit the context.
+        """
+        cont = list(self.tokenizer(continuation, add_special_tokens=False)["input_ids"])
+        if not cont:
+            raise ValueError(f"continuation {continuation!r} has no tokens")
+        return self.encode(prompt, max_new_tokens=len(cont)), cont
+
+    def loglik(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[tuple[float, int]]:
+        """Per pair: ``(sum of log p(continuation token | prompt, earlier tokens), n tokens)``, teacher-forced.
+
+        One forward per batch of ``batch_size`` pairs (sorted by length, left-padded, positions from the attention
+        mask); only the last ``max continuation length + 1`` positions' logits are computed (``logits_to_keep``), so
+        memory does not grow with the vocabulary times the prompt length. fp32 log-softmax.
+        """
+        import torch
+
+        if len(prompts) != len(continuations):
+            raise ValueError(f"{len(prompts)} prompts for {len(continuations)} continuations")
+        if not prompts:
+            return []
+        pairs = [self.encode_pair(p, c) for p, c in zip(prompts, continuations, strict=True)]
+        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
+        pad = self.tokenizer.pad_token_id
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                rows = [pairs[i][0] + pairs[i][1] for i in idx]
+                conts = [len(pairs[i][1]) for i in idx]
+                width = max(len(r) for r in rows)
+                ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
+                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
+                positions = (mask.cumsum(-1) - 1).clamp(min=0)
+                keep = max(conts) + 1
+                logits = self.model(
+                    input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
+                ).logits.float()
+                logp = torch.log_softmax(logits, dim=-1)  # [B, keep, V]; position j predicts token width-keep+j+1
+                for b, (i, n) in enumerate(zip(idx, conts, strict=True)):
+                    targets = ids[b, width - n :]
+                    pos = logp[b, keep - n - 1 : keep - 1]
+                    lp = pos.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+                    out[i] = (float(lp.sum()), n)
+        return out
+
     def __repr__(self) -> str:
         return f"HFGenerator({self.path!r}, dtype={self.dtype}, device={self.device!r}, batch_size={self.batch_size})"

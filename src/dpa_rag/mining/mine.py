@@ -4,6 +4,14 @@ For every question of a retrieval file the reader answers once closed-book and o
 (ranks 1, 25, 50, 100 by default). Each answer is scored (hit, F1) against the golds and each probed passage gets a
 category (:mod:`dpa_rag.mining.labels`).
 
+With ``label_rule: loglik`` (method.md §13) nothing is generated: the reader scores each gold answer teacher-forced
+after the closed-book prompt and after each probed passage (one batched forward per prompt and gold, cached like
+generations); a probe's ``loglik`` is the best length-normalised log-probability over the golds
+(``loglik_max_golds``), its ``gain`` the difference to the closed-book value, and its category comes from the gain
+thresholds. Being cheap, it can probe whole top-k lists (``probe_top``). The first ``agreement_questions`` questions
+are also answered by generation, so ``stats.json``/``summary.md`` show how the loglik categories agree with the hit
+rule's on the same probes.
+
 Efficiency and resume: the prompts of a chunk of questions (``chunk_size`` × (1 + probes)) go to the reader in one
 :meth:`~dpa_rag.generation.CachedGenerator.generate` call (batched by ``batch_size``, every batch cached on disk);
 the finished chunk is appended to ``preferences.jsonl``. ``progress.json`` stores a fingerprint of the result-relevant
@@ -27,7 +35,15 @@ from dpa_rag.data.loaders import load_retrieval
 from dpa_rag.data.schema import Ctx, RetrievalRecord
 from dpa_rag.generation import CachedGenerator, Generator, GeneratorOptions, build_generator
 from dpa_rag.io import DataError, append_jsonl, file_sha256, read_json, read_resumable_jsonl, write_json, write_text
-from dpa_rag.mining.labels import CATEGORIES, LabelRule, categorize, normalize_rule, score
+from dpa_rag.eval.metrics import normalize_answer
+from dpa_rag.mining.labels import (
+    LabelRule,
+    categorize,
+    categorize_gain,
+    normalize_rule,
+    rule_categories,
+    score,
+)
 from dpa_rag.mining.prompts import clean_answer, qa_prompt
 from dpa_rag.stage import RESULT_NEUTRAL_FIELDS, stage_recorder
 
@@ -61,6 +77,22 @@ class MineConfig(GeneratorOptions, StageConfig):
         description="Category rule: hit (the paper: correct = gold substring of the answer) or f1-delta (sign of the "
         "F1 change; reproduces the authors' released labels).",
     )
+    probe_top: int | None = Field(
+        None, ge=1, description="Also probe every rank 1..N (e.g. 20 with the cheap loglik rule)."
+    )
+    loglik_positive: float = Field(
+        0.5, ge=0.0, description="loglik rule: gain (nats per answer token) above which a passage is aligned."
+    )
+    loglik_negative: float = Field(
+        0.5, ge=0.0, description="loglik rule: a passage whose gain is below minus this is unaligned."
+    )
+    loglik_max_golds: int = Field(
+        3, ge=1, description="loglik rule: score at most this many distinct gold answers per question (best counts)."
+    )
+    agreement_questions: int = Field(
+        32, ge=0, description="loglik rule: also generate answers for the first N questions, to report agreement "
+        "with the hit rule on the same probes (0 = none)."
+    )
     chunk_size: int = Field(
         32, ge=1, description="Questions whose prompts go to the reader together (one cached call)."
     )
@@ -82,6 +114,24 @@ class MineConfig(GeneratorOptions, StageConfig):
         return v
 
 
+def all_ranks(cfg: MineConfig) -> list[int]:
+    """The configured ranks plus ``1..probe_top``."""
+    return sorted(set(cfg.ranks) | set(range(1, (cfg.probe_top or 0) + 1)))
+
+
+def scoring_golds(answers: Sequence[str], k: int) -> list[str]:
+    """The first ``k`` gold answers that differ after normalisation (empty ones skipped), stripped."""
+    out, seen = [], set()
+    for a in answers:
+        key = normalize_answer(a)
+        if a.strip() and key and key not in seen:
+            seen.add(key)
+            out.append(a.strip())
+        if len(out) == k:
+            break
+    return out
+
+
 def probe_ranks(n_ctxs: int, ranks: Sequence[int]) -> list[int]:
     """The 1-based ranks to probe in a list of ``n_ctxs`` passages: each rank clamped to ``n_ctxs``, deduplicated,
     ascending. ``probe_ranks(10, [1, 25, 50, 100]) == [1, 10]``; an empty list has none."""
@@ -101,10 +151,12 @@ def mine_records(
     cfg: MineConfig,
 ) -> list[dict[str, Any]]:
     """Mine one chunk: all its prompts in one ``generate`` call, then one preference record per question."""
+    if cfg.label_rule == "loglik":
+        return mine_loglik(records, generator, cfg)
     prompts: list[list[dict[str, str]]] = []
     plan: list[list[int]] = []
     for r in records:
-        ranks = probe_ranks(len(r.ctxs), cfg.ranks)
+        ranks = probe_ranks(len(r.ctxs), all_ranks(cfg))
         plan.append(ranks)
         prompts.append(qa_prompt(r.question, []))
         prompts.extend(qa_prompt(r.question, [r.ctxs[k - 1].render()]) for k in ranks)
@@ -138,52 +190,161 @@ def mine_records(
     return out
 
 
-def category_stats(prefs: Iterable[dict[str, Any]]) -> dict[str, Any]:
-    """Category counts and shares, overall and per probed rank, plus closed-book accuracy."""
+def mine_loglik(
+    records: Sequence[RetrievalRecord],
+    generator: CachedGenerator,
+    cfg: MineConfig,
+    answer_ids: set[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Mine one chunk with the ``loglik`` rule: every (prompt, gold) pair scored in one cached ``loglik`` call.
+
+    Questions in ``answer_ids`` are also answered by generation (closed-book and per probe), so their probes carry
+    ``answer``/``hit``/``f1`` and the hit rule's category (``hit_category``) beside the loglik one.
+    """
+    answer_ids = answer_ids or set()
+    prompts: list[list[dict[str, str]]] = []
+    conts: list[str] = []
+    plan: list[tuple[list[int], list[str]]] = []
+    gen_prompts: list[list[dict[str, str]]] = []
+    for r in records:
+        ranks = probe_ranks(len(r.ctxs), all_ranks(cfg))
+        golds = scoring_golds(r.answers, cfg.loglik_max_golds)
+        plan.append((ranks, golds))
+        question_prompts = [qa_prompt(r.question, [])] + [qa_prompt(r.question, [r.ctxs[k - 1].render()]) for k in ranks]
+        for p in question_prompts:
+            for g in golds:
+                prompts.append(p)
+                conts.append(g)
+        if r.id in answer_ids:
+            gen_prompts.extend(question_prompts)
+    scores = generator.loglik(prompts, conts, desc="mine (loglik)")
+    answers = generator.generate(gen_prompts, cfg.generation_params(), desc="mine (answers)") if gen_prompts else []
+    out: list[dict[str, Any]] = []
+    i = j = 0
+    thresholds = (cfg.loglik_positive, cfg.loglik_negative)
+    for r, (ranks, golds) in zip(records, plan, strict=True):
+        values = []
+        for _ in range(1 + len(ranks)):
+            per_gold = [s / n for s, n in scores[i : i + len(golds)] if n > 0]
+            i += len(golds)
+            values.append(max(per_gold) if per_gold else float("-inf"))
+        answered = r.id in answer_ids
+        texts = answers[j : j + 1 + len(ranks)] if answered else []
+        j += len(texts)
+        before: dict[str, Any] = {"loglik": values[0]}
+        if answered:
+            cb = clean_answer(texts[0])
+            before.update({"answer": cb, **score(cb, r.answers)})
+        probes = []
+        for n, k in enumerate(ranks, start=1):
+            gain = values[n] - values[0]
+            probe: dict[str, Any] = {"rank": k, "ctx": _ctx_dict(r.ctxs[k - 1]), "loglik": values[n], "gain": gain,
+                                     "category": categorize_gain(gain, *thresholds)}
+            if answered:
+                answer = clean_answer(texts[n])
+                after = score(answer, r.answers)
+                probe.update({"answer": answer, **after, "hit_category": categorize(before, after, "hit")})
+            probes.append(probe)
+        rec: dict[str, Any] = {"id": r.id, "question": r.question, "answers": list(r.answers)}
+        if r.origin_id:
+            rec["origin_id"] = r.origin_id
+        rec["closed_book"] = before
+        rec["probes"] = probes
+        out.append(rec)
+    return out
+
+
+def category_stats(prefs: Iterable[dict[str, Any]], rule: str = "hit") -> dict[str, Any]:
+    """Category counts and shares, overall and per probed rank, plus closed-book accuracy (where answers exist).
+
+    Under the ``loglik`` rule also: the mean gain of answer-bearing and other passages, and the agreement with the
+    hit rule on the probes that were also answered (``agreement``: confusion counts and the share of probes whose
+    loglik category is aligned exactly when the hit rule's is, likewise unaligned).
+    """
+    cats = rule_categories(rule)
     overall: Counter[str] = Counter()
     per_rank: dict[int, Counter[str]] = {}
-    n = cb_hit = 0
+    n = answered = cb_hit = 0
     cb_f1 = 0.0
+    confusion: Counter[tuple[str, str]] = Counter()
+    gains: dict[str, list[float]] = {"answer_bearing": [], "other": []}
     for p in prefs:
         n += 1
-        cb_hit += int(p["closed_book"]["hit"])
-        cb_f1 += float(p["closed_book"]["f1"])
+        if "hit" in p["closed_book"]:
+            answered += 1
+            cb_hit += int(p["closed_book"]["hit"])
+            cb_f1 += float(p["closed_book"]["f1"])
         for probe in p["probes"]:
             overall[probe["category"]] += 1
             per_rank.setdefault(int(probe["rank"]), Counter())[probe["category"]] += 1
+            if "hit_category" in probe:
+                confusion[(probe["category"], probe["hit_category"])] += 1
+            if "gain" in probe and probe["ctx"].get("has_answer") is not None:
+                gains["answer_bearing" if probe["ctx"]["has_answer"] else "other"].append(float(probe["gain"]))
 
     def block(c: Counter[str]) -> dict[str, Any]:
         total = sum(c.values())
         return {
             "total": total,
-            "counts": {k: c.get(k, 0) for k in CATEGORIES},
-            "shares": {k: (c.get(k, 0) / total if total else 0.0) for k in CATEGORIES},
+            "counts": {k: c.get(k, 0) for k in cats},
+            "shares": {k: (c.get(k, 0) / total if total else 0.0) for k in cats},
         }
 
-    return {
+    out: dict[str, Any] = {
         "n_questions": n,
-        "closed_book": {"hit": cb_hit / n if n else 0.0, "f1": cb_f1 / n if n else 0.0},
+        "closed_book": {"hit": cb_hit / answered if answered else 0.0, "f1": cb_f1 / answered if answered else 0.0,
+                        "n_answered": answered},
         "overall": block(overall),
         "per_rank": {str(k): block(per_rank[k]) for k in sorted(per_rank)},
     }
+    if any(gains.values()):
+        out["mean_gain"] = {k: (sum(v) / len(v) if v else None) for k, v in gains.items()}
+        out["mean_gain"].update({f"n_{k}": len(v) for k, v in gains.items()})
+    if confusion:
+        total = sum(confusion.values())
+        same = sum(v for (a, b), v in confusion.items() if a == b or (a == "neutral" and b in ("both_correct", "both_wrong")))
+        out["agreement"] = {
+            "probes": total,
+            "agree": same / total,
+            "confusion": {f"{a}|{b}": v for (a, b), v in sorted(confusion.items())},
+        }
+    return out
 
 
 def summary_markdown(stats: dict[str, Any]) -> str:
-    """A markdown table of category counts and shares per probed rank (and overall)."""
-    head = "| rank | " + " | ".join(CATEGORIES) + " | total |"
+    """A markdown table of category counts and shares per probed rank (and overall), plus, for the loglik rule, the
+    mean gains and the agreement with the hit rule."""
+    cats = list(stats["overall"]["counts"])
+    head = "| rank | " + " | ".join(cats) + " | total |"
+    cb = stats["closed_book"]
+    cb_text = (f"closed-book hit {100 * cb['hit']:.1f}%, F1 {100 * cb['f1']:.1f}" if cb.get("n_answered", 1)
+               else "no closed-book answers generated")
     lines = [
         "# Preference mining summary",
         "",
-        f"Label rule: `{stats.get('label_rule', '?')}`; questions: {stats['n_questions']}; closed-book hit "
-        f"{100 * stats['closed_book']['hit']:.1f}%, F1 {100 * stats['closed_book']['f1']:.1f}.",
+        f"Label rule: `{stats.get('label_rule', '?')}`; questions: {stats['n_questions']}; {cb_text}.",
         "",
         head,
-        "|" + "---|" * (len(CATEGORIES) + 2),
+        "|" + "---|" * (len(cats) + 2),
     ]
     rows = [*stats["per_rank"].items(), ("all", stats["overall"])]
     for name, b in rows:
-        cells = [f"{b['counts'][k]} ({100 * b['shares'][k]:.1f}%)" for k in CATEGORIES]
+        cells = [f"{b['counts'][k]} ({100 * b['shares'][k]:.1f}%)" for k in cats]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {b['total']} |")
+    if "mean_gain" in stats:
+        g = stats["mean_gain"]
+
+        def fmt(v: float | None) -> str:
+            return "–" if v is None else f"{v:+.3f}"
+
+        lines += ["", f"Mean gain (nats per answer token): answer-bearing passages {fmt(g['answer_bearing'])} "
+                  f"({g['n_answer_bearing']}), other passages {fmt(g['other'])} ({g['n_other']})."]
+    if "agreement" in stats:
+        a = stats["agreement"]
+        lines += ["", f"## Agreement with the hit rule ({a['probes']} probes also answered by generation)", "",
+                  f"Same verdict (aligned/aligned, unaligned/unaligned, neutral/both-*): {100 * a['agree']:.1f}%.", "",
+                  "| loglik \\ hit | count |", "|---|---:|"]
+        lines += [f"| {k.replace('|', ' / ')} | {v} |" for k, v in a["confusion"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -227,6 +388,7 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
     prefs_path.touch()  # exists even when nothing is mined (e.g. no question has golds)
     done_ids = {d["id"] for d in done}
     todo = [r for r in records if r.id not in done_ids]
+    answer_ids = {r.id for r in records[: cfg.agreement_questions]}
 
     generator: CachedGenerator | None = None
     new: list[dict[str, Any]] = []
@@ -240,7 +402,10 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
             with rec.timer("mine"), open(prefs_path, "a", encoding="utf-8") as fh:
                 for start in range(0, len(todo), cfg.chunk_size):
                     chunk = todo[start : start + cfg.chunk_size]
-                    mined = mine_records(chunk, generator, cfg)
+                    if cfg.label_rule == "loglik":
+                        mined = mine_loglik(chunk, generator, cfg, answer_ids)
+                    else:
+                        mined = mine_records(chunk, generator, cfg)
                     for m in mined:
                         append_jsonl(fh, m)
                     new.extend(mined)
@@ -251,7 +416,7 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
 
     by_id = {d["id"]: d for d in [*done, *new]}
     prefs = [by_id[r.id] for r in records if r.id in by_id]
-    stats = category_stats(prefs)
+    stats = category_stats(prefs, cfg.label_rule)
     stats.update(
         {
             "label_rule": cfg.label_rule,

@@ -1,0 +1,170 @@
+"""The graded preference signal (method.md §13): teacher-forced answer log-probabilities and the loglik label rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from dpa_rag.generation import CachedGenerator, LoglikUnsupported
+from dpa_rag.generation.fake import FakeGenerator
+from dpa_rag.io import write_jsonl
+from dpa_rag.mining.labels import ALIGNED, NEUTRAL, UNALIGNED, categorize, categorize_gain
+from dpa_rag.mining.mine import MineConfig, run, scoring_golds
+from dpa_rag.mining.prompts import qa_prompt
+
+
+def _manual_loglik(gen, prompt, continuation: str) -> float:  # type: ignore[no-untyped-def]
+    """Sum of log p(continuation tokens) from one unpadded forward over prompt + continuation."""
+    import torch
+
+    prompt_ids = gen.encode(prompt)
+    cont_ids = gen.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt_ids + cont_ids])
+    with torch.no_grad():
+        logp = torch.log_softmax(gen.model(input_ids=ids).logits.float(), dim=-1)[0]
+    return float(sum(logp[len(prompt_ids) + t - 1, tok] for t, tok in enumerate(cont_ids)))
+
+
+@pytest.fixture(scope="module")
+def tiny_hf(tiny_llm_dir: Path):  # type: ignore[no-untyped-def]
+    from dpa_rag.generation.hf import HFGenerator
+
+    return HFGenerator(str(tiny_llm_dir), dtype="float32", device="cpu", batch_size=3)
+
+
+def test_hf_loglik_equals_hand_computed_and_batched_equals_single(tiny_hf) -> None:  # type: ignore[no-untyped-def]
+    prompts = [
+        qa_prompt("who was the first king of france", []),
+        qa_prompt("what river runs through paris", ["Title: Paris Content: the river of paris is the seine"]),
+        qa_prompt("who wrote the song", ["Title: Song Content: a long passage " + "about the song " * 12]),
+        "a plain string prompt",
+    ]
+    conts = ["the king", "seine", "the beatles", "yes"]
+    batched = tiny_hf.loglik(prompts, conts)
+    one_by_one = [tiny_hf.loglik([p], [c])[0] for p, c in zip(prompts, conts, strict=True)]
+    for (s_b, n_b), (s_1, n_1), p, c in zip(batched, one_by_one, prompts, conts, strict=True):
+        assert n_b == n_1 == len(tiny_hf.tokenizer(c, add_special_tokens=False)["input_ids"])
+        assert s_b == pytest.approx(s_1, abs=1e-4)
+        assert s_b == pytest.approx(_manual_loglik(tiny_hf, p, c), abs=1e-4)
+        assert s_b < 0
+    # the prompt's own tokens are not counted: a longer continuation has more tokens, not a longer prompt
+    (_, n_short), (_, n_long) = tiny_hf.loglik([prompts[0], prompts[2]], ["paris", "paris"])
+    assert n_short == n_long
+
+
+def test_mine_loglik_gain_is_best_normalised_gold_difference(run_dir: Path, tiny_hf) -> None:  # type: ignore[no-untyped-def]
+    ctxs = [{"id": f"c{j}", "title": f"Doc {j}", "text": t} for j, t in enumerate(
+        ["paris is the capital of france", "london is a city in england", "the nile is a river"])]
+    golds = ["Paris", "the city of paris", "paris"]  # the third normalises like the first: scored once
+    write_jsonl(run_dir / "ret.jsonl", [{"id": "q1", "question": "what is the capital of france", "answers": golds,
+                                         "ctxs": ctxs}])
+    cfg = MineConfig(retrieval=run_dir / "ret.jsonl", out_dir=run_dir / "mine", backend="hf", model="unused",
+                     label_rule="loglik", ranks=[1, 2, 3], agreement_questions=0, progress=False,
+                     cache_dir=run_dir / "cache")
+    pref = json.loads((run(cfg, backend=tiny_hf)).read_text().splitlines()[0])
+    used = scoring_golds(golds, 3)
+    assert used == ["Paris", "the city of paris"]
+
+    def best(prompt) -> float:  # type: ignore[no-untyped-def]
+        vals = []
+        for g in used:
+            s, n = tiny_hf.loglik([prompt], [g])[0]
+            vals.append(s / n)
+        return max(vals)
+
+    cb = best(qa_prompt(pref["question"], []))
+    assert pref["closed_book"]["loglik"] == pytest.approx(cb, abs=1e-4)
+    for probe, ctx in zip(pref["probes"], ctxs, strict=True):
+        from dpa_rag.data.schema import format_passage
+
+        with_passage = best(qa_prompt(pref["question"], [format_passage(ctx["title"], ctx["text"])]))
+        assert probe["loglik"] == pytest.approx(with_passage, abs=1e-4)
+        assert probe["gain"] == pytest.approx(with_passage - cb, abs=1e-4)
+        assert probe["category"] == categorize_gain(probe["gain"], 0.5, 0.5)
+        assert "answer" not in probe  # no generation without agreement questions
+
+
+def test_gain_thresholds_and_categorize() -> None:
+    assert categorize_gain(0.6) == ALIGNED and categorize_gain(-0.6) == UNALIGNED and categorize_gain(0.2) == NEUTRAL
+    assert categorize_gain(0.2, positive=0.1) == ALIGNED
+    assert categorize({"loglik": -3.0}, {"loglik": -1.0}, "loglik") == ALIGNED
+    assert categorize({}, {"gain": -1.0}, "loglik") == UNALIGNED
+    with pytest.raises(ValueError):
+        categorize_gain(0.0, positive=-1)
+
+
+def _fake_retrieval(path: Path, n: int = 8) -> Path:
+    names = ["Paris", "London", "Berlin", "Rome", "Madrid", "Tokyo", "Cairo", "Lima", "Oslo", "Vienna"]
+    records = []
+    for i in range(n):
+        gold, wrong = names[i % len(names)], names[(i + 1) % len(names)]
+        ctxs = [{"title": f"T{i}{j}", "text": f"{gold if j % 2 == i % 2 else wrong} is the city, note {j}.",
+                 "has_answer": j % 2 == i % 2} for j in range(4)]
+        records.append({"id": f"q{i}", "question": f"what is city number {i}", "answers": [gold], "ctxs": ctxs})
+    write_jsonl(path, records)
+    return path
+
+
+class KilledScorer(FakeGenerator):
+    """The fake backend, killed when asked for its ``die_at``-th loglik batch."""
+
+    def __init__(self, die_at: int | None = None) -> None:
+        super().__init__()
+        self.die_at = die_at
+        self.loglik_batches = 0
+
+    def loglik(self, prompts, continuations):  # type: ignore[no-untyped-def]
+        self.loglik_batches += 1
+        if self.die_at is not None and self.loglik_batches >= self.die_at:
+            raise KeyboardInterrupt("simulated kill")
+        return super().loglik(prompts, continuations)
+
+
+def _cfg(run_dir: Path, out: str, cache: str, **kw: object) -> MineConfig:
+    base = {"retrieval": _fake_retrieval(run_dir / "ret.jsonl"), "out_dir": run_dir / out, "backend": "fake",
+            "cache_dir": run_dir / cache, "label_rule": "loglik", "ranks": [1], "probe_top": 4, "batch_size": 4,
+            "chunk_size": 3, "progress": False, "agreement_questions": 4}
+    return MineConfig(**{**base, **kw})
+
+
+def test_mine_loglik_stats_agreement_and_cache(run_dir: Path) -> None:
+    backend = KilledScorer()
+    path = run(_cfg(run_dir, "mine", "cache"), backend=backend)
+    prefs = [json.loads(x) for x in path.read_text().splitlines()]
+    assert all(len(p["probes"]) == 4 for p in prefs)  # probe_top 4 probes every rank
+    cats = {p["category"] for pref in prefs for p in pref["probes"]}
+    assert cats == {ALIGNED, NEUTRAL}  # the fake: a passage holding the answer gains 1.9 nats/token; others 0
+    neutral = [p for pref in prefs for p in pref["probes"] if not p["ctx"]["has_answer"]]
+    assert neutral and all(p["gain"] == pytest.approx(0.0) for p in neutral)
+    assert [("answer" in prefs[i]["probes"][0]) for i in range(6)] == [True] * 4 + [False] * 2
+    stats = json.loads((run_dir / "mine" / "stats.json").read_text())
+    assert stats["overall"]["counts"] == {"aligned": 16, "unaligned": 0, "neutral": 16}
+    assert stats["mean_gain"]["answer_bearing"] == pytest.approx(1.9) and stats["mean_gain"]["other"] == 0.0
+    assert stats["agreement"]["probes"] == 16
+    assert "Agreement with the hit rule" in (run_dir / "mine" / "summary.md").read_text()
+    # a second run with a fresh output folder costs no model call
+    again = KilledScorer(die_at=1)
+    assert run(_cfg(run_dir, "mine2", "cache"), backend=again).read_bytes() == path.read_bytes()
+
+
+def test_kill_during_loglik_mining_resumes_to_identical_output(run_dir: Path) -> None:
+    clean = run(_cfg(run_dir, "clean", "cache-clean"), backend=KilledScorer())
+    with pytest.raises(KeyboardInterrupt):
+        run(_cfg(run_dir, "resumed", "cache-resumed"), backend=KilledScorer(die_at=8))
+    partial = (run_dir / "resumed" / "preferences.jsonl").read_text().splitlines()
+    assert 0 < len(partial) < 8
+    resumed = run(_cfg(run_dir, "resumed", "cache-resumed"), backend=KilledScorer())
+    assert resumed.read_bytes() == clean.read_bytes()
+
+
+def test_backend_without_loglik_fails_clearly() -> None:
+    class NoScores:
+        model_id = "x"
+
+        def generate(self, prompts, params):  # type: ignore[no-untyped-def]
+            return ["a"] * len(prompts)
+
+    with pytest.raises(LoglikUnsupported, match="cannot score"):
+        CachedGenerator(NoScores(), None).loglik(["p"], ["a"])
