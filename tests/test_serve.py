@@ -449,3 +449,15 @@ def test_cli_serve_in_a_subprocess(base_cfg: dict, tmp_path: Path):
     bad = subprocess.run([*cmd[:4], "--api-key-env", "DPA_UNSET_VARIABLE_X", "--backend", "fake"], env=env,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "DPA_UNSET_VARIABLE_X" in bad.stderr
+
+
+def test_cli_help_documents_every_option():
+    from typer.main import get_command
+    from typer.testing import CliRunner
+
+    from dpa_rag.cli.main import app
+
+    res = CliRunner().invoke(app, ["serve", "--help"])
+    assert res.exit_code == 0 and "Usage" in res.output
+    cmd = get_command(app).commands["serve"]  # type: ignore[attr-defined]
+    assert all(p.help for p in cmd.params if p.param_type_name == "option" and p.name != "help")

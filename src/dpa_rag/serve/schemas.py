@@ -39,7 +39,7 @@ class RerankRequest(_Body):
     @model_validator(mode="after")
     def _one_list(self) -> RerankRequest:
         if (self.texts is None) == (self.documents is None):
-            raise ValueError("give either texts (TEI format) or documents (Cohere format)")
+            raise ValueError("texts, documents: give one of them (texts: TEI format, documents: Cohere format)")
         return self
 
     @property
