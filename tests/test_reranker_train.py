@@ -240,7 +240,7 @@ def test_minilm_two_steps_mgda_and_crossencoder(authors, run_dir):
 
     out = train_reranker(TrainRerankerConfig(
         train=str(authors["train"]), valid=str(authors["valid"]), out_dir=str(run_dir / "m"), backbone="minilm",
-        max_steps=2, max_length=64, batch_size=1,
+        kind="cross-encoder", max_steps=2, max_length=64, batch_size=1,
     ))
     log = json.loads((out / "train_log.json").read_text())
     assert len(log["steps"]) == 2 and all(abs(sum(s["weights"].values()) - 1) < 1e-9 for s in log["steps"])

@@ -84,6 +84,13 @@ class TrainRerankerConfig(StageConfig):
         "minilm", description="Encoder: bundled alias, hub id or folder.",
         json_schema_extra={"cli": ["--pretrained_model_path"]},
     )
+    kind: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
+        "auto",
+        description="Reranker kind: auto = bi-encoder (scaled cosine, starts at the dense retriever's quality) for "
+        "sentence-transformers embedding backbones such as the bundled MiniLM, cross-encoder for everything else "
+        "(bge-reranker, ms-marco cross-encoders, plain encoders: the paper's choice).",
+    )
+    bi_scale: float = Field(20.0, gt=0, description="Bi-encoder: initial scale s of the cosine (learned).")
     head: Literal["single", "two-class"] = Field(
         "single", description="single = 1 relevance logit (CrossEncoder-compatible); two-class = the authors' head."
     )
@@ -248,6 +255,9 @@ class RerankConfig(StageConfig):
     fusion: str = Field(
         "saved",
         description="Blend in the retriever rank: saved (weight chosen at training), off, or a reranker weight 0-1.",
+    )
+    kind: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
+        "auto", description="Reranker kind (auto: detected from the model folder)."
     )
     records_per_chunk: int = Field(64, ge=1, description="Questions scored together (bounds memory).")
     limit: int | None = Field(None, description="Only the first N questions.")

@@ -1,4 +1,4 @@
-"""Reranker inference: score (query, passage) pairs fast and rerank DPR-style retrieval records.
+"""Reranker inference (cross-encoders and bi-encoders): score (query, passage) pairs fast and rerank DPR-style retrieval records.
 
 :func:`predict_logits` tokenises all pairs once, sorts them by token length (stable), runs length-bucketed batches
 under ``torch.inference_mode`` and returns the logits in input order. :class:`Reranker` wraps a trained reranker
@@ -78,6 +78,11 @@ def predict_logits(
     Identical pairs are scored once. The model is put in eval mode for the call and restored afterwards.
     ``batch_size``: pairs per forward (default: :func:`resolve_batch_size` for the model's device).
     """
+    if getattr(model, "is_bi_encoder", False):
+        from dpa_rag.reranker.biencoder import score_bi
+
+        return score_bi(model, [(str(q), str(d)) for q, d in pairs], resolve_batch_size(
+            batch_size, next(model.parameters()).device), max_length)
     n_labels = int(model.config.num_labels)
     if not pairs:
         return torch.zeros(0, n_labels)
@@ -131,6 +136,9 @@ class Reranker:
         fusion: how :meth:`rerank` blends in the retriever's rank: ``saved`` (the weight chosen at training, if
             any; none = pure reranker), ``off`` (pure reranker) or a reranker weight in ``[0, 1]`` as a number
             or string (``0`` = retriever order).
+        kind: ``auto`` (see :func:`dpa_rag.reranker.biencoder.resolve_kind`: a bi-encoder for sentence-transformers
+            embedding models and folders saved as bi-encoder rerankers, else a cross-encoder), ``cross-encoder`` or
+            ``bi-encoder``.
 
     Example:
         >>> rr = Reranker("runs/reranker/model")
@@ -146,13 +154,28 @@ class Reranker:
         max_length: int = 512,
         score: str | None = None,
         fusion: str | float = "saved",
+        kind: str = "auto",
     ) -> None:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from dpa_rag.models import pick_device, resolve_encoder
+        from dpa_rag.reranker.biencoder import load_biencoder, resolve_kind
 
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
+        self.kind = resolve_kind(model_path, kind)
+        self.batch_size = resolve_batch_size(batch_size, self.device)
+        self.max_length = max_length
+        if self.kind == "bi-encoder":
+            self.model = load_biencoder(model_path, device=self.device, max_length=max_length).to(self.dtype)
+            self.model.eval()
+            self.tokenizer = self.model.tokenizer
+            self.score_mode = "cosine"
+            saved = self.model.config.dpa_rag
+            self.fusion_alpha = resolve_alpha(fusion, saved.get("retriever_fusion"))
+            logger.info("reranker %s (bi-encoder) on %s (%s), retriever fusion %s", model_path, self.device,
+                        self.dtype, "off" if self.fusion_alpha is None else f"alpha={self.fusion_alpha:g}")
+            return
         path = resolve_encoder(model_path)
         self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype).to(self.device)
         self.model.eval()
@@ -162,15 +185,18 @@ class Reranker:
             raise ValueError(f"{model_path}: a reranker needs 1 or 2 labels, the model has {n}")
         saved = getattr(self.model.config, "dpa_rag", None) or {}
         self.score_mode = score or saved.get("score") or ("logit" if n == 1 else "prob")
-        self.batch_size = resolve_batch_size(batch_size, self.device)
-        self.max_length = max_length
         self.fusion_alpha = resolve_alpha(fusion, saved.get("retriever_fusion"))
         logger.info("reranker %s on %s (%s), score %s, retriever fusion %s", model_path, self.device, self.dtype,
                     self.score_mode, "off" if self.fusion_alpha is None else f"alpha={self.fusion_alpha:g}")
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
-        """Scores of ``(query, passage)`` pairs, in input order."""
+        """Scores of ``(query, passage)`` pairs, in input order (a bi-encoder's: the cosine similarity)."""
         from dpa_rag.reranker.model import inference_scores
+
+        if self.kind == "bi-encoder":
+            from dpa_rag.reranker.biencoder import score_bi
+
+            return score_bi(self.model, pairs, self.batch_size, self.max_length, cosine=True).tolist()
 
         logits = predict_logits(self.model, self.tokenizer, pairs, self.batch_size, self.max_length)
         return inference_scores(logits, self.score_mode).tolist()
@@ -212,23 +238,22 @@ def run_rerank(cfg: Any) -> Any:
     from pathlib import Path
 
     from dpa_rag.data.loaders import load_retrieval
-    from dpa_rag.io import atomic_open
-    from dpa_rag.stage import stage_recorder
+    from dpa_rag.stage import ChunkLog, resume_state, stage_recorder
 
     out_dir = Path(cfg.out_dir)
     rec = stage_recorder("rerank", cfg, out_dir, [cfg.input])
     records = load_retrieval(cfg.input, limit=cfg.limit)
-    reranker = Reranker(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.max_length, cfg.score, cfg.fusion)
+    reranker = Reranker(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.max_length, cfg.score, cfg.fusion,
+                        kind=getattr(cfg, "kind", "auto"))
     out = out_dir / "reranked.jsonl"
-    n_pairs = 0
-    import json
-
-    with rec.timer("rerank"), atomic_open(out) as fh:
-        for start in range(0, len(records), cfg.records_per_chunk):
-            chunk = records[start : start + cfg.records_per_chunk]
-            n_pairs += sum(len(r.ctxs) for r in chunk)
-            for r in reranker.rerank(chunk, cfg.top_k):
-                fh.write(json.dumps(r.model_dump(mode="json", exclude_none=True), ensure_ascii=False) + "\n")
-            logger.info("reranked %d/%d questions", min(start + cfg.records_per_chunk, len(records)), len(records))
+    n_pairs = sum(len(r.ctxs) for r in records)
+    # finished chunks go to reranked.partial.jsonl: a killed run resumes at its first unfinished chunk
+    state = resume_state(cfg, [cfg.input, cfg.model])
+    per = cfg.records_per_chunk
+    with rec.timer("rerank"), ChunkLog(out_dir, "reranked", state, [r.id for r in records], per) as log:
+        for start in range(log.start, len(records), per):
+            log.append(reranker.rerank(records[start : start + per], cfg.top_k))
+            logger.info("reranked %d/%d questions", min(start + per, len(records)), len(records))
+    log.finish(rename_to=out)
     rec.finish(outputs=["reranked.jsonl"], questions=len(records), pairs=n_pairs)
     return out

@@ -80,6 +80,13 @@ def compute_losses(
         chunk_size: rows per forward (``None`` or 0 = one forward; with ``separate``, per group).
         separate: one forward per group (``group_bounds``), each cut to its own padding: the authors' layout.
     """
+    if "text_input_ids" in batch:  # a BiEncoderCollator batch
+        from dpa_rag.reranker.biencoder import encode_bi, encode_bi_groups
+
+        if separate and not batch.get("grouped", False):
+            raise ValueError("separate passes need a batch collated with BiEncoderCollator(grouped=True)")
+        out = encode_bi_groups(model, batch, chunk_size) if separate else encode_bi(model, batch, chunk_size)
+        return losses_from_outputs(out, batch, modules), out
     if separate:
         if not batch.get("grouped", False):
             raise ValueError("separate passes need a batch collated with FusedCollator(sort=False, dedupe=False)")

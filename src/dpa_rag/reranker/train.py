@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
 from dpa_rag.io import write_json, write_text
 from dpa_rag.models import pick_device
+from dpa_rag.reranker.biencoder import BiEncoderCollator, load_biencoder, resolve_kind
 from dpa_rag.reranker.config import TrainRerankerConfig, parse_loss_weights
 from dpa_rag.reranker.data import FusedCollator, RerankerTrainDataset, check_train_records
 from dpa_rag.reranker.evaluation import PairEvaluator, retrieval_metrics
@@ -182,7 +184,15 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     device = pick_device(cfg.device)
     use_cpu = device == "cpu"
     set_seed(cfg.seed)
-    model, tokenizer = load_reranker_model(cfg.backbone, cfg.head, cfg.score)
+    kind = resolve_kind(cfg.backbone, cfg.kind)
+    if kind == "bi-encoder":
+        model = load_biencoder(cfg.backbone, max_length=cfg.max_length)
+        model.log_scale.data.fill_(math.log(cfg.bi_scale))
+        model.bias.data.fill_(-cfg.bi_scale / 2)
+        tokenizer = model.tokenizer
+    else:
+        model, tokenizer = load_reranker_model(cfg.backbone, cfg.head, cfg.score)
+    logger.info("reranker kind: %s (backbone %s)", kind, cfg.backbone)
     if not use_cpu:
         model.to(device)
     modules = build_losses(losses, model.config.num_labels, cfg.temperature, cfg.temperature, cfg.contrastive_anchor)
@@ -199,7 +209,10 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         )
 
     with rec.timer("warmup"):
-        warmup = _relevance_warmup(cfg, model, tokenizer, train, out_dir, use_cpu)
+        if kind == "bi-encoder":
+            warmup = None  # an embedding model already ranks by relevance: nothing to warm up
+        else:
+            warmup = _relevance_warmup(cfg, model, tokenizer, train, out_dir, use_cpu)
     if warmup is not None and eval_records is not None and "examples" in warmup:
         retrieval_report["after relevance warm-up"] = _rank_retrieval(
             model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score
@@ -218,9 +231,13 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     )
     chunk_size = resolve_chunk_size(cfg.forward_chunk_size, use_cpu)
     logger.info("training forwards: %s rows each", chunk_size or "all")
-    grouped = cfg.weighting == "mgda"  # per-group passes: each loss's parameter gradient only sees its own rows
-    collator = FusedCollator(tokenizer, losses, cfg.max_length, query_anchor=cfg.contrastive_anchor == "query",
-                             sort=not grouped, dedupe=not grouped)
+    grouped = weighting.needs == "parameters"  # per-group passes: each loss's parameter gradient only sees its own rows
+    if kind == "bi-encoder":
+        collator: Any = BiEncoderCollator(tokenizer, losses, cfg.max_length,
+                                          query_anchor=cfg.contrastive_anchor == "query", grouped=grouped)
+    else:
+        collator = FusedCollator(tokenizer, losses, cfg.max_length, query_anchor=cfg.contrastive_anchor == "query",
+                                 sort=not grouped, dedupe=not grouped)
     trainer = RerankerTrainer(
         model=model, args=args, train_dataset=RerankerTrainDataset(train), eval_dataset=evaluator,
         data_collator=collator, processing_class=tokenizer, loss_modules=modules, weighting=weighting,
@@ -276,16 +293,21 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         "retriever_fusion": fusion,
         "forward_chunk_size": chunk_size,
         "fast_dropout": fast_dropout,
+        "kind": kind,
+        **({"scale": float(model.scale.detach()), "bias": float(model.bias.detach())} if kind == "bi-encoder" else {}),
     })
 
     model_dir = out_dir / "model"
-    trainer.save_model(str(model_dir))
-    tokenizer.save_pretrained(str(model_dir))
+    if kind == "bi-encoder":
+        model.save(model_dir)
+    else:
+        trainer.save_model(str(model_dir))
+        tokenizer.save_pretrained(str(model_dir))
     write_text(model_dir / "README.md", render_model_card(
         config=cfg.to_dict(), head=head_of(model), score=cfg.score if cfg.head == "two-class" else "logit",
         losses={k: m.get_config_dict() for k, m in modules.items()}, weighting=weighting.get_config_dict(),
         valid_metrics=valid_metrics, test_metrics=test_metrics, retrieval_report=retrieval_report or None,
-        warmup=warmup, fusion=fusion,
+        warmup=warmup, fusion=fusion, kind=kind,
     ))
     outputs = ["model", "train_log.json", "valid_metrics.json", "test_metrics.json"]
     if eval_records is not None:
