@@ -1,9 +1,11 @@
-"""Evaluation: pure answer/ranking metrics, prediction-file evaluation, markdown/JSON/plot reports."""
+"""Evaluation: pure answer/ranking metrics, prediction-file evaluation, paired bootstrap comparisons, reports."""
 
 from __future__ import annotations
 
+from dpa_rag.eval.bootstrap import paired_bootstrap
 from dpa_rag.eval.evaluate import EvaluateConfig, evaluate_predictions, load_predictions, run_evaluate
 from dpa_rag.eval.metrics import exact_match, f1, hit, hit_word, normalize_answer, score_answer
+from dpa_rag.eval.paired import paired_markdown, paired_table, question_scores
 from dpa_rag.eval.report import bar_plot, markdown_table, write_report
 
 __all__ = [
@@ -17,6 +19,10 @@ __all__ = [
     "load_predictions",
     "markdown_table",
     "normalize_answer",
+    "paired_bootstrap",
+    "paired_markdown",
+    "paired_table",
+    "question_scores",
     "run_evaluate",
     "score_answer",
     "write_report",

@@ -2,7 +2,9 @@
 
 * :func:`evaluate_predictions` — pure: prediction records in, ``dict[str, float]`` out (×100, optional key prefix).
 * :func:`load_predictions` — read and validate a predictions file (errors name file and line).
-* :func:`run_evaluate` — the ``dpa-rag evaluate`` stage: several files → ``metrics.json``, ``report.md``, a plot.
+* :func:`run_evaluate` — the ``dpa-rag evaluate`` stage: several files → ``metrics.json``, ``report.md``, a plot;
+  with ``baseline``, paired differences of every other system against it with bootstrap intervals
+  (:func:`~dpa_rag.eval.paired.paired_table`).
 
 Metrics are recomputed from each record's ``prediction`` and gold ``answers``; a ``scores`` field in the file is
 ignored, so files written by other tools are scored the same way.
@@ -19,6 +21,7 @@ from pydantic import Field, model_validator
 
 from dpa_rag.config import ConfigError, StageConfig
 from dpa_rag.eval.metrics import exact_match, f1, hit, hit_word
+from dpa_rag.eval.paired import paired_markdown, paired_table
 from dpa_rag.eval.report import bar_plot, write_report
 from dpa_rag.io import DataError, read_records
 from dpa_rag.stage import stage_recorder
@@ -167,6 +170,14 @@ class EvaluateConfig(StageConfig):
     out_dir: Path = Field(description="Folder for metrics.json, report.md and metrics.png.")
     title: str = Field("QA evaluation", description="Report title.")
     plot: bool = Field(True, description="Also draw metrics.png (Hits@1/EM/F1 bars per system).")
+    baseline: list[str] = Field(
+        default_factory=list,
+        description="System name(s) to compare every other system to: paired differences of Hits@1, EM and F1 "
+        "with bootstrap confidence intervals, questions aligned by id.",
+    )
+    bootstrap_resamples: int = Field(10000, ge=1, description="Paired bootstrap: resamples of the questions.")
+    bootstrap_seed: int = Field(0, description="Paired bootstrap: random seed.")
+    confidence: float = Field(0.95, gt=0.0, lt=1.0, description="Paired bootstrap: confidence level of the intervals.")
 
     @model_validator(mode="after")
     def _check(self) -> EvaluateConfig:
@@ -175,13 +186,40 @@ class EvaluateConfig(StageConfig):
         return self
 
 
+def _paired_section(rows: Sequence[dict[str, Any]], cfg: EvaluateConfig) -> str:
+    pct = f"{100 * cfg.confidence:g}%"
+    return (
+        "## Paired differences (system vs baseline)\n\n"
+        f"Δ = system − baseline in points (×100) on the questions both answered (aligned by id; n); [lo, hi] = "
+        f"{pct} paired bootstrap percentile interval ({cfg.bootstrap_resamples} resamples of the questions, seed "
+        f"{cfg.bootstrap_seed}); * = the interval excludes 0.\n\n" + paired_markdown(rows, cfg.confidence)
+    )
+
+
 def run_evaluate(cfg: EvaluateConfig) -> Path:
-    """Score every predictions file; write ``metrics.json``, ``report.md`` (and ``metrics.png``); return the report."""
+    """Score every predictions file; write ``metrics.json``, ``report.md`` (and ``metrics.png``); return the report.
+
+    With ``cfg.baseline``, ``metrics.json`` also gets a ``paired`` block (``confidence``, ``n_resamples``, ``seed``,
+    ``rows`` of :func:`~dpa_rag.eval.paired.paired_table`) and the report a table of the differences.
+
+    Raises:
+        ConfigError: a baseline that is not one of the systems, or a system named ``paired`` next to a baseline.
+        DataError: a malformed file, or files that do not answer the same question ids (the file is named).
+    """
     systems = parse_prediction_specs(cfg.predictions, cfg.name)
+    unknown = [b for b in cfg.baseline if b not in systems]
+    if unknown:
+        raise ConfigError(f"--baseline {unknown[0]!r} is not one of the systems: {', '.join(systems)}")
+    if cfg.baseline and "paired" in systems:
+        raise ConfigError("a system named 'paired' clashes with the paired block of metrics.json; rename it")
+    if cfg.baseline and len(systems) < 2:
+        raise ConfigError("--baseline needs at least two systems to compare")
     rec = stage_recorder("evaluate", cfg, cfg.out_dir, systems.values())
     results: dict[str, dict[str, float]] = {}
+    records: dict[str, list[dict[str, Any]]] = {}
     for name, path in systems.items():
-        results[name] = evaluate_predictions(load_predictions(path))
+        records[name] = load_predictions(path)
+        results[name] = evaluate_predictions(records[name])
         logger.info(
             "%s: Hits@1 %.2f  EM %.2f  F1 %.2f  (n=%d)",
             name,
@@ -190,8 +228,20 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
             results[name]["f1"],
             results[name]["n"],
         )
+    sections: list[str] = []
+    extra_json: dict[str, Any] = {}
+    if cfg.baseline:
+        rows = paired_table(records, cfg.baseline, n_resamples=cfg.bootstrap_resamples, seed=cfg.bootstrap_seed,
+                            confidence=cfg.confidence, sources=systems)
+        for r in rows:
+            logger.info("%s vs %s: Δ %s %+.2f [%+.2f, %+.2f] (n=%d)", r["system"], r["baseline"], r["metric"],
+                        r["diff"], r["lo"], r["hi"], r["n"])
+        extra_json["paired"] = {"confidence": cfg.confidence, "n_resamples": cfg.bootstrap_resamples,
+                                "seed": cfg.bootstrap_seed, "rows": rows}
+        sections.append(_paired_section(rows, cfg))
     sources = "\n".join(f"- **{n}**: `{p}`" for n, p in systems.items())
-    report = write_report(results, cfg.out_dir, title=cfg.title, extra_sections=[f"## Inputs\n\n{sources}"])
+    sections.append(f"## Inputs\n\n{sources}")
+    report = write_report(results, cfg.out_dir, title=cfg.title, extra_sections=sections, extra_json=extra_json)
     outputs = ["metrics.json", "report.md"]
     if cfg.plot:
         bar_plot(results, Path(cfg.out_dir) / "metrics.png", title=cfg.title)

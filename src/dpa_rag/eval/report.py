@@ -96,6 +96,7 @@ def write_report(
     out_dir: str | Path,
     title: str = "QA evaluation",
     extra_sections: Sequence[str] = (),
+    extra_json: Mapping[str, object] | None = None,
 ) -> Path:
     """Write ``metrics.json`` (``results`` as is) and ``report.md`` into ``out_dir``; return the report's path.
 
@@ -104,9 +105,17 @@ def write_report(
         out_dir: created if missing.
         title: the report's heading.
         extra_sections: markdown blocks appended after the tables (e.g. inputs, settings, notes).
+        extra_json: top-level blocks added to ``metrics.json`` after the systems (e.g. ``{"paired": ...}``); a key
+            equal to a system name is an error.
+
+    Raises:
+        ValueError: a key of ``extra_json`` is also a system name.
     """
     out_dir = Path(out_dir)
-    write_json(out_dir / "metrics.json", {name: dict(r) for name, r in results.items()})
+    clash = [k for k in extra_json or {} if k in results]
+    if clash:
+        raise ValueError(f"metrics.json block(s) {clash} clash with system names")
+    write_json(out_dir / "metrics.json", {**{name: dict(r) for name, r in results.items()}, **(extra_json or {})})
     return write_text(out_dir / "report.md", render_report(results, title, extra_sections))
 
 
