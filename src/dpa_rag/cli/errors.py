@@ -2,9 +2,10 @@
 
 Expected failures are bad data or configuration (:class:`~dpa_rag.io.DataError`, :class:`~dpa_rag.config.ConfigError`,
 ``ValueError``), models that cannot be found or loaded, file-system errors, a server that keeps failing after the
-retries, and running out of memory. Each is printed as a single line that names the file (and line), the model or
-the endpoint, and what to do; ``-v``/``--debug`` adds the traceback. Anything else is a bug: a one-line summary, a
-pointer to ``dpa-rag env`` for the report, then the traceback, and exit code 1.
+retries, a backend that cannot score answers (:class:`~dpa_rag.generation.base.LoglikUnsupported`), and running out of
+memory. Each is printed as a single line that names the file (and line), the model or the endpoint, and what to do;
+``-v``/``--debug`` adds the traceback. Anything else is a bug: a one-line summary, a pointer to ``dpa-rag env`` for the
+report, then the traceback, and exit code 1.
 """
 
 from __future__ import annotations
@@ -65,11 +66,13 @@ def _is_oom(exc: BaseException) -> bool:
 def explain(exc: BaseException) -> str | None:
     """The one-line message for an expected failure, or ``None`` when ``exc`` is unexpected (a bug)."""
     from dpa_rag.config import ConfigError
+    from dpa_rag.generation.base import LoglikUnsupported
     from dpa_rag.generation.openai_compat import BackendError
     from dpa_rag.io import DataError
     from dpa_rag.models import ModelError, explain_model_error
+    from dpa_rag.pipeline.launcher import LaunchError
 
-    if isinstance(exc, (ConfigError, DataError, ModelError, BackendError)):
+    if isinstance(exc, (ConfigError, DataError, ModelError, BackendError, LoglikUnsupported, LaunchError)):
         return _one_line(str(exc))
     if _is_oom(exc):
         return (

@@ -111,6 +111,12 @@ class GeneratorOptions(BaseModel):
     )
     base_url: str | None = Field(None, description="OpenAI-compatible server URL, e.g. http://localhost:8000/v1.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (openai).")
+    tokenizer: str | None = Field(
+        None,
+        description="openai: the served model's tokenizer (hub id, local folder or bundled alias) whose chat "
+        "template renders chats for answer scoring (label_rule loglik), as the server would; without it chats are "
+        "scored as plain 'role: content' text (with a warning).",
+    )
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="Weights/compute dtype for hf/vllm; auto picks bf16 where the hardware runs it fast."
     )
