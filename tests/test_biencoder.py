@@ -23,7 +23,7 @@ def _records(n: int = 6) -> list[dict]:
     for i in range(n):
         c, o = cities[i % len(cities)], cities[(i + 3) % len(cities)]
         pos = [f"Title: {c} Content: {c} is the capital city of the country {c}", f"Title: {c} Content: the {c} city"]
-        neg = [f"Title: {o} Content: the {o} river and the king", f"Title: moon Content: the moon and the sun"]
+        neg = [f"Title: {o} Content: the {o} river and the king", "Title: moon Content: the moon and the sun"]
         out.append({"query": f"what is the capital city {c}", "classification": {"text": pos[0], "label": 1},
                     "rank_list": [pos[0], pos[1], neg[0], neg[1]], "positive": pos, "negative": neg})
     return out

@@ -168,3 +168,56 @@ def test_backend_without_loglik_fails_clearly() -> None:
 
     with pytest.raises(LoglikUnsupported, match="cannot score"):
         CachedGenerator(NoScores(), None).loglik(["p"], ["a"])
+
+
+def test_utility_metrics_by_hand() -> None:
+    from dpa_rag.reranker.evaluation import utility_metrics
+
+    lists = [{"question": "q", "ctxs": [
+        {"text": "a", "rank": 1, "gain": -1.0, "category": "unaligned", "has_answer": False},
+        {"text": "b", "rank": 2, "gain": 2.0, "category": "aligned", "has_answer": True},
+        {"text": "c", "rank": 3, "gain": 1.0, "category": "aligned", "has_answer": True}]}]
+    retr = utility_metrics(lists, "retriever", k_values=(1, 3))
+    oracle = utility_metrics(lists, "oracle", k_values=(1, 3))
+    model = utility_metrics(lists, [[0.1, 0.2, 0.9]], k_values=(1, 3))  # c, b, a
+    import math
+
+    idcg = 2.0 + 1.0 / math.log2(3)
+    assert retr["ndcg_at_1"] == 0.0 and retr["mrr_aligned"] == 0.5 and retr["top1_gain"] == -1.0
+    assert retr["ndcg_at_3"] == pytest.approx((2.0 / math.log2(3) + 1.0 / 2.0) / idcg)
+    assert oracle["ndcg_at_1"] == 1.0 and oracle["ndcg_at_3"] == pytest.approx(1.0) and oracle["top1_gain"] == 2.0
+    assert model["ndcg_at_1"] == pytest.approx(0.5) and model["mrr_aligned"] == 1.0 and model["top1_has_answer"] == 1.0
+
+
+def test_graded_preferences_build_ranked_data_and_utility_report(run_dir: Path, tiny_bert_dir: Path) -> None:
+    from dpa_rag.data.authors import load_reranker_train
+    from dpa_rag.mining.reranker_data import RerankerDataConfig
+    from dpa_rag.mining.reranker_data import run as build
+    from dpa_rag.reranker.config import TrainRerankerConfig
+    from dpa_rag.reranker.train import train_reranker
+
+    retrieval = _fake_retrieval(run_dir / "ret.jsonl", n=10)
+    prefs = run(MineConfig(retrieval=retrieval, out_dir=run_dir / "mine", backend="fake", label_rule="loglik",
+                           probe_top=4, agreement_questions=0, progress=False, cache_dir=run_dir / "cache"))
+    data = build(RerankerDataConfig(preferences=prefs, out_dir=run_dir / "data", train_fraction=0.6,
+                                    valid_fraction=0.2, test_fraction=0.2))
+    stats = json.loads((data / "stats.json").read_text())
+    assert stats["pool"] == "ranked" and stats["graded"] is True
+    train = load_reranker_train(data / "train.jsonl")
+    assert len(train) == stats["split_questions"]["train"]  # every question with 2 probes of different gain trains
+    for rec in train:  # best gain first: the answer-bearing passages lead the rank list
+        assert "is the city" in rec.rank_list[0] and rec.positive[0] != rec.negative[0]
+    lists = [json.loads(x) for x in (data / "valid_lists.jsonl").read_text().splitlines()]
+    assert lists and all(len(r["ctxs"]) == 4 and all("gain" in c for c in r["ctxs"]) for r in lists)
+    out = train_reranker(TrainRerankerConfig(
+        train=str(data / "train.jsonl"), utility_valid=str(data / "valid_lists.jsonl"),
+        utility_test=str(data / "test_lists.jsonl"), backbone=str(tiny_bert_dir), kind="bi-encoder",
+        out_dir=str(run_dir / "rr"), epochs=1, batch_size=2, max_length=64, device="cpu",
+        metric_for_best_model="utility_ndcg_at_3",
+    ))
+    report = json.loads((out / "utility_metrics.json").read_text())
+    assert list(report) == ["retriever order", "oracle (largest gain first)", "untrained model", "aligned reranker"]
+    assert report["oracle (largest gain first)"]["ndcg_at_1"] == pytest.approx(1.0)
+    assert "Utility ranking on held-out questions" in (out / "model" / "README.md").read_text()
+    valid = json.loads((out / "valid_metrics.json").read_text())
+    assert "eval_utility_ndcg_at_3" in valid

@@ -197,9 +197,9 @@ class CachedGenerator:
                         )
                     self.calls += len(first)
                     if self.cache is not None:
-                        self.cache.put_many(
-                            self.model_id, [(k, json.dumps([float(o[0]), int(o[1])])) for k, o in zip(batch_keys, outs, strict=True)]
-                        )
+                        rows = [(k, json.dumps([float(o[0]), int(o[1])]))
+                                for k, o in zip(batch_keys, outs, strict=True)]
+                        self.cache.put_many(self.model_id, rows)
                     for k, o in zip(batch_keys, outs, strict=True):
                         for i in todo[k]:
                             results[i] = (float(o[0]), int(o[1]))

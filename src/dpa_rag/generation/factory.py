@@ -28,6 +28,7 @@ def build_backend(opts: GeneratorOptions) -> Generator:
             max_concurrency=opts.max_concurrency,
             timeout=opts.timeout,
             max_retries=opts.max_retries,
+            tokenizer=opts.tokenizer,
         )
     if opts.backend == "vllm":
         from dpa_rag.generation.vllm_backend import VLLMGenerator

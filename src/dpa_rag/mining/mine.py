@@ -33,9 +33,9 @@ from tqdm.auto import tqdm
 from dpa_rag.config import StageConfig, config_hash
 from dpa_rag.data.loaders import load_retrieval
 from dpa_rag.data.schema import Ctx, RetrievalRecord
+from dpa_rag.eval.metrics import normalize_answer
 from dpa_rag.generation import CachedGenerator, Generator, GeneratorOptions, build_generator
 from dpa_rag.io import DataError, append_jsonl, file_sha256, read_json, read_resumable_jsonl, write_json, write_text
-from dpa_rag.eval.metrics import normalize_answer
 from dpa_rag.mining.labels import (
     LabelRule,
     categorize,
@@ -210,7 +210,8 @@ def mine_loglik(
         ranks = probe_ranks(len(r.ctxs), all_ranks(cfg))
         golds = scoring_golds(r.answers, cfg.loglik_max_golds)
         plan.append((ranks, golds))
-        question_prompts = [qa_prompt(r.question, [])] + [qa_prompt(r.question, [r.ctxs[k - 1].render()]) for k in ranks]
+        question_prompts = [qa_prompt(r.question, [])]
+        question_prompts += [qa_prompt(r.question, [r.ctxs[k - 1].render()]) for k in ranks]
         for p in question_prompts:
             for g in golds:
                 prompts.append(p)
@@ -302,7 +303,8 @@ def category_stats(prefs: Iterable[dict[str, Any]], rule: str = "hit") -> dict[s
         out["mean_gain"].update({f"n_{k}": len(v) for k, v in gains.items()})
     if confusion:
         total = sum(confusion.values())
-        same = sum(v for (a, b), v in confusion.items() if a == b or (a == "neutral" and b in ("both_correct", "both_wrong")))
+        neutral = ("both_correct", "both_wrong")
+        same = sum(v for (a, b), v in confusion.items() if a == b or (a == "neutral" and b in neutral))
         out["agreement"] = {
             "probes": total,
             "agree": same / total,

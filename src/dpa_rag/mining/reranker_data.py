@@ -14,6 +14,13 @@ original) into train/valid/test. Per train question (original or rewrite):
   records and their order is shuffled with ``seed``.
 
 Valid/test files hold one ``(question, passage)`` pair per aligned (category 1) or unaligned (category 2) probe.
+
+Graded preferences (``mine --label-rule loglik``): each probe has a ``gain`` (the reader's log-probability change);
+it replaces the F1 change everywhere above, the rank list is all probes by gain (best first), and ``pool: ranked``
+(the default for such files) lets every question with two probes of different gain train: missing positives ← the
+best-gain probe, missing negatives ← the worst-gain one. ``valid_lists.jsonl``/``test_lists.jsonl`` keep, per
+held-out original question, every probed passage with its gain, category and retriever rank: the utility-ranking
+evaluation of ``train-reranker --utility-eval`` (nDCG against the gains, MRR of aligned passages, top-1 gain).
 """
 
 from __future__ import annotations
@@ -44,10 +51,12 @@ from dpa_rag.stage import stage_recorder
 __all__ = [
     "RerankerDataConfig",
     "assign_classification",
+    "build_list_record",
     "build_pair_records",
     "build_train_record",
     "check_group_sizes",
     "graded_order",
+    "has_gains",
     "render_probe",
     "run",
     "spread",
@@ -80,10 +89,12 @@ class RerankerDataConfig(StageConfig):
         description="Augmented questions (JSONL: id, question, origin_id, strategy); rewrites inherit their "
         "original's passages, categories and golds.",
     )
-    pool: Literal["strict", "graded"] = Field(
-        "strict",
+    pool: Literal["auto", "strict", "graded", "ranked"] = Field(
+        "auto",
         description="strict: positives = aligned, negatives = unaligned only; graded: a question lacking one side "
-        "fills it from both-correct (positives) or both-wrong (negatives) passages (needed with the hit rule).",
+        "fills it from both-correct (positives) or both-wrong (negatives) passages (needed with the hit rule); "
+        "ranked (graded loglik preferences): from the best-gain / worst-gain probe; auto: ranked for loglik "
+        "preferences, strict otherwise.",
     )
     augmented_in_eval: bool = Field(
         False, description="Also write pairs of augmented rewrites into valid/test (default: originals only)."
@@ -119,12 +130,33 @@ def render_probe(probe: dict[str, Any]) -> str:
 
 
 def _delta(pref: dict[str, Any], probe: dict[str, Any]) -> float:
+    if "gain" in probe:
+        return float(probe["gain"])
     return float(probe["f1"]) - float(pref["closed_book"]["f1"])
+
+
+def has_gains(prefs: list[dict[str, Any]]) -> bool:
+    """Whether the preferences are graded (every probe has a ``gain``: ``mine --label-rule loglik``)."""
+    probes = [p for pref in prefs for p in pref["probes"]]
+    return bool(probes) and all("gain" in p for p in probes)
+
+
+def _distinct(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    seen: set[str] = set()
+    out = []
+    for p in probes:
+        text = render_probe(p)
+        if text not in seen:
+            seen.add(text)
+            out.append(p)
+    return out
 
 
 def graded_order(pref: dict[str, Any]) -> list[dict[str, Any]]:
     """All probes of a question, most preferred first (distinct passages; see the module docstring)."""
     probes = pref["probes"]
+    if probes and all("gain" in p for p in probes):
+        return _distinct(sorted(probes, key=lambda p: (-float(p["gain"]), p["rank"])))
 
     def by(cat: str, key: Any) -> list[dict[str, Any]]:
         return sorted((p for p in probes if p["category"] == cat), key=key)
@@ -192,8 +224,18 @@ def build_train_record(
         if not neg_all and pos:
             neg_all = list(dict.fromkeys(render_probe(p) for p in graded if p["category"] == BOTH_WRONG))
             info["borrowed_negative"] = bool(neg_all)
+    elif pool == "ranked":
+        if not all("gain" in p for p in probes):
+            raise ValueError(f"question {pref['id']}: pool 'ranked' needs graded preferences (mine with loglik)")
+        if len(graded) >= 2 and float(graded[0]["gain"]) > float(graded[-1]["gain"]):
+            if not pos:
+                pos = [render_probe(graded[0])]
+                info["borrowed_positive"] = True
+            if not neg_all:
+                neg_all = [render_probe(graded[-1])]
+                info["borrowed_negative"] = True
     elif pool != "strict":
-        raise ValueError(f"pool must be 'strict' or 'graded', got {pool!r}")
+        raise ValueError(f"pool must be 'strict', 'graded' or 'ranked', got {pool!r}")
     neg = [t for t in neg_all if t not in set(pos)]
     info["conflicts"] = len(neg_all) - len(neg)
     if not pos or not neg:
@@ -234,19 +276,28 @@ def build_pair_records(pref: dict[str, Any]) -> list[dict[str, Any]]:
         if text in seen:
             continue
         seen.add(text)
-        out.append(
-            {
-                "question": pref["question"],
-                "reference": list(pref["answers"]),
-                "ctx": text,
-                "before": {"answer": cb["answer"], "em": int(cb["hit"]), "f1": float(cb["f1"])},
-                "after": {"answer": p["answer"], "em": int(p["hit"]), "f1": float(p["f1"])},
-                "category": AUTHORS_CATEGORY[p["category"]],
-                "id": pref["id"],
-                "rank": p["rank"],
-            }
-        )
+        rec: dict[str, Any] = {"question": pref["question"], "reference": list(pref["answers"]), "ctx": text}
+        if "answer" in cb and "answer" in p:
+            rec["before"] = {"answer": cb["answer"], "em": int(cb["hit"]), "f1": float(cb["f1"])}
+            rec["after"] = {"answer": p["answer"], "em": int(p["hit"]), "f1": float(p["f1"])}
+        rec.update({"category": AUTHORS_CATEGORY[p["category"]], "id": pref["id"], "rank": p["rank"]})
+        if "gain" in p:
+            rec["gain"] = float(p["gain"])
+        out.append(rec)
     return out
+
+
+def build_list_record(pref: dict[str, Any]) -> dict[str, Any] | None:
+    """A held-out question's probed passages with their gains (retriever order), or ``None`` without gains."""
+    probes = sorted(pref["probes"], key=lambda p: p["rank"])
+    if len(probes) < 2 or not all("gain" in p for p in probes):
+        return None
+    ctxs = []
+    for p in _distinct(probes):
+        c = p["ctx"]
+        ctxs.append({"id": c.get("id"), "title": c.get("title", ""), "text": c["text"], "rank": p["rank"],
+                     "gain": float(p["gain"]), "category": p["category"], "has_answer": c.get("has_answer")})
+    return {"id": pref["id"], "question": pref["question"], "answers": list(pref["answers"]), "ctxs": ctxs}
 
 
 def _order_train(rec: dict[str, Any]) -> dict[str, Any]:
@@ -271,10 +322,12 @@ def run(cfg: RerankerDataConfig) -> Path:
     fractions = [cfg.train_fraction, cfg.valid_fraction, cfg.test_fraction]
     parts = dict(zip(SPLITS, split_by_group(everything, fractions, cfg.seed), strict=True))
 
+    graded = has_gains(prefs)
+    pool = cfg.pool if cfg.pool != "auto" else ("ranked" if graded else "strict")
     train_stats: Counter[str] = Counter()
     train: list[dict[str, Any]] = []
     for pref in parts["train"]:
-        record, info = build_train_record(pref, cfg.n_positive, cfg.n_negative, cfg.rank_list_size, cfg.pool)
+        record, info = build_train_record(pref, cfg.n_positive, cfg.n_negative, cfg.rank_list_size, pool)
         train_stats["conflicts_removed"] += info["conflicts"]
         if record is None:
             train_stats[f"dropped_{info['drop']}"] += 1
@@ -290,9 +343,19 @@ def run(cfg: RerankerDataConfig) -> Path:
         chosen = [p for p in parts[split] if cfg.augmented_in_eval or p["id"] not in aug_ids]
         pairs[split] = [pair for p in chosen for pair in build_pair_records(p)]
 
+    lists: dict[str, list[dict[str, Any]]] = {}
+    for split in ("valid", "test"):
+        chosen = [p for p in parts[split] if p["id"] not in aug_ids]
+        lists[split] = [r for r in (build_list_record(p) for p in chosen) if r is not None]
+
     write_jsonl(out_dir / "train.jsonl", train)
     for split in ("valid", "test"):
         write_jsonl(out_dir / f"{split}.jsonl", pairs[split])
+    list_outputs = []
+    if graded:
+        for split in ("valid", "test"):
+            write_jsonl(out_dir / f"{split}_lists.jsonl", lists[split])
+            list_outputs.append(f"{split}_lists.jsonl")
     # self-check: what we wrote loads with the authors' field names
     if train:
         load_reranker_train(out_dir / "train.jsonl")
@@ -315,6 +378,9 @@ def run(cfg: RerankerDataConfig) -> Path:
     label_counts = Counter(r["classification"]["label"] for r in train)
     stats = {
         "label_rule": cfg.label_rule,
+        "pool": pool,
+        "graded": graded,
+        "held_out_lists": {s: len(lists[s]) for s in ("valid", "test")} if graded else None,
         "group_sizes": {
             "n_positive": cfg.n_positive, "n_negative": cfg.n_negative, "rank_list_size": cfg.rank_list_size
         },
@@ -344,7 +410,7 @@ def run(cfg: RerankerDataConfig) -> Path:
     }
     write_json(out_dir / "stats.json", stats)
     rec.finish(
-        outputs=["train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json"],
+        outputs=["train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json", *list_outputs],
         train=len(train),
         valid=len(pairs["valid"]),
         test=len(pairs["test"]),

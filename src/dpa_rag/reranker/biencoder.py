@@ -121,7 +121,8 @@ class BiEncoderReranker(nn.Module):
         """A sentence-transformers folder plus :data:`BIENCODER_FILE` (kind, scale, bias and ``extra``)."""
         path = Path(path)
         self.st.save(str(path))
-        settings = {**self.config.dpa_rag, "scale": float(self.scale.detach()), "bias": float(self.bias.detach()), **(extra or {})}
+        settings = {**self.config.dpa_rag, "scale": float(self.scale.detach()), "bias": float(self.bias.detach()),
+                    **(extra or {})}
         (path / BIENCODER_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")
 
 

@@ -150,6 +150,17 @@ class TrainRerankerConfig(StageConfig):
         description="Retrieval file of held-out questions (training questions in it are dropped): report MRR/hit@k "
         "vs the retriever order and the backbone, and choose the retriever-fusion weight.",
     )
+    utility_valid: str | None = Field(
+        None,
+        description="Held-out lists with the reader's gains (build-reranker-data valid_lists.jsonl): scored at every "
+        "evaluation (utility_ndcg_at_k, utility_mrr_aligned, utility_top1_gain; pick one with "
+        "--metric-for-best-model).",
+    )
+    utility_test: str | None = Field(
+        None,
+        description="Held-out lists for the utility report (test_lists.jsonl; default: --utility-valid): retriever "
+        "order, oracle, untrained model and the aligned reranker → utility_metrics.json and the model card.",
+    )
     retriever_fusion: bool = Field(
         True,
         description="Choose a weight for blending the reranker score with the retriever rank on --eval-retrieval "

@@ -58,7 +58,8 @@ def render_model_card(
         + "- reranker\n- dpa-rag\n---\n",
         "# DPA-RAG aligned reranker\n",
         ("A bi-encoder (sentence-transformers embedding model; score = cosine of query and passage embeddings) "
-         if bi else "A cross-encoder ") + "trained with `dpa-rag train-reranker` to rank passages by what the reader LLM can use "
+         if bi else "A cross-encoder ")
+        + "trained with `dpa-rag train-reranker` to rank passages by what the reader LLM can use "
         "(DPA-RAG, Dong et al., WWW 2025): point-wise, pair-wise and contrastive preference losses combined by a "
         "weighting strategy.\n",
         f"- backbone: `{config.get('backbone')}`\n- kind: `{kind}`\n"

@@ -1,4 +1,4 @@
-"""Reranker inference (cross-encoders and bi-encoders): score (query, passage) pairs fast and rerank DPR-style retrieval records.
+"""Reranker inference (cross- and bi-encoders): score (query, passage) pairs fast, rerank DPR-style retrieval records.
 
 :func:`predict_logits` tokenises all pairs once, sorts them by token length (stable), runs length-bucketed batches
 under ``torch.inference_mode`` and returns the logits in input order. :class:`Reranker` wraps a trained reranker

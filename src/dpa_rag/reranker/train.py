@@ -26,7 +26,14 @@ from dpa_rag.models import pick_device
 from dpa_rag.reranker.biencoder import BiEncoderCollator, load_biencoder, resolve_kind
 from dpa_rag.reranker.config import TrainRerankerConfig, parse_loss_weights
 from dpa_rag.reranker.data import FusedCollator, RerankerTrainDataset, check_train_records
-from dpa_rag.reranker.evaluation import PairEvaluator, retrieval_metrics
+from dpa_rag.reranker.evaluation import (
+    PairEvaluator,
+    load_utility_lists,
+    retrieval_metrics,
+    utility_metrics,
+    utility_pairs,
+    utility_table,
+)
 from dpa_rag.reranker.fast_dropout import fast_cpu_dropout
 from dpa_rag.reranker.fusion import select_alpha
 from dpa_rag.reranker.model import CONFIG_KEY, head_of, inference_scores, load_reranker_model
@@ -79,6 +86,17 @@ def _rank_retrieval(
     model: Any, tokenizer: Any, records: list, batch_size: int | None, max_length: int, score: str
 ) -> dict[str, float]:
     return retrieval_metrics(records, _retrieval_scores(model, tokenizer, records, batch_size, max_length, score))
+
+
+def _utility_scores(model: Any, tokenizer: Any, lists: list, batch_size: int | None, max_length: int,
+                    score: str) -> list[list[float]]:
+    flat = inference_scores(predict_logits(model, tokenizer, utility_pairs(lists), batch_size, max_length),
+                            score).tolist()
+    per, pos = [], 0
+    for r in lists:
+        per.append(flat[pos : pos + len(r["ctxs"])])
+        pos += len(r["ctxs"])
+    return per
 
 
 def _held_out(records: list, train: list, source: str) -> list:
@@ -172,10 +190,12 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     losses = cfg.enabled_losses()
     out_dir = Path(cfg.out_dir)
     rec = stage_recorder("train-reranker", cfg, out_dir, [cfg.train, cfg.valid, cfg.test, cfg.warmup_retrieval,
-                                                          cfg.eval_retrieval])
+                                                          cfg.eval_retrieval, cfg.utility_valid, cfg.utility_test])
     train = check_train_records(load_reranker_train(cfg.train), losses, source=cfg.train)
     valid = load_reranker_pairs(cfg.valid) if cfg.valid else None
     test = load_reranker_pairs(cfg.test) if cfg.test else None
+    utility_valid = load_utility_lists(cfg.utility_valid) if cfg.utility_valid else None
+    utility_test = load_utility_lists(cfg.utility_test) if cfg.utility_test else utility_valid
     fixed = parse_loss_weights(cfg.loss_weights) if cfg.loss_weights else None
     weighting = build_weighting(cfg.weighting, fixed)
     if cfg.weighting == "fixed":
@@ -197,6 +217,12 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         model.to(device)
     modules = build_losses(losses, model.config.num_labels, cfg.temperature, cfg.temperature, cfg.contrastive_anchor)
 
+    utility_report: dict[str, dict[str, float]] = {}
+    if utility_test:
+        utility_report["retriever order"] = utility_metrics(utility_test, "retriever")
+        utility_report["oracle (largest gain first)"] = utility_metrics(utility_test, "oracle")
+        utility_report["untrained model"] = utility_metrics(utility_test, _utility_scores(
+            model, tokenizer, utility_test, cfg.eval_batch_size, cfg.max_length, cfg.score))
     retrieval_report: dict[str, dict[str, float]] = {}
     eval_records = None
     if cfg.eval_retrieval:
@@ -218,7 +244,11 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
             model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score
         )
 
-    evaluator = PairEvaluator(valid, cfg.eval_batch_size, cfg.max_length, score=cfg.score) if valid else None
+    if utility_test and warmup is not None and "examples" in warmup:
+        utility_report["after relevance warm-up"] = utility_metrics(utility_test, _utility_scores(
+            model, tokenizer, utility_test, cfg.eval_batch_size, cfg.max_length, cfg.score))
+    evaluator = (PairEvaluator(valid or [], cfg.eval_batch_size, cfg.max_length, score=cfg.score,
+                               lists=utility_valid) if valid or utility_valid else None)
     tb_dir = cfg.tensorboard_log_dir or str(out_dir / "tensorboard")
     args = make_training_args(
         str(out_dir / "checkpoints"), epochs=cfg.epochs, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -231,7 +261,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     )
     chunk_size = resolve_chunk_size(cfg.forward_chunk_size, use_cpu)
     logger.info("training forwards: %s rows each", chunk_size or "all")
-    grouped = weighting.needs == "parameters"  # per-group passes: each loss's parameter gradient only sees its own rows
+    grouped = weighting.needs == "parameters"  # per-group passes: a loss's parameter gradient sees only its rows
     if kind == "bi-encoder":
         collator: Any = BiEncoderCollator(tokenizer, losses, cfg.max_length,
                                           query_anchor=cfg.contrastive_anchor == "query", grouped=grouped)
@@ -259,6 +289,14 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     if test:
         test_raw = PairEvaluator(test, cfg.eval_batch_size, cfg.max_length, score=cfg.score)(model, tokenizer)
         test_metrics = {f"test_{k}": float(v) for k, v in test_raw.items()}
+    if utility_test:
+        utility_report["aligned reranker"] = utility_metrics(utility_test, _utility_scores(
+            model, tokenizer, utility_test, cfg.eval_batch_size, cfg.max_length, cfg.score))
+        write_json(out_dir / "utility_metrics.json", utility_report)
+        logger.info("utility on %d held-out lists: nDCG@3 retriever %.4f, aligned %.4f, oracle %.4f",
+                    len(utility_test), utility_report["retriever order"].get("ndcg_at_3", 0.0),
+                    utility_report["aligned reranker"].get("ndcg_at_3", 0.0),
+                    utility_report["oracle (largest gain first)"].get("ndcg_at_3", 0.0))
     fusion: dict[str, Any] | None = None
     if eval_records is not None:
         scores = _retrieval_scores(model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score)
@@ -308,10 +346,13 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         losses={k: m.get_config_dict() for k, m in modules.items()}, weighting=weighting.get_config_dict(),
         valid_metrics=valid_metrics, test_metrics=test_metrics, retrieval_report=retrieval_report or None,
         warmup=warmup, fusion=fusion, kind=kind,
+        utility_report=utility_table(utility_report) if utility_report else None,
     ))
     outputs = ["model", "train_log.json", "valid_metrics.json", "test_metrics.json"]
     if eval_records is not None:
         outputs.append("retrieval_metrics.json")
+    if utility_report:
+        outputs.append("utility_metrics.json")
     rec.finish(outputs=outputs, train_records=len(train), valid_pairs=len(valid or []), test_pairs=len(test or []),
                steps=result.global_step)
     return out_dir
