@@ -32,6 +32,7 @@ __all__ = [
     "read_records",
     "read_resumable_jsonl",
     "respect_umask",
+    "respect_umask_tree",
     "unwatch_folder",
     "watch_folder",
     "write_json",
@@ -215,6 +216,22 @@ def respect_umask(path: str | Path) -> None:
     with contextlib.suppress(OSError):
         mode = (0o777 if path.is_dir() else 0o666) & ~_umask()
         os.chmod(path, mode)
+
+
+def respect_umask_tree(root: str | Path) -> None:
+    """:func:`respect_umask` for ``root`` and everything under it that has the private mode of ``mkstemp`` (0600)
+    or ``mkdtemp`` (0700), e.g. a model folder whose weights a library saved through a temporary file; other modes
+    are left as they are."""
+    root = Path(root)
+    for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        try:
+            if p.is_symlink():
+                continue
+            mode = p.stat().st_mode & 0o777
+        except OSError:
+            continue
+        if (p.is_dir() and mode == 0o700) or (p.is_file() and mode == 0o600):
+            respect_umask(p)
 
 
 @contextlib.contextmanager

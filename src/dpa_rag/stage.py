@@ -18,23 +18,36 @@ import os
 import platform
 import subprocess
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from pydantic import BaseModel
 
 from dpa_rag import __version__
 from dpa_rag.config import ConfigError, config_hash, save_config
-from dpa_rag.io import file_sha256, respect_umask, unwatch_folder, watch_folder, write_json
+from dpa_rag.io import (
+    DataError,
+    append_jsonl,
+    file_sha256,
+    read_json,
+    read_resumable_jsonl,
+    respect_umask,
+    respect_umask_tree,
+    unwatch_folder,
+    watch_folder,
+    write_json,
+)
 
 __all__ = [
     "MANIFEST",
+    "ChunkLog",
     "StageRecorder",
     "check_out_dir",
     "check_stage_models",
     "hash_inputs",
     "manifest_matches",
+    "resume_state",
     "read_manifest",
     "stage_recorder",
 ]
@@ -43,7 +56,7 @@ MANIFEST = "manifest.json"
 # Fields that never change a stage's result (where to write, how loud, caches, parallelism).
 RESULT_NEUTRAL_FIELDS = {
     "out_dir", "cache_dir", "use_cache", "progress", "max_concurrency", "timeout", "max_retries", "chunk_size",
-    "records_per_chunk",
+    "records_per_chunk", "dedupe_ids",
 }
 
 
@@ -170,10 +183,13 @@ def check_stage_models(cfg: BaseModel) -> None:
 
 
 def _fix_private_modes(out_dir: Path, outputs: Iterable[str]) -> None:
-    """Outputs written through ``mkstemp``/``mkdtemp`` (0600/0700) get the modes the umask allows."""
+    """Outputs written through ``mkstemp``/``mkdtemp`` (0600/0700) get the modes the umask allows (a folder output,
+    such as a saved model, with everything inside it)."""
     seen: set[Path] = set()
     for rel in outputs:
         p = out_dir / rel
+        if p.is_dir():
+            respect_umask_tree(p)
         chain = [p, *[q for q in p.parents if q != out_dir and q.is_relative_to(out_dir)]]
         for q in chain:
             if q in seen:
@@ -265,3 +281,104 @@ def stage_recorder(
 ) -> StageRecorder:
     """Start recording a stage: checks the output folder and models now, writes the resolved config lazily."""
     return StageRecorder(stage, cfg, out_dir, inputs)
+
+
+def resume_state(cfg: BaseModel, inputs: Iterable[str | Path | None], exclude: Iterable[str] = ()) -> dict[str, Any]:
+    """What ties a stage's partial output to the run that wrote it: the config hash (result-neutral fields and
+    ``exclude`` left out) and the fingerprints of ``inputs`` (see :func:`hash_inputs`)."""
+    return {"config_hash": config_hash(cfg, exclude=_neutral(cfg) | set(exclude)), "inputs": hash_inputs(inputs)}
+
+
+class ChunkLog:
+    """The finished chunks of a stage's work, kept in ``out_dir/<name>.partial.jsonl`` so a killed run resumes.
+
+    One record per input item (each with the item's ``id``), appended chunk by chunk and flushed.
+    ``<name>.partial.json`` ties the file to ``state`` (:func:`resume_state`); a file written under another state,
+    or whose ids are not those of the items now, is discarded. Only whole chunks are kept: a chunk's results can
+    depend on which items were computed together (batching, padding), so a resumed run recomputes exactly the
+    chunks a clean run computes and its output is byte-identical. A last line cut by a kill is dropped.
+
+    Example::
+
+        with ChunkLog(out_dir, "reranked", state, [r.id for r in records], chunk_size) as log:
+            for start in range(log.start, len(records), chunk_size):
+                log.append(work(records[start : start + chunk_size]))
+        log.finish(rename_to=out_dir / "reranked.jsonl")  # or log.finish(): delete the partial file
+
+    Attributes:
+        done: the records kept from the partial file (then every appended one, as given).
+        start: index of the first item still to do (a multiple of ``chunk_size``, or all items).
+    """
+
+    def __init__(
+        self, out_dir: str | Path, name: str, state: dict[str, Any], ids: Sequence[str], chunk_size: int
+    ) -> None:
+        import logging
+
+        out_dir = Path(out_dir)
+        self.path = out_dir / f"{name}.partial.jsonl"
+        self.state_path = out_dir / f"{name}.partial.json"
+        self.done: list[Any] = []
+        self._fh: IO[str] | None = None
+        log = logging.getLogger(__name__)
+        try:
+            same = self.state_path.exists() and read_json(self.state_path) == state
+        except DataError:
+            same = False
+        if same and self.path.exists():
+            kept = read_resumable_jsonl(self.path)
+            n = len(kept) if len(kept) == len(ids) else min(len(kept), len(ids)) // chunk_size * chunk_size
+            if all(str(r.get("id")) == str(ids[i]) for i, r in enumerate(kept[:n])):
+                if n < len(kept):
+                    self._truncate(n)
+                self.done = kept[:n]
+                if n:
+                    log.info("resuming: %d of %d item(s) already done in %s", n, len(ids), self.path)
+            else:
+                same = False
+        if not same:
+            if self.path.exists():
+                log.warning("%s was written with another config or input; starting over", self.path)
+                self.path.unlink()
+            write_json(self.state_path, state)
+        self.start = len(self.done)
+
+    def _truncate(self, n: int) -> None:
+        data = self.path.read_bytes()
+        cut = 0
+        for _ in range(n):
+            cut = data.index(b"\n", cut) + 1
+        with open(self.path, "r+b") as fh:
+            fh.truncate(cut)
+
+    def __enter__(self) -> ChunkLog:
+        return self
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        if self._fh is not None:
+            if exc_type is None:
+                os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+
+    def append(self, records: Iterable[Any]) -> None:
+        """Append one finished chunk (dicts or pydantic models; each flushed)."""
+        if self._fh is None:
+            self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by __exit__/finish
+        for r in records:
+            append_jsonl(self._fh, r)
+            self.done.append(r)
+
+    def finish(self, rename_to: str | Path | None = None) -> None:
+        """All chunks done: rename the partial file to ``rename_to`` (atomically), or delete it; drop the state."""
+        if self._fh is not None:
+            os.fsync(self._fh.fileno())
+            self._fh.close()
+            self._fh = None
+        if rename_to is None:
+            self.path.unlink(missing_ok=True)
+        else:
+            if not self.path.exists():
+                self.path.touch()
+            os.replace(self.path, rename_to)
+        self.state_path.unlink(missing_ok=True)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from dpa_rag.augment.parser import normalize_question, parse_rewrite
 from dpa_rag.augment.strategies import DEFAULT_STRATEGIES, load_templates, parse_mode, render_prompt
 from dpa_rag.config import StageConfig, config_hash
-from dpa_rag.data.loaders import load_questions
+from dpa_rag.data.loaders import dedupe_ids_field, load_questions
 from dpa_rag.data.schema import Question
 from dpa_rag.generation import CachedGenerator, GenerationParams, Generator, GeneratorOptions, build_generator
 from dpa_rag.io import append_jsonl, read_json, read_resumable_jsonl, write_json, write_jsonl
@@ -68,6 +68,7 @@ class AugmentConfig(GeneratorOptions, StageConfig):
     limit: int | None = Field(None, ge=1, description="Only the first N questions.")
     chunk_size: int = Field(256, ge=1, description="Questions per resumable chunk (appended to the partial file).")
     keep_raw: bool = Field(False, description="Also store each raw model output in augmented.jsonl (`raw`).")
+    dedupe_ids: bool = dedupe_ids_field()
     progress: bool = Field(True, description="Show progress bars.")
 
 
@@ -182,7 +183,9 @@ def run(cfg: AugmentConfig, backend: Generator | None = None) -> Path:
     """
     out_dir = Path(cfg.out_dir)
     templates = load_templates(cfg.strategies, cfg.prompt_dir)
-    questions = load_questions(cfg.input, require_answers=False, limit=cfg.limit)
+    questions = load_questions(
+        cfg.input, require_answers=False, limit=cfg.limit, dedupe_ids=cfg.dedupe_ids or None
+    )
     rec = stage_recorder("augment", cfg, out_dir, inputs=[cfg.input, cfg.prompt_dir])
     done = {r["id"]: r for r in _load_partial(out_dir, _resume_state(cfg))}
     todo = [q for q in questions if q.id not in done]

@@ -9,6 +9,8 @@ Every rewrite is checked on its own (not the authors' first-3 / drop-the-whole-r
 
 Outputs: ``augmented.jsonl`` (kept rewrites only, scores aligned with ``back_instruction``, drops listed in
 ``dropped``), ``questions_augmented.jsonl`` (kept rewrites), ``filter_report.json`` and ``filter_report.md``.
+Scores are computed ``chunk_size`` records at a time and each finished chunk is appended to
+``filter_scores.partial.jsonl``, so a killed run resumes at its first unfinished chunk.
 """
 
 from __future__ import annotations
@@ -26,9 +28,11 @@ from dpa_rag.augment.similarity import DEFAULT_SIMILARITY_THRESHOLD, SimilarityS
 from dpa_rag.config import StageConfig
 from dpa_rag.data.loaders import question_id
 from dpa_rag.io import DataError, read_records, write_json, write_jsonl, write_text
-from dpa_rag.stage import stage_recorder
+from dpa_rag.stage import ChunkLog, resume_state, stage_recorder
 
-__all__ = ["DEFAULT_NLI_MODEL", "FilterConfig", "filter_records", "load_augmented", "render_report", "run"]
+__all__ = [
+    "DEFAULT_NLI_MODEL", "FilterConfig", "filter_records", "load_augmented", "render_report", "run", "score_chunked",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +62,7 @@ class FilterConfig(StageConfig):
     device: str = Field("auto", description="Device for the scoring model: auto, cpu, cuda, mps.")
     batch_size: int = Field(32, ge=1, description="Pairs (nli) or texts (similarity) per forward pass.")
     max_length: int = Field(256, ge=8, description="nli: truncation length of premise + hypothesis.")
+    chunk_size: int = Field(1024, ge=1, description="Records scored per resumable chunk.")
     progress: bool = Field(True, description="Show progress bars.")
 
 
@@ -90,12 +95,46 @@ def load_augmented(path: str | Path) -> list[dict[str, Any]]:
     return out
 
 
-def _score(cfg: FilterConfig, originals: list[str], rewrites: list[str]) -> list[Any]:
+def _scorer(cfg: FilterConfig) -> NLIScorer | SimilarityScorer:
     if cfg.backend == "nli":
-        nli = NLIScorer(cfg.nli_model, device=cfg.device, batch_size=cfg.batch_size, max_length=cfg.max_length)
-        return nli.score(originals, rewrites, progress=cfg.progress)
-    sim = SimilarityScorer(cfg.encoder, device=cfg.device, batch_size=cfg.batch_size)
-    return sim.score(originals, rewrites, progress=cfg.progress)
+        return NLIScorer(cfg.nli_model, device=cfg.device, batch_size=cfg.batch_size, max_length=cfg.max_length)
+    return SimilarityScorer(cfg.encoder, device=cfg.device, batch_size=cfg.batch_size)
+
+
+def _pairs(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(original, rewrite) for every valid rewrite, in record order."""
+    return [
+        (rec["instruction"], text)
+        for rec in records
+        for text in rec["back_instruction"]
+        if isinstance(text, str) and text.strip()
+    ]
+
+
+def _score(cfg: FilterConfig, originals: list[str], rewrites: list[str]) -> list[Any]:
+    return _scorer(cfg).score(originals, rewrites, progress=cfg.progress)
+
+
+def score_chunked(cfg: FilterConfig, records: list[dict[str, Any]], out_dir: Path) -> tuple[list[Any], ChunkLog]:
+    """The scores of every valid rewrite (record order), ``cfg.chunk_size`` records at a time, and their log.
+
+    Finished chunks are kept in ``out_dir/filter_scores.partial.jsonl`` so a killed run resumes; call the log's
+    ``finish()`` once the outputs are written (a kill before that re-scores nothing and loads no model).
+    """
+    state = resume_state(cfg, [cfg.input])
+    scorer = None
+    with ChunkLog(out_dir, "filter_scores", state, [r["id"] for r in records], cfg.chunk_size) as log:
+        for start in range(log.start, len(records), cfg.chunk_size):
+            chunk = records[start : start + cfg.chunk_size]
+            pairs = _pairs(chunk)
+            if pairs and scorer is None:
+                scorer = _scorer(cfg)  # loaded only when something is left to score
+            scores = iter(scorer.score([a for a, _ in pairs], [b for _, b in pairs], progress=cfg.progress)
+                          if pairs else [])
+            log.append(
+                {"id": r["id"], "scores": [next(scores) for _ in _pairs([r])]} for r in chunk
+            )
+    return [s for r in log.done for s in r["scores"]], log
 
 
 def _decide(cfg: FilterConfig, strategy: str, score: Any) -> str | None:
@@ -114,12 +153,7 @@ def filter_records(
         records: augmentation records from :func:`load_augmented`.
         scores: precomputed scores, one per valid rewrite in record order (tests); computed when ``None``.
     """
-    pairs = [
-        (rec["instruction"], text)
-        for rec in records
-        for text in rec["back_instruction"]
-        if isinstance(text, str) and text.strip()
-    ]
+    pairs = _pairs(records)
     if scores is None:
         scores = _score(cfg, [a for a, _ in pairs], [b for _, b in pairs]) if pairs else []
     if len(scores) != len(pairs):
@@ -234,11 +268,13 @@ def run(cfg: FilterConfig) -> Path:
     records = load_augmented(cfg.input)
     rec = stage_recorder("filter", cfg, out_dir, inputs=[cfg.input])
     with rec.timer("score"):
-        filtered, report = filter_records(cfg, records)
+        scores, log = score_chunked(cfg, records, out_dir)
+        filtered, report = filter_records(cfg, records, scores=scores)
     write_jsonl(out_dir / AUGMENTED, filtered)
     write_jsonl(out_dir / QUESTIONS_AUGMENTED, augmented_to_questions(filtered))
     write_json(out_dir / "filter_report.json", report)
     write_text(out_dir / "filter_report.md", render_report(report))
+    log.finish()
     rec.finish(
         outputs=[AUGMENTED, QUESTIONS_AUGMENTED, "filter_report.json", "filter_report.md"],
         records=report["records"],

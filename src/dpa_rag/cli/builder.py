@@ -25,16 +25,17 @@ from typer.core import TyperCommand
 
 from dpa_rag.cli.errors import error_boundary
 from dpa_rag.config import StageConfig, load_config
-from dpa_rag.data.loaders import dedupe_ids
+from dpa_rag.data.loaders import DEDUPE_IDS_HELP, dedupe_ids
 
 __all__ = ["add_stage_command", "bare_switches", "fail"]
 
 _SCALARS = (str, int, float, bool, Path)
 
 
-# stages that load question or retrieval files (their ids must be unique unless --dedupe-ids)
+# stages that load question or retrieval files (their ids must be unique unless --dedupe-ids); a config with a
+# `dedupe_ids` field (dpa_rag.data.loaders.dedupe_ids_field) gets the flag from the field, so it lands in config.yaml
 LOADS_QUESTIONS = {"retrieve", "mine", "augment", "rerank", "answer", "build-llm-data", "train-reranker"}
-DEDUPE_HELP = "Rename repeated question ids (<id>-2, <id>-3…; the count is logged) instead of stopping with an error."
+DEDUPE_HELP = DEDUPE_IDS_HELP
 
 
 def fail(message: str, code: int = 2) -> typing.NoReturn:

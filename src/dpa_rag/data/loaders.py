@@ -32,7 +32,9 @@ from dpa_rag.data.schema import Ctx, Passage, Question, RetrievalRecord
 from dpa_rag.io import DataError, iter_lines, read_records
 
 __all__ = [
+    "DEDUPE_IDS_HELP",
     "dedupe_ids",
+    "dedupe_ids_field",
     "load_corpus",
     "load_questions",
     "load_retrieval",
@@ -46,6 +48,20 @@ logger = logging.getLogger(__name__)
 
 _DEDUPE_IDS: ContextVar[bool] = ContextVar("dpa_rag_dedupe_ids", default=False)
 DEDUPE_ENV = "DPA_RAG_DEDUPE_IDS"
+DEDUPE_IDS_HELP = (
+    "Rename repeated question ids (<id>-2, <id>-3…; the count is logged) instead of stopping with an error."
+)
+
+
+def dedupe_ids_field() -> Any:
+    """The ``dedupe_ids`` field of the configs whose stage loads question or retrieval files (``--dedupe-ids``).
+
+    Result-neutral (:data:`dpa_rag.stage.RESULT_NEUTRAL_FIELDS`): without it a file with repeated ids is an error,
+    so on every input a run without it finishes on, it changes nothing.
+    """
+    from pydantic import Field
+
+    return Field(False, description=DEDUPE_IDS_HELP)
 
 
 @contextlib.contextmanager

@@ -63,8 +63,11 @@ def merge_adapter(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
+        from dpa_rag.io import respect_umask_tree
+
         merged.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        respect_umask_tree(tmp)  # mkdtemp made it 0700 and the weights may be written 0600: give them the umask's
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator
 
 from dpa_rag.config import StageConfig
-from dpa_rag.data.loaders import load_retrieval
+from dpa_rag.data.loaders import dedupe_ids_field, load_retrieval
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.mining.common import (
@@ -70,6 +70,7 @@ class LLMDataConfig(StageConfig):
         "original's passages, categories and golds.",
     )
     dataset_prefix: str = Field("dpa_rag", description="Prefix of the dataset names in dataset_info.json.")
+    dedupe_ids: bool = dedupe_ids_field()
 
     @field_validator("label_rule", mode="before")
     @classmethod
@@ -168,7 +169,7 @@ def run(cfg: LLMDataConfig) -> Path:
     prefs = load_preferences(pref_path)
     if cfg.label_rule != "stored":
         prefs = relabel(prefs, cfg.label_rule)
-    retrieval = load_retrieval(retrieval_path)
+    retrieval = load_retrieval(retrieval_path, dedupe_ids=cfg.dedupe_ids or None)
     aug_raw = load_augmented(cfg.include_augmented) if cfg.include_augmented is not None else []
     aug_prefs, orphans = inherit_augmented(prefs, aug_raw)
     aug_retrieval = _with_augmented_retrieval(retrieval, aug_raw)

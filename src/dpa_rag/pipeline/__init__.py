@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +31,15 @@ def run_pipeline(
     on_step: Callable[[StepResult], None] | None = None,
 ) -> Path:
     """Run (or resume) every enabled step; returns the report's path (or the run folder with ``until``)."""
+    from dpa_rag.data.loaders import dedupe_ids
     from dpa_rag.pipeline.dpa import build_steps
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, cfg.out_dir / "pipeline.yaml")
     steps = build_steps(cfg)
-    run_steps(steps, cfg.out_dir, from_step=from_step, force=force, until=until, on_step=on_step)
+    # steps whose stage config has no dedupe_ids field (and launched steps, through the environment) follow this
+    with dedupe_ids(True) if cfg.dedupe_ids else contextlib.nullcontext():
+        run_steps(steps, cfg.out_dir, from_step=from_step, force=force, until=until, on_step=on_step)
     report = cfg.out_dir / "report" / "report.md"
     return report if until is None and report.exists() else cfg.out_dir
 

@@ -28,6 +28,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
+from dpa_rag.data.loaders import dedupe_ids_field
 from dpa_rag.pipeline.launcher import LauncherConfig
 
 __all__ = ["SECTION_NAMES", "PipelineConfig"]
@@ -80,6 +81,7 @@ class PipelineConfig(StageConfig):
     train_limit: int | None = Field(None, ge=1, description="At most N training questions.")
     eval_limit: int | None = Field(None, ge=1, description="At most N evaluation questions.")
     seed: int = Field(42, description="Seed for splits and training.")
+    dedupe_ids: bool = dedupe_ids_field()
     retriever: Literal["bm25", "dense", "hybrid"] = Field("bm25", description="Retriever feeding the system.")
     compare_retrievers: list[Literal["bm25", "dense", "hybrid"]] = Field(
         default_factory=list, description="Extra retrievers reported as baselines (their own top-k, base reader)."

@@ -134,13 +134,17 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             out.update(s(name))
         return out
 
+    # the pipeline's dedupe_ids reaches every stage config that has the field (a section may still set it)
+    dedupe = {"dedupe_ids": True} if cfg.dedupe_ids else {}
+
     def add(name, deps, cls, section, wired, run, enabled=True, defaults=None):
         steps.append(
             Step(
                 name=name,
                 deps=deps,
                 make_config=lambda f, cls=cls, section=section, wired=wired, defaults=defaults: _make(
-                    cls, "+".join(names(section)), merged(section), wired(f), defaults(f) if defaults else None
+                    cls, "+".join(names(section)), merged(section), wired(f),
+                    {**(dedupe if "dedupe_ids" in cls.model_fields else {}), **(defaults(f) if defaults else {})},
                 ),
                 run=run,
                 enabled=enabled,

@@ -17,7 +17,7 @@ from pathlib import Path
 from pydantic import Field
 
 from dpa_rag.config import StageConfig
-from dpa_rag.data.loaders import load_questions, load_retrieval
+from dpa_rag.data.loaders import dedupe_ids_field, load_questions, load_retrieval
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.eval.metrics import has_answer
 from dpa_rag.io import DataError, read_records, write_json, write_jsonl
@@ -35,6 +35,7 @@ class ImportRetrievalConfig(StageConfig):
     questions: Path = Field(description="The questions to keep (the split's train or eval questions).")
     out_dir: Path = Field(Path("runs/retrieve"), description="Folder for retrieval.jsonl and retrieval_metrics.json.")
     top_k: int = Field(100, ge=1, description="Passages kept per question.")
+    dedupe_ids: bool = dedupe_ids_field()
 
 
 def _flashrag_to_dpr(path: Path) -> Path | None:
@@ -57,15 +58,17 @@ def _flashrag_to_dpr(path: Path) -> Path | None:
     return tmp
 
 
-def import_retrieval(path: Path, questions: Path, top_k: int) -> list[RetrievalRecord]:
+def import_retrieval(
+    path: Path, questions: Path, top_k: int, dedupe_ids: bool | None = None
+) -> list[RetrievalRecord]:
     """The records of ``questions`` from the retrieval file ``path`` (see the module docstring)."""
     converted = _flashrag_to_dpr(path)
     try:
-        records = load_retrieval(converted or path)
+        records = load_retrieval(converted or path, dedupe_ids=dedupe_ids)
     finally:
         if converted is not None:
             converted.unlink(missing_ok=True)
-    wanted = load_questions(questions, require_answers=False)
+    wanted = load_questions(questions, require_answers=False, dedupe_ids=dedupe_ids)
     by_id = {r.id: r for r in records}
     by_text = {r.question.strip().lower(): r for r in records}
     out: list[RetrievalRecord] = []
@@ -95,7 +98,7 @@ def run_import_retrieval(cfg: ImportRetrievalConfig) -> Path:
 
     rec = stage_recorder("import-retrieval", cfg, cfg.out_dir, [cfg.input, cfg.questions])
     with rec.timer("load"):
-        records = import_retrieval(cfg.input, cfg.questions, cfg.top_k)
+        records = import_retrieval(cfg.input, cfg.questions, cfg.top_k, dedupe_ids=cfg.dedupe_ids or None)
     out = Path(cfg.out_dir) / RETRIEVAL_FILE
     write_jsonl(out, records)
     metrics = {"method": "file", "source": str(cfg.input), "top_k": cfg.top_k, **retrieval_metrics(records, cfg.top_k)}

@@ -13,6 +13,7 @@ subprocess writes its own ``config.yaml`` and ``manifest.json`` as in-process, s
 from __future__ import annotations
 
 import logging
+import os
 import shlex
 import subprocess
 import sys
@@ -24,9 +25,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dpa_rag.config import ConfigError, save_config
 
-__all__ = ["LAUNCHED_COMMANDS", "LauncherConfig", "launch_command", "launched"]
+__all__ = ["LAUNCHED_COMMANDS", "LaunchError", "LauncherConfig", "launch_command", "launched"]
 
 logger = logging.getLogger(__name__)
+
+class LaunchError(RuntimeError):
+    """A launched step failed (its process exited non-zero, or the launcher is not installed). The step's own
+    error is in the output above; the message names the step and the command, for one ``error:`` line."""
+
 
 # pipeline step name prefix → the dpa-rag command the step runs
 LAUNCHED_COMMANDS = {"train-reranker": "train-reranker", "train-llm": "train-llm"}
@@ -121,9 +127,23 @@ def launched(
         config_yaml = save_config(stage_cfg, folder / "launch.yaml")
         argv = launch_command(launcher, command, config_yaml)
         logger.info("step %s: %s", step_name, shlex.join(argv))
-        done = subprocess.run(argv, check=False)
+        from dpa_rag.data.loaders import DEDUPE_ENV, _dedupe_enabled
+
+        # --dedupe-ids reaches the launched processes through the environment
+        env = {"env": {**os.environ, DEDUPE_ENV: "1"}} if _dedupe_enabled(None) else {}
+        try:
+            done = subprocess.run(argv, check=False, **env)
+        except FileNotFoundError:
+            raise LaunchError(
+                f"step '{step_name}': launcher `{argv[0]}` not found; install it (pip install 'dpa-rag[deepspeed]' for "
+                "deepspeed) or set launcher.kind: none"
+            ) from None
         if done.returncode != 0:
-            raise RuntimeError(f"step '{step_name}': `{shlex.join(argv)}` exited with code {done.returncode}")
+            raise LaunchError(
+                f"step '{step_name}': `{shlex.join(argv)}` exited with code {done.returncode}; its own error is "
+                f"printed above; fix the cause and re-run (finished steps are skipped); to debug it in one process: "
+                f"dpa-rag {command} --config {config_yaml}"
+            )
         return folder
 
     return run_launched

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field
 
 from dpa_rag.config import StageConfig
-from dpa_rag.data.loaders import load_questions
+from dpa_rag.data.loaders import dedupe_ids_field, load_questions
 from dpa_rag.data.schema import Question
 from dpa_rag.eval.metrics import normalize_answer
 from dpa_rag.io import write_json, write_jsonl
@@ -31,14 +31,15 @@ class SplitConfig(StageConfig):
     train_limit: int | None = Field(None, ge=1, description="Keep at most N training questions.")
     eval_limit: int | None = Field(None, ge=1, description="Keep at most N evaluation questions.")
     seed: int = Field(42, description="Seed of the shuffle.")
+    dedupe_ids: bool = dedupe_ids_field()
 
 
 def run_split(cfg: SplitConfig) -> Path:
     """Write ``train_questions.jsonl``, ``eval_questions.jsonl`` and ``split.json``; returns the folder."""
     rec = stage_recorder("split", cfg, cfg.out_dir, [cfg.questions, cfg.eval_questions])
-    pool = load_questions(cfg.questions)
+    pool = load_questions(cfg.questions, dedupe_ids=cfg.dedupe_ids or None)
     if cfg.eval_questions is not None:
-        held = load_questions(cfg.eval_questions)
+        held = load_questions(cfg.eval_questions, dedupe_ids=cfg.dedupe_ids or None)
         held_texts = {normalize_answer(q.question) for q in held}
         train = [q for q in pool if normalize_answer(q.question) not in held_texts]
         dropped = len(pool) - len(train)

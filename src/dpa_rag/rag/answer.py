@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
-from dpa_rag.data.loaders import load_questions, load_retrieval
+from dpa_rag.data.loaders import dedupe_ids_field, load_questions, load_retrieval
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.eval.evaluate import evaluate_predictions
 from dpa_rag.eval.metrics import has_answer, score_answer
@@ -56,6 +56,7 @@ class AnswerConfig(GeneratorOptions, StageConfig):
     template: str = Field(DEFAULT_TEMPLATE, description="Prompt template: qa, dpa, plain, or a YAML file path.")
     chat: bool = Field(True, description="Send chat messages (model's chat template); --no-chat: plain text.")
     limit: int | None = Field(None, ge=1, description="Answer only the first N questions.")
+    dedupe_ids: bool = dedupe_ids_field()
     out_dir: Path = Field(description="Folder for predictions.jsonl, metrics.json, config.yaml and manifest.json.")
     progress: bool = Field(True, description="Show a progress bar.")
 
@@ -141,9 +142,10 @@ def answer_records(
 
 def _load_records(cfg: AnswerConfig) -> list[RetrievalRecord]:
     if cfg.retrieval is not None:
-        return load_retrieval(cfg.retrieval, limit=cfg.limit)
+        return load_retrieval(cfg.retrieval, limit=cfg.limit, dedupe_ids=cfg.dedupe_ids or None)
     assert cfg.questions is not None
-    questions = load_questions(cfg.questions, require_answers=False, limit=cfg.limit)
+    questions = load_questions(cfg.questions, require_answers=False, limit=cfg.limit,
+                               dedupe_ids=cfg.dedupe_ids or None)
     return [RetrievalRecord(**q.model_dump(exclude_none=True), ctxs=[]) for q in questions]
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dpa_rag.data.schema import Passage
-from dpa_rag.io import write_json
+from dpa_rag.io import respect_umask_tree, write_json
 from dpa_rag.retrieval.base import Hit, doc_text, top_k_desc
 
 __all__ = ["BM25Retriever", "make_stemmer"]
@@ -118,6 +118,7 @@ class BM25Retriever:
         try:
             self.model.save(str(tmp), show_progress=False)
             write_json(tmp / TOKENIZER_FILE, {"stopwords": self.stopwords, "stemmer": self.stemmer_name})
+            respect_umask_tree(tmp)  # mkdtemp made it 0700: give it (and any private file) the umask's modes
             if directory.exists():
                 shutil.rmtree(directory)
             os.replace(tmp, directory)

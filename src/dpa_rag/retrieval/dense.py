@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from dpa_rag.data.schema import Passage
-from dpa_rag.io import write_json
+from dpa_rag.io import respect_umask, write_json
 from dpa_rag.models import fingerprint, pick_device, pick_dtype, resolve_encoder
 from dpa_rag.retrieval.base import Hit, doc_text, sort_hits
 
@@ -216,6 +216,7 @@ class DenseRetriever:
         fd, tmp = tempfile.mkstemp(prefix=f".{INDEX_FILE}.", suffix=".tmp", dir=directory)
         os.close(fd)
         try:
+            respect_umask(tmp)  # mkstemp makes it 0600 (faiss keeps the mode): give it the mode open would
             faiss.write_index(self.index, tmp)
             os.replace(tmp, directory / INDEX_FILE)
         except BaseException:

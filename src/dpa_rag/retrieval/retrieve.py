@@ -16,7 +16,7 @@ from typing import Any, Literal
 from pydantic import Field
 
 from dpa_rag.config import StageConfig
-from dpa_rag.data.loaders import load_questions
+from dpa_rag.data.loaders import dedupe_ids_field, load_questions
 from dpa_rag.data.schema import Ctx, Passage, Question, RetrievalRecord
 from dpa_rag.eval.metrics import hit_at_k, mrr, normalize_answer
 from dpa_rag.io import write_json, write_jsonl
@@ -58,6 +58,7 @@ class RetrieveConfig(StageConfig):
     dtype: str = Field("auto", description="Query encoder dtype; auto = the dtype the passages were encoded with.")
     ef_search: int = Field(128, ge=1, description="HNSW search depth (hnsw indexes only).")
     limit: int | None = Field(None, ge=1, description="Only the first N questions.")
+    dedupe_ids: bool = dedupe_ids_field()
     progress: bool = Field(True, description="Show progress bars.")
 
 
@@ -133,7 +134,9 @@ def run_retrieve(cfg: RetrieveConfig) -> Path:
     """Stage entry point: write ``retrieval.jsonl`` and ``retrieval_metrics.json``; returns the retrieval file."""
     rec = stage_recorder("retrieve", cfg, cfg.out_dir, [cfg.questions, cfg.index_dir])
     with rec.timer("load"):
-        questions = load_questions(cfg.questions, require_answers=False, limit=cfg.limit)
+        questions = load_questions(
+            cfg.questions, require_answers=False, limit=cfg.limit, dedupe_ids=cfg.dedupe_ids or None
+        )
         index = load_index(cfg.index_dir)
         retriever = index.retriever(
             cfg.method, rrf_k=cfg.rrf_k, fusion_depth=cfg.fusion_depth,

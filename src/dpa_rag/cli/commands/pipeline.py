@@ -72,12 +72,13 @@ def register(app: typer.Typer) -> None:
         """Run the DPA-RAG pipeline: index → retrieve → mine → augment → filter → build data → train reranker →
         rerank → train LLM → answer → report. Steps whose manifest matches their config and inputs are skipped,
         so a killed or repeated run resumes where it stopped."""
-        with error_boundary("run"), dedupe_ids(dedupe):
-            cfg = _load(config, {"out_dir": out_dir})
-            if check:
-                _check(cfg)
-                return
-            report = _run(cfg, from_step, force, until, list_steps)
+        with error_boundary("run"):
+            cfg = _load(config, {"out_dir": out_dir, "dedupe_ids": True if dedupe else None})
+            with dedupe_ids(cfg.dedupe_ids):
+                if check:
+                    _check(cfg)
+                    return
+                report = _run(cfg, from_step, force, until, list_steps)
         if report is not None:
             typer.echo(f"report: {report}")
 
