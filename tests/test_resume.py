@@ -263,7 +263,9 @@ def test_filter_killed_then_resumed_is_byte_identical(run_dir: Path, tiny_bert_d
     assert not list(resumed_dir.glob("*.partial.*"))
 
 
-def test_filter_all_chunks_done_loads_no_model(run_dir: Path, tiny_bert_dir: Path, counted_scores, monkeypatch) -> None:
+def test_filter_all_chunks_done_loads_no_model(
+    run_dir: Path, tiny_bert_dir: Path, counted_scores, monkeypatch
+) -> None:
     """Killed after the last chunk was scored, before the outputs: the re-run scores nothing and loads no model."""
     _augmented(run_dir / "aug.jsonl")
     run_filter(_filter_cfg(run_dir, "clean", tiny_bert_dir))

@@ -135,8 +135,8 @@ def launched(
             done = subprocess.run(argv, check=False, **env)
         except FileNotFoundError:
             raise LaunchError(
-                f"step '{step_name}': launcher `{argv[0]}` not found; install it (pip install 'dpa-rag[deepspeed]' for "
-                "deepspeed) or set launcher.kind: none"
+                f"step '{step_name}': launcher `{argv[0]}` not found; install it (pip install "
+                "'dpa-rag[deepspeed]' for deepspeed) or set launcher.kind: none"
             ) from None
         if done.returncode != 0:
             raise LaunchError(
