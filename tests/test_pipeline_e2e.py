@@ -176,3 +176,26 @@ def test_until_and_disabled_steps(tmp_path, tiny_bert_dir, tiny_llm_dir):
     # only reranker/LLM training read rewrites: with both off, augmentation does not run
     names = step_names(_config(tmp_path, tiny_bert_dir, tiny_llm_dir, reranker=False, train_llm=False))
     assert "augment" not in names and "filter" not in names
+
+
+def test_graded_loglik_pipeline_with_bi_encoder_and_top1_systems(tmp_path, tiny_bert_dir, tiny_llm_dir):
+    """mine with the likelihood rule → ranked reranker data + held-out lists → bi-encoder reranker with the utility
+    report → answers at top-k and top-1 → the report shows the utility table and the @1 systems."""
+    cfg = _config(tmp_path / "run", tiny_bert_dir, tiny_llm_dir, augmentation=False, train_llm=False,
+                  extra_top_k=[1])
+    sections = {**cfg.sections, "mine": {"label_rule": "loglik", "probe_top": 4, "agreement_questions": 4},
+                "train_reranker": {"backbone": str(tiny_bert_dir), "kind": "bi-encoder", "epochs": 1,
+                                   "max_length": 64, "metric_for_best_model": "utility_ndcg_at_3"}}
+    cfg = cfg.model_copy(update={"sections": sections})
+    report = run_pipeline(cfg)
+    text = report.read_text()
+    for system in ("retriever@1", "reranker@1", "dense@1", "reranker", "retriever"):
+        assert f"| {system} (" in text, system
+    assert "top-1 + base reader" in text
+    assert "Reranker utility ranking" in text and "oracle (largest gain first)" in text
+    data_stats = json.loads((cfg.out_dir / "reranker-data" / "stats.json").read_text())
+    assert data_stats["pool"] == "ranked" and data_stats["train"]["kept"] > 0
+    assert json.loads((cfg.out_dir / "train-reranker" / "train_log.json").read_text())["kind"] == "bi-encoder"
+    top1 = cfg.out_dir / "answer-reranker-top1" / "predictions.jsonl"
+    preds = [json.loads(x) for x in top1.read_text().splitlines()]
+    assert preds and all(len(p["ctx_ids"]) == 1 for p in preds)

@@ -47,7 +47,8 @@ _OUTPUTS: dict[str, Callable[[Any], set[str] | None]] = {
     "AugmentConfig": lambda c: {"augmented.jsonl", "questions_augmented.jsonl"},
     "FilterConfig": lambda c: {"augmented.jsonl", "questions_augmented.jsonl", "filter_report.json",
                                "filter_report.md"},
-    "RerankerDataConfig": lambda c: {"train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json"},
+    "RerankerDataConfig": lambda c: {"train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json",
+                                     "valid_lists.jsonl", "test_lists.jsonl"},  # the lists: graded preferences
     "TrainRerankerConfig": lambda c: None,
     "RerankConfig": lambda c: {"reranked.jsonl"},
     "LLMDataConfig": lambda c: None,

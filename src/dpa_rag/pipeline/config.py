@@ -88,6 +88,11 @@ class PipelineConfig(StageConfig):
     )
     retrieve_top_k: int = Field(100, ge=1, description="Candidates retrieved per question (the paper: 100).")
     top_k: int = Field(3, ge=1, description="Passages the reader sees (the paper: 3; 2 for WebQSP).")
+    extra_top_k: list[int] = Field(
+        default_factory=list,
+        description="Also answer with the top N passages (e.g. [1]) for the retriever, the compared retrievers and "
+        "the aligned reranker: systems `<name>@N` in the report (one more reader pass each).",
+    )
     reader: dict[str, Any] = Field(
         default_factory=dict, description="Reader generator options (backend, model, batch_size, dtype, …)."
     )

@@ -99,7 +99,13 @@ def system_steps(cfg: PipelineConfig) -> dict[str, str]:
     for method in cfg.compare_retrievers:
         if method != main:
             out[method] = f"answer-{method}"
-    return {k: v for k, v in out.items() if k not in cfg.skip_systems}
+    for k in cfg.extra_top_k:
+        if k == cfg.top_k:
+            continue
+        for name in ("retriever", "reranker", *[m for m in cfg.compare_retrievers if m != main]):
+            if name in out:
+                out[f"{name}@{k}"] = f"{out[name]}-top{k}"
+    return {k: v for k, v in out.items() if k.split("@")[0] not in cfg.skip_systems}
 
 
 def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear recipe, easier to read flat
@@ -197,6 +203,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         _lazy("dpa_rag.mining.mine", "run"), defaults=lambda f: _reader(cfg),
     )
     aug = cfg.augmentation and (cfg.reranker or cfg.train_llm)  # rewrites only feed the training data
+    graded = str(s("mine").get("label_rule", "hit")).replace("_", "-") == "loglik"
     add(
         "augment", ["split"], AugmentConfig, "augment",
         lambda f: {"input": f["split"] / "train_questions.jsonl", "out_dir": f["augment"]},
@@ -221,7 +228,8 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         # under the paper's hit rule a question has aligned or unaligned probes, never both (its closed-book answer
         # is either right or wrong), so the strict pools would drop every question: fill the missing side from the
         # question's own both-correct / both-wrong passages (docs/mining.md)
-        defaults=lambda f: {"pool": "graded", "seed": cfg.seed},
+        # with the graded loglik rule every probe has a gain: `auto` takes the ranked pool
+        defaults=lambda f: {"pool": "auto" if graded else "graded", "seed": cfg.seed},
     )
     add(
         "train-reranker", ["reranker-data", "retrieve-train"], TrainRerankerConfig, "train_reranker",
@@ -232,6 +240,9 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             # held-out questions for the ranking report and the fusion weight: the training split's questions that
             # no reranker training record uses (train_reranker drops the others); never the evaluation questions
             "eval_retrieval": str(f["retrieve-train"] / "retrieval.jsonl"), "seed": cfg.seed,
+            # graded preferences: utility ranking on the held-out training-split questions' probed lists
+            **({"utility_valid": str(f["reranker-data"] / "valid_lists.jsonl"),
+                "utility_test": str(f["reranker-data"] / "test_lists.jsonl")} if graded else {}),
         },
         launched(cfg.launcher, "train-reranker", _lazy("dpa_rag.reranker.train", "train_reranker"),
                  lambda c: c.out_dir),
@@ -332,6 +343,10 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
                 lambda f, m=method: {"retrieval": f[f"retrieve-eval-{m}"] / "retrieval.jsonl"},
                 True,
             )
+    for k in cfg.extra_top_k:  # the same systems with fewer passages (e.g. the top-1)
+        for base in [f"answer-{main}", "answer-reranker", *[f"answer-{m}" for m in methods if m != main]]:
+            deps, wired, enabled = answers[base]
+            answers[f"{base}-top{k}"] = (deps, lambda f, wired=wired, k=k: {**wired(f), "top_k": k}, enabled)
     wanted = set(system_steps(cfg).values())
     for name, (deps, wired, enabled) in answers.items():
         enabled = enabled and name in wanted

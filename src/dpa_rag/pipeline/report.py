@@ -45,6 +45,13 @@ DESCRIPTIONS = {
 }
 
 
+def describe(name: str) -> str:
+    """A system's description; ``name@N`` is the same system with the top N passages."""
+    base, _, k = name.partition("@")
+    text = DESCRIPTIONS.get(base, base)
+    return text.replace("top-k", f"top-{k}") if k else text
+
+
 class ReportConfig(StageConfig):
     """Inputs of the report step (wired by the pipeline)."""
 
@@ -207,7 +214,7 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
     if fr.exists():
         body = fr.read_text(encoding="utf-8").split("\n", 1)[-1].strip()
         sections.append("## Query augmentation and consistency filter\n\n" + body)
-    for name in ("valid_metrics.json", "test_metrics.json", "retrieval_metrics.json"):
+    for name in ("valid_metrics.json", "test_metrics.json", "retrieval_metrics.json", "utility_metrics.json"):
         data = _read_json(folder("train-reranker") / name)
         if data is not None:
             summary[f"reranker_{name[:-5]}"] = data
@@ -229,6 +236,17 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
             "## Reranker ranking quality (answer-bearing passages, held-out training questions)\n\n"
             "Training questions the reranker never trained on; the retriever-fusion weight is chosen here.\n\n"
             + "\n".join(rows)
+        )
+    ru = summary.get("reranker_utility_metrics")
+    if isinstance(ru, dict) and ru:
+        from dpa_rag.reranker.evaluation import utility_table
+
+        sections.append(
+            "## Reranker utility ranking (the reader's graded preferences, held-out training questions)\n\n"
+            "Probed passages of training-split questions the reranker never trained on, ordered by the retriever, "
+            "by the largest likelihood gain (the oracle: the ceiling), by the untrained model and by the aligned "
+            "reranker. nDCG uses max(gain, 0) as the graded relevance; MRR of aligned passages; mean gain (nats per "
+            "answer token) of the top-1 passage.\n\n" + utility_table(ru)
         )
     card = folder("train-reranker") / "model" / "README.md"
     if card.exists():
@@ -252,7 +270,7 @@ def run_report(cfg: ReportConfig) -> Path:
             if name in preds:
                 shift[label] = outcome_shares(preds["closed_book_aligned"], preds[name])
 
-    table_names = {f"{name} ({DESCRIPTIONS.get(name, name)})": r for name, r in results.items()}
+    table_names = {f"{name} ({describe(name)})": r for name, r in results.items()}
     extra = [
         f"Retriever: **{cfg.retriever}**; the reader sees the top **{cfg.top_k}** passages. "
         "Systems are listed in the order they were run.",
