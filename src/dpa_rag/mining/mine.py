@@ -31,7 +31,7 @@ from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from dpa_rag.config import StageConfig, config_hash
-from dpa_rag.data.loaders import load_retrieval
+from dpa_rag.data.loaders import dedupe_ids_field, load_retrieval
 from dpa_rag.data.schema import Ctx, RetrievalRecord
 from dpa_rag.eval.metrics import normalize_answer
 from dpa_rag.generation import CachedGenerator, Generator, GeneratorOptions, build_generator
@@ -97,6 +97,7 @@ class MineConfig(GeneratorOptions, StageConfig):
         32, ge=1, description="Questions whose prompts go to the reader together (one cached call)."
     )
     limit: int | None = Field(None, ge=1, description="Mine only the first N questions.")
+    dedupe_ids: bool = dedupe_ids_field()
     progress: bool = Field(True, description="Show a progress bar.")
 
     @field_validator("label_rule", mode="before")
@@ -365,7 +366,7 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
     out_dir = Path(cfg.out_dir)
     rec = stage_recorder("mine", cfg, out_dir, [cfg.retrieval])
     with rec.timer("load"):
-        records = load_retrieval(cfg.retrieval, limit=cfg.limit)
+        records = load_retrieval(cfg.retrieval, limit=cfg.limit, dedupe_ids=cfg.dedupe_ids or None)
     no_gold = [r.id for r in records if not r.answers]
     if no_gold:
         logger.warning("%d question(s) without gold answers are skipped (e.g. %s)", len(no_gold), no_gold[0])

@@ -14,6 +14,7 @@ from typing import ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
+from dpa_rag.data.loaders import dedupe_ids_field
 
 __all__ = ["RerankConfig", "TrainRerankerConfig", "apply_gpu_flag", "parse_bool", "parse_loss_weights"]
 
@@ -271,6 +272,7 @@ class RerankConfig(StageConfig):
         "auto", description="Reranker kind (auto: detected from the model folder)."
     )
     records_per_chunk: int = Field(64, ge=1, description="Questions scored together (bounds memory).")
+    dedupe_ids: bool = dedupe_ids_field()
     limit: int | None = Field(None, description="Only the first N questions.")
 
     @field_validator("fusion", mode="before")

@@ -242,7 +242,7 @@ def run_rerank(cfg: Any) -> Any:
 
     out_dir = Path(cfg.out_dir)
     rec = stage_recorder("rerank", cfg, out_dir, [cfg.input])
-    records = load_retrieval(cfg.input, limit=cfg.limit)
+    records = load_retrieval(cfg.input, limit=cfg.limit, dedupe_ids=cfg.dedupe_ids or None)
     reranker = Reranker(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.max_length, cfg.score, cfg.fusion,
                         kind=getattr(cfg, "kind", "auto"))
     out = out_dir / "reranked.jsonl"
