@@ -26,6 +26,7 @@ BENCHMARKS: dict[str, tuple[str, list[str], list[str]]] = {
     "retrieval": ("bench_retrieval.py", [], ["--n-questions", "100"]),
     "reader": ("bench_reader.py", [], ["--n", "8", "--batch-sizes", "8"]),
     "mining": ("bench_mining.py", ["--n", "16"], ["--n", "4", "--n-ctxs", "2"]),
+    "loglik": ("bench_loglik.py", [], ["--questions", "4", "--ranks", "1", "2", "--max-new-tokens", "12"]),
     "reranker": ("bench_reranker.py", [], ["--steps", "1", "--repeats", "1", "--questions", "4"]),
 }
 
