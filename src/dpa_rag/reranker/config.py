@@ -146,6 +146,25 @@ class TrainRerankerConfig(StageConfig):
     warmup_epochs: float = Field(1.0, gt=0, description="Epochs of the relevance warm-up.")
     warmup_lr: float = Field(2e-5, gt=0, description="Learning rate of the relevance warm-up.")
     warmup_negatives: int = Field(3, ge=1, description="Retrieved negatives per positive in the warm-up.")
+    warmup_target: Literal["auto", "has-answer", "bi-encoder", "bm25"] = Field(
+        "auto",
+        description="What the cross-encoder's warm-up learns: has-answer = answer-bearing vs other passages of the "
+        "reranker training questions (listwise CE); bi-encoder / bm25 = distilled, label-free: the teacher's order "
+        "over every --warmup-retrieval list (listwise KL to softmax(teacher / --warmup-temperature); held-out "
+        "--eval-retrieval questions excluded). auto = bi-encoder for an embedding backbone (e.g. the bundled "
+        "MiniLM, or when --warmup-teacher is set), has-answer otherwise.",
+    )
+    warmup_teacher: str | None = Field(
+        None, description="Distilled warm-up with bi-encoder: the teacher (sentence-transformers model: alias, hub "
+        "id or folder; default: the backbone itself loaded as a bi-encoder).",
+    )
+    warmup_temperature: float | None = Field(
+        None, gt=0, description="Distilled warm-up: teacher temperature T (default 0.05 for the bi-encoder's "
+        "cosine, 1.0 for BM25 scores standardised within each list).",
+    )
+    warmup_list_size: int = Field(
+        8, ge=2, description="Distilled warm-up: passages per list (the teacher's top half + random others).",
+    )
     eval_retrieval: str | None = Field(
         None,
         description="Retrieval file of held-out questions (training questions in it are dropped): report MRR/hit@k "

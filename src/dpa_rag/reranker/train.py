@@ -113,6 +113,9 @@ def _held_out(records: list, train: list, source: str) -> list:
 
 def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, train: list, out_dir: Path,
                       use_cpu: bool) -> dict[str, Any] | None:
+    """The cross-encoder's warm-up (:mod:`dpa_rag.reranker.warmup`): has-answer listwise CE on the training
+    questions, or label-free distillation of a bi-encoder's / BM25's order over every ``--warmup-retrieval`` list
+    (held-out ``--eval-retrieval`` questions excluded). Returns the summary logged in ``train_log.json``."""
     if not cfg.warmup_relevance:
         return None
     if not cfg.warmup_retrieval:
@@ -121,17 +124,38 @@ def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, trai
     from transformers import TrainingArguments
 
     from dpa_rag.data.loaders import load_retrieval
-    from dpa_rag.reranker.warmup import (
-        RelevanceWarmupTrainer,
-        WarmupCollator,
-        build_warmup_examples,
-        make_warmup_dataset,
-    )
+    from dpa_rag.reranker import warmup as wu
 
-    examples = build_warmup_examples(train, load_retrieval(cfg.warmup_retrieval), cfg.warmup_negatives)
-    if not examples:
-        logger.warning("relevance warm-up skipped: no training question has both answer-bearing and other passages")
-        return {"skipped": "no examples"}
+    target = wu.resolve_warmup_target(cfg.warmup_target, cfg.backbone, cfg.warmup_teacher)
+    retrieval = load_retrieval(cfg.warmup_retrieval)
+    info: dict[str, Any] = {"target": target}
+    if target == "has-answer":
+        examples: list = wu.build_warmup_examples(train, retrieval, cfg.warmup_negatives)
+        if not examples:
+            logger.warning("relevance warm-up skipped: no training question has both answer-bearing and other "
+                           "passages")
+            return {"skipped": "no examples", "target": target}
+    else:
+        eval_records = load_retrieval(cfg.eval_retrieval) if cfg.eval_retrieval else None
+        records, counts = wu.select_distill_questions(retrieval, train, eval_records)
+        temperature = cfg.warmup_temperature or wu.DEFAULT_TEMPERATURE[target]
+        info.update(questions=counts, temperature=temperature, list_size=cfg.warmup_list_size)
+        logger.info("distilled warm-up (%s): %d of %d questions of %s (%d reranker training queries; %d held-out "
+                    "questions of --eval-retrieval excluded, %d repeated, %d lists under 2 passages)", target,
+                    counts["kept"], counts["questions"], cfg.warmup_retrieval, counts["training_queries"],
+                    counts["held_out_excluded"], counts["repeated"], counts["short_lists"])
+        if not records:
+            logger.warning("distilled warm-up skipped: no usable question in %s", cfg.warmup_retrieval)
+            return {"skipped": "no examples", **info}
+        if target == "bi-encoder":
+            teacher = cfg.warmup_teacher or cfg.backbone
+            info["teacher"] = teacher
+            scores = wu.bi_encoder_teacher_scores(teacher, records, cfg.max_length,
+                                                  device=str(next(model.parameters()).device))
+        else:
+            info["teacher"] = "bm25 over the lists' passages"
+            scores = wu.bm25_teacher_scores(records)
+        examples = wu.build_distill_examples(records, scores, cfg.warmup_list_size, cfg.seed)
     args = TrainingArguments(
         output_dir=str(out_dir / "warmup"), num_train_epochs=cfg.warmup_epochs,
         per_device_train_batch_size=cfg.batch_size,
@@ -141,18 +165,21 @@ def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, trai
         logging_steps=1, report_to=[], remove_unused_columns=False, disable_tqdm=True,
         max_steps=cfg.max_steps if cfg.max_steps else -1,
     )
-    trainer = RelevanceWarmupTrainer(
-        model=model, args=args, train_dataset=make_warmup_dataset(examples),
-        data_collator=WarmupCollator(tokenizer, cfg.max_length), processing_class=tokenizer,
-    )
+    common = {"model": model, "args": args, "train_dataset": wu.make_warmup_dataset(examples),
+              "processing_class": tokenizer}
+    if target == "has-answer":
+        trainer: Any = wu.RelevanceWarmupTrainer(data_collator=wu.WarmupCollator(tokenizer, cfg.max_length), **common)
+    else:
+        trainer = wu.DistillWarmupTrainer(data_collator=wu.DistillCollator(tokenizer, cfg.max_length),
+                                          temperature=info["temperature"], **common)
     _log_to_logging(trainer)
     with fast_cpu_dropout(model, enabled=resolve_fast_dropout(cfg.fast_dropout, use_cpu)):
         result = trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    logger.info("relevance warm-up: %d examples, %d steps, loss %.4f → %.4f", len(examples), result.global_step,
-                losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
+    logger.info("relevance warm-up (%s): %d examples, %d steps, loss %.4f → %.4f", target, len(examples),
+                result.global_step, losses[0] if losses else float("nan"), losses[-1] if losses else float("nan"))
     return {"examples": len(examples), "steps": result.global_step, "first_loss": losses[0] if losses else None,
-            "last_loss": losses[-1] if losses else None}
+            "last_loss": losses[-1] if losses else None, **info}
 
 
 CPU_FORWARD_CHUNK = 4
