@@ -49,6 +49,12 @@ def test_hf_loglik_equals_hand_computed_and_batched_equals_single(tiny_hf) -> No
         assert s_b == pytest.approx(s_1, abs=1e-4)
         assert s_b == pytest.approx(_manual_loglik(tiny_hf, p, c), abs=1e-4)
         assert s_b < 0
+    # pairs sharing a prompt share its forward (KV cache gathered per continuation): same values as alone
+    shared_p = [prompts[1]] * 3 + [prompts[0]] * 2
+    shared_c = ["seine", "the river seine of paris", "x", "the king", "france"]
+    for (s, n), p, c in zip(tiny_hf.loglik(shared_p, shared_c), shared_p, shared_c, strict=True):
+        assert s == pytest.approx(_manual_loglik(tiny_hf, p, c), abs=1e-4)
+        assert n == len(tiny_hf.tokenizer(c, add_special_tokens=False)["input_ids"])
     # the prompt's own tokens are not counted: a longer continuation has more tokens, not a longer prompt
     (_, n_short), (_, n_long) = tiny_hf.loglik([prompts[0], prompts[2]], ["paris", "paris"])
     assert n_short == n_long

@@ -87,6 +87,10 @@ class HFGenerator:
         if isinstance(template, str):  # the template shapes every chat prompt; the weights fingerprint misses it
             self.model_id += ":chat-" + hashlib.sha1(template.encode("utf-8")).hexdigest()[:8]
         self._eos_ids = self._collect_eos_ids()
+        import inspect
+
+        params = inspect.signature(self.model.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
         self._max_positions = getattr(self.model.config, "max_position_embeddings", None)
         self._warned_truncation = False
 
@@ -196,9 +200,10 @@ class HFGenerator:
     def loglik(self, prompts: Sequence[Prompt], continuations: Sequence[str]) -> list[tuple[float, int]]:
         """Per pair: ``(sum of log p(continuation token | prompt, earlier tokens), n tokens)``, teacher-forced.
 
-        One forward per batch of ``batch_size`` pairs (sorted by length, left-padded, positions from the attention
-        mask); only the last ``max continuation length + 1`` positions' logits are computed (``logits_to_keep``), so
-        memory does not grow with the vocabulary times the prompt length. fp32 log-softmax.
+        Pairs that share a prompt (a question's gold answers after the same passage) share its forward: each batch
+        of ``batch_size`` distinct prompts (length-sorted, left-padded, positions from the attention mask) runs once
+        with the KV cache on and only its last position's logits; the cache is then gathered per continuation and
+        the continuations' tokens run as one short second forward. fp32 log-softmax.
         """
         import torch
 
@@ -207,28 +212,44 @@ class HFGenerator:
         if not prompts:
             return []
         pairs = [self.encode_pair(p, c) for p, c in zip(prompts, continuations, strict=True)]
-        order = sorted(range(len(pairs)), key=lambda i: -(len(pairs[i][0]) + len(pairs[i][1])))
+        unique: dict[tuple[int, ...], list[int]] = {}
+        for i, (ids, _) in enumerate(pairs):
+            unique.setdefault(tuple(ids), []).append(i)
+        keys = sorted(unique, key=lambda k: -len(k))
         out: list[tuple[float, int]] = [(0.0, 0)] * len(pairs)
         pad = self.tokenizer.pad_token_id
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                idx = order[start : start + self.batch_size]
-                rows = [pairs[i][0] + pairs[i][1] for i in idx]
-                conts = [len(pairs[i][1]) for i in idx]
-                width = max(len(r) for r in rows)
-                ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=self.device)
-                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=self.device)
-                positions = (mask.cumsum(-1) - 1).clamp(min=0)
-                keep = max(conts) + 1
-                logits = self.model(
-                    input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep
-                ).logits.float()
-                logp = torch.log_softmax(logits, dim=-1)  # [B, keep, V]; position j predicts token width-keep+j+1
-                for b, (i, n) in enumerate(zip(idx, conts, strict=True)):
-                    targets = ids[b, width - n :]
-                    pos = logp[b, keep - n - 1 : keep - 1]
-                    lp = pos.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-                    out[i] = (float(lp.sum()), n)
+            for start in range(0, len(keys), self.batch_size):
+                batch = keys[start : start + self.batch_size]
+                width = max(len(k) for k in batch)
+                ids = torch.tensor([[pad] * (width - len(k)) + list(k) for k in batch], device=self.device)
+                mask = torch.tensor([[0] * (width - len(k)) + [1] * len(k) for k in batch], device=self.device)
+                first = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                   use_cache=True, logits_to_keep=1)
+                first_logp = torch.log_softmax(first.logits[:, -1].float(), dim=-1)  # predicts token 1
+                rows = [(b, i) for b, k in enumerate(batch) for i in unique[k]]
+                conts = [pairs[i][1] for _, i in rows]
+                longest = max(len(c) for c in conts)
+                sums = [float(first_logp[b, pairs[i][1][0]]) for b, i in rows]
+                if longest > 1:  # tokens 2..n: one forward over tokens 1..n-1 on the gathered prompt caches
+                    sel = torch.tensor([b for b, _ in rows], device=self.device)
+                    cache = getattr(first, "cache", None) or first.past_key_values  # transformers >= 5.2x: `cache`
+                    cache.batch_select_indices(sel)
+                    step = longest - 1
+                    tail = torch.tensor([c[:-1] + [pad] * (step - len(c) + 1) for c in conts], device=self.device)
+                    tail_mask = torch.tensor([[1] * (len(c) - 1) + [0] * (step - len(c) + 1) for c in conts],
+                                             device=self.device)
+                    lengths = mask.sum(-1)[sel]
+                    positions = lengths.unsqueeze(-1) + torch.arange(step, device=self.device).unsqueeze(0)
+                    second = self.model(input_ids=tail, attention_mask=torch.cat([mask[sel], tail_mask], dim=-1),
+                                        position_ids=positions, use_cache=True, **{self._cache_kwarg: cache})
+                    logp = torch.log_softmax(second.logits.float(), dim=-1)
+                    for r, c in enumerate(conts):
+                        if len(c) > 1:
+                            targets = torch.tensor(c[1:], device=self.device)
+                            sums[r] += float(logp[r, : len(c) - 1].gather(-1, targets.unsqueeze(-1)).sum())
+                for (_, i), total in zip(rows, sums, strict=True):
+                    out[i] = (total, len(pairs[i][1]))
         return out
 
     def __repr__(self) -> str:
