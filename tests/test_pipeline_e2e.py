@@ -193,6 +193,10 @@ def test_graded_loglik_pipeline_with_bi_encoder_and_top1_systems(tmp_path, tiny_
         assert f"| {system} (" in text, system
     assert "top-1 + base reader" in text
     assert "Reranker utility ranking" in text and "oracle (largest gain first)" in text
+    assert "Paired comparison against the retrievers" in text and "| reranker@1 | retriever@1 |" in text
+    summary = json.loads((report.parent / "summary.json").read_text())
+    assert {(r["system"], r["baseline"]) for r in summary["paired"]} >= {("reranker", "retriever"),
+                                                                         ("reranker@1", "dense@1")}
     data_stats = json.loads((cfg.out_dir / "reranker-data" / "stats.json").read_text())
     assert data_stats["pool"] == "ranked" and data_stats["train"]["kept"] > 0
     assert json.loads((cfg.out_dir / "train-reranker" / "train_log.json").read_text())["kind"] == "bi-encoder"

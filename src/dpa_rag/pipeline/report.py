@@ -254,6 +254,50 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
     return sections, summary
 
 
+def category_table(results: dict[str, dict[str, float]]) -> str | None:
+    """Hits@1 / EM / F1 per question category (e.g. the demo's well-known and invented splits), or ``None``."""
+    cats = sorted({k.split("/")[1] for m in results.values() for k in m if k.startswith("category/")})
+    if not cats:
+        return None
+    head = "| system | " + " | ".join(f"{c} Hits@1 | {c} EM | {c} F1" for c in cats) + " |"
+    lines = [head, "|---|" + "---:|" * (3 * len(cats))]
+    for name, m in results.items():
+        cells = []
+        for c in cats:
+            for metric in ("hits@1", "em", "f1"):
+                v = m.get(f"category/{c}/{metric}")
+                cells.append("–" if v is None else f"{v:.1f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    counts = ", ".join(f"{c}: {int(next(iter(results.values())).get(f'category/{c}/n', 0))}" for c in cats)
+    return "## Per question category\n\n" + f"Questions per category ({counts}).\n\n" + "\n".join(lines)
+
+
+_BASELINES = ("retriever", "bm25", "dense", "hybrid")
+
+
+def paired_section(preds: dict[str, list[dict[str, Any]]]) -> tuple[str | None, list[dict[str, Any]]]:
+    """Paired bootstrap 95% CIs of each system against the retriever baselines with the same number of passages
+    (``name`` vs ``retriever``/``bm25``/``dense``; ``name@1`` vs ``retriever@1``/...)."""
+    from dpa_rag.eval.paired import paired_markdown, paired_table
+
+    groups: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for name, records in preds.items():
+        if name.startswith("closed_book"):
+            continue
+        groups.setdefault(name.partition("@")[2], {})[name] = records
+    rows: list[dict[str, Any]] = []
+    for members in groups.values():
+        baselines = [n for n in members if n.partition("@")[0] in _BASELINES]
+        if baselines and len(members) > 1:
+            rows += paired_table(members, baselines)
+    if not rows:
+        return None, []
+    text = ("## Paired comparison against the retrievers (bootstrap, 10,000 resamples)\n\n"
+            "Differences in points on the same evaluation questions, each system against the retriever baselines "
+            "that show the reader as many passages; `*`: the 95% interval excludes 0.\n\n" + paired_markdown(rows))
+    return text, rows
+
+
 def run_report(cfg: ReportConfig) -> Path:
     """Evaluate every system's predictions and write the report; returns ``report.md``'s path."""
     rec = stage_recorder("report", cfg, cfg.out_dir, [Path(p) / "predictions.jsonl" for p in cfg.systems.values()])
@@ -290,6 +334,12 @@ def run_report(cfg: ReportConfig) -> Path:
             + "\n\n![outcomes](outcomes.png)"
         )
         _outcome_plot(shift, cfg.out_dir / "outcomes.png")
+    paired_text, paired_rows = paired_section(preds)
+    if paired_text:
+        extra.append(paired_text)
+    by_category = category_table(results)
+    if by_category:
+        extra.append(by_category)
     steps = set(cfg.steps)
     context, summary = _context_sections(cfg.run_dir, steps)
     extra.extend(context)
@@ -303,7 +353,7 @@ def run_report(cfg: ReportConfig) -> Path:
         extra.append(timings)
     path = write_report(table_names, cfg.out_dir, title="DPA-RAG run report", extra_sections=extra)
     write_json(cfg.out_dir / "metrics.json", results)
-    write_json(cfg.out_dir / "summary.json", {"outcomes": shift, **summary})
+    write_json(cfg.out_dir / "summary.json", {"outcomes": shift, "paired": paired_rows, **summary})
     outputs = ["report.md", "metrics.json", "summary.json", "systems.png"]
     outputs += [p for p in ("outcomes.png", "training_curves.png") if (cfg.out_dir / p).exists()]
     rec.finish(outputs=outputs, systems=len(results))

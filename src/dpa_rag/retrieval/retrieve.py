@@ -103,9 +103,9 @@ def retrieve_questions(
                     )
                     for i, s in hits
                 ]
-                out.append(
-                    RetrievalRecord(id=q.id, question=q.question, answers=q.answers, ctxs=ctxs, origin_id=q.origin_id)
-                )
+                extra = {"category": q.model_extra["category"]} if "category" in (q.model_extra or {}) else {}
+                out.append(RetrievalRecord(id=q.id, question=q.question, answers=q.answers, ctxs=ctxs,
+                                           origin_id=q.origin_id, **extra))
             bar.update(len(batch))
     return out
 

@@ -16,6 +16,9 @@ __all__ = [
     "INVENTED_PASSAGE_KINDS",
     "INVENTED_QUESTIONS",
     "SAMPLE_DIR",
+    "SPLITS",
+    "demo_corpus",
+    "write_demo_questions",
     "sample_path",
 ]
 
@@ -25,6 +28,36 @@ SAMPLE_DIR = Path(__file__).resolve().parent
 INVENTED_QUESTIONS = SAMPLE_DIR / "invented_questions.jsonl"
 INVENTED_CORPUS = SAMPLE_DIR / "invented_corpus.jsonl"
 INVENTED_PASSAGE_KINDS = SAMPLE_DIR / "invented_passage_kinds.json"
+
+
+#: The demo's two question splits: category name → file (the category travels to predictions and reports).
+SPLITS = {"well-known": SAMPLE_DIR / "questions.jsonl", "invented": INVENTED_QUESTIONS}
+
+
+def write_demo_questions(path: str | Path) -> Path:
+    """Both splits in one questions file, each record tagged with its ``category`` (``well-known``/``invented``).
+
+    The file is rewritten only when its content would change, so a repeated demo keeps its manifests valid.
+    """
+    import json
+
+    lines = []
+    for category, source in SPLITS.items():
+        for line in source.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                lines.append(json.dumps({**json.loads(line), "category": category}, ensure_ascii=False))
+    text = "\n".join(lines) + "\n"
+    path = Path(path)
+    if not path.exists() or path.read_text(encoding="utf-8") != text:
+        from dpa_rag.io import write_text
+
+        write_text(path, text)
+    return path
+
+
+def demo_corpus() -> list[Path]:
+    """The corpus files of both splits."""
+    return [SAMPLE_DIR / "corpus.jsonl", INVENTED_CORPUS]
 
 
 def sample_path(name: str) -> Path:

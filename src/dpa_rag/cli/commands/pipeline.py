@@ -92,15 +92,16 @@ def register(app: typer.Typer) -> None:
         """The whole pipeline on the bundled sample (100 questions, ~320 passages) with the bundled models
         (MiniLM, SmolLM2-135M), sized for a laptop CPU. Prints where the report is."""
         from dpa_rag.pipeline import demo_config
-        from dpa_rag.sample import sample_path
+        from dpa_rag.sample import demo_corpus, write_demo_questions
 
         with error_boundary("demo"):
+            out_dir.mkdir(parents=True, exist_ok=True)
             cfg = _load(
                 demo_config(),
                 {
                     "out_dir": out_dir,
-                    "questions": sample_path("questions.jsonl"),
-                    "corpus": [sample_path("corpus.jsonl")],
+                    "questions": write_demo_questions(out_dir / "sample_questions.jsonl"),
+                    "corpus": demo_corpus(),
                 },
             )
             report = _run(cfg, from_step, force, None, list_steps)
@@ -111,7 +112,7 @@ def register(app: typer.Typer) -> None:
                 import json
 
                 for name, m in json.loads(metrics.read_text()).items():
-                    typer.echo(
-                        f"  {name:22s} Hits@1 {m.get('hits@1', 0):5.1f}  EM {m.get('em', 0):5.1f}  "
-                        f"F1 {m.get('f1', 0):5.1f}  (n={int(m.get('n', 0))})"
-                    )
+                    parts = [f"all {m.get('hits@1', 0):5.1f}"]
+                    parts += [f"{c} {m[f'category/{c}/hits@1']:5.1f}" for c in ("well-known", "invented")
+                              if f"category/{c}/hits@1" in m]
+                    typer.echo(f"  {name:22s} Hits@1 " + "  ".join(parts) + f"  (n={int(m.get('n', 0))})")
