@@ -1,4 +1,5 @@
-"""``benchmarks/gpu_check.sh --dry-run`` runs every row on the CPU, so the GPU check cannot rot before a GPU is lent."""
+"""``benchmarks/gpu_check.sh --dry-run`` runs every row on the CPU, so the GPU check cannot rot before a GPU is
+lent."""
 
 from __future__ import annotations
 
