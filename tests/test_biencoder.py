@@ -156,3 +156,24 @@ def test_authors_example_file_trains_as_bi_encoder(tiny_bert_dir: Path, run_dir:
     )
     out = train_reranker(cfg)
     assert len(records) > 2 and json.loads((out / "valid_metrics.json").read_text())["eval_n_pairs"] > 0
+
+
+def test_aligned_bi_encoder_indexes_a_corpus_as_the_retriever(tmp_path: Path, tiny_bi) -> None:  # type: ignore[no-untyped-def]
+    """The saved bi-encoder is a sentence-transformers folder: the dense index takes it as its encoder, and the
+    retriever's order equals the reranker's cosine order."""
+    from dpa_rag.data.schema import Passage
+    from dpa_rag.retrieval.dense import DenseRetriever
+
+    tiny_bi.save(tmp_path / "bi")
+    passages = [Passage(id=str(i), title=t, text=x) for i, (t, x) in enumerate([
+        ("moon", "the moon and the sun"), ("nobel", "einstein won the nobel prize in physics"),
+        ("paris", "paris is a city in france"), ("prize", "the prize was won in physics")])]
+    r = DenseRetriever.build(passages, encoder=str(tmp_path / "bi"), device="cpu", dtype="float32",
+                             show_progress=False)
+    q = "who won the nobel prize in physics"
+    hits = r.search([q], top_k=4)[0]
+    from dpa_rag.retrieval.base import doc_text
+
+    cos = score_bi(tiny_bi, [(q, doc_text(p)) for p in passages], cosine=True).tolist()
+    assert [i for i, _ in hits] == sorted(range(4), key=lambda i: -cos[i])
+    assert [s for _, s in hits] == pytest.approx(sorted(cos, reverse=True), abs=1e-4)
