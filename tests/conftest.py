@@ -11,7 +11,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
-TEST_DATA = Path(__file__).resolve().parent / "data"
 
 _WORDS = (
     "the a an of in on to and is was who what when where which how many first last capital city country river "

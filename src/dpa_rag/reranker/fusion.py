@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from dpa_rag.data.schema import RetrievalRecord
+from dpa_rag.reranker.metrics import retrieval_metrics
 
 __all__ = ["DEFAULT_GRID", "fuse", "normalize_fusion", "resolve_alpha", "select_alpha", "safe_ranks"]
 
@@ -70,8 +71,6 @@ def select_alpha(
     Ties go to the larger alpha (the more of the reranker). Returns ``(alpha, {str(alpha): metrics})``; alpha is
     ``None`` when no record has an answer-bearing passage (nothing to choose on).
     """
-    from dpa_rag.reranker.evaluation import retrieval_metrics
-
     if len(records) != len(scores):
         raise ValueError(f"{len(scores)} score lists for {len(records)} records")
     table: dict[str, dict[str, float]] = {}

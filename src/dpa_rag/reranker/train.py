@@ -26,19 +26,13 @@ from dpa_rag.models import pick_device
 from dpa_rag.reranker.biencoder import BiEncoderCollator, load_biencoder, resolve_kind
 from dpa_rag.reranker.config import TrainRerankerConfig, parse_loss_weights
 from dpa_rag.reranker.data import FusedCollator, RerankerTrainDataset, check_train_records
-from dpa_rag.reranker.evaluation import (
-    PairEvaluator,
-    load_utility_lists,
-    retrieval_metrics,
-    utility_metrics,
-    utility_pairs,
-    utility_table,
-)
+from dpa_rag.reranker.evaluation import PairEvaluator, load_utility_lists, utility_pairs
 from dpa_rag.reranker.fast_dropout import fast_cpu_dropout
 from dpa_rag.reranker.fusion import select_alpha
+from dpa_rag.reranker.inference import predict_logits
+from dpa_rag.reranker.metrics import retrieval_metrics, utility_metrics, utility_table
 from dpa_rag.reranker.model import CONFIG_KEY, head_of, inference_scores, load_reranker_model
 from dpa_rag.reranker.model_card import render_model_card
-from dpa_rag.reranker.rerank import predict_logits
 from dpa_rag.reranker.step import build_losses
 from dpa_rag.reranker.trainer import RerankerTrainer, make_training_args
 from dpa_rag.reranker.weighting import build_weighting
