@@ -104,3 +104,19 @@ def test_order_is_shuffled(questions, kinds):
     # gold passages must not simply follow the question order
     gold_order = [k.split(":")[1] for k in kinds.values() if k.startswith("gold:")]
     assert gold_order != sorted(gold_order)
+
+
+def test_demo_questions_interleave_both_splits_and_are_stable(tmp_path):
+    import json
+
+    from dpa_rag.sample import SPLITS, write_demo_questions
+
+    path = write_demo_questions(tmp_path / "q.jsonl")
+    rows = [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines()]
+    counts = {c: sum(r["category"] == c for r in rows) for c in SPLITS}
+    assert counts == {c: len(p.read_text(encoding="utf-8").splitlines()) for c, p in SPLITS.items()}
+    assert [r["category"] for r in rows[:4]] == ["well-known", "invented", "well-known", "invented"]
+    assert len({r["id"] for r in rows}) == len(rows)
+    before = path.stat().st_mtime_ns
+    write_demo_questions(path)  # same content: not rewritten, so a repeated demo keeps its manifests
+    assert path.stat().st_mtime_ns == before

@@ -254,24 +254,6 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
     return sections, summary
 
 
-def category_table(results: dict[str, dict[str, float]]) -> str | None:
-    """Hits@1 / EM / F1 per question category (e.g. the demo's well-known and invented splits), or ``None``."""
-    cats = sorted({k.split("/")[1] for m in results.values() for k in m if k.startswith("category/")})
-    if not cats:
-        return None
-    head = "| system | " + " | ".join(f"{c} Hits@1 | {c} EM | {c} F1" for c in cats) + " |"
-    lines = [head, "|---|" + "---:|" * (3 * len(cats))]
-    for name, m in results.items():
-        cells = []
-        for c in cats:
-            for metric in ("hits@1", "em", "f1"):
-                v = m.get(f"category/{c}/{metric}")
-                cells.append("–" if v is None else f"{v:.1f}")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    counts = ", ".join(f"{c}: {int(next(iter(results.values())).get(f'category/{c}/n', 0))}" for c in cats)
-    return "## Per question category\n\n" + f"Questions per category ({counts}).\n\n" + "\n".join(lines)
-
-
 _BASELINES = ("retriever", "bm25", "dense", "hybrid")
 
 
@@ -337,9 +319,6 @@ def run_report(cfg: ReportConfig) -> Path:
     paired_text, paired_rows = paired_section(preds)
     if paired_text:
         extra.append(paired_text)
-    by_category = category_table(results)
-    if by_category:
-        extra.append(by_category)
     steps = set(cfg.steps)
     context, summary = _context_sections(cfg.run_dir, steps)
     extra.extend(context)

@@ -35,17 +35,21 @@ SPLITS = {"well-known": SAMPLE_DIR / "questions.jsonl", "invented": INVENTED_QUE
 
 
 def write_demo_questions(path: str | Path) -> Path:
-    """Both splits in one questions file, each record tagged with its ``category`` (``well-known``/``invented``).
+    """Both splits in one questions file, each record tagged with its ``category`` (``well-known``/``invented``),
+    interleaved (one of each in turn), so the pipeline's seeded split and its train/eval limits, which keep file
+    order, draw from both splits alike.
 
     The file is rewritten only when its content would change, so a repeated demo keeps its manifests valid.
     """
+    import itertools
     import json
 
-    lines = []
+    per_split = []
     for category, source in SPLITS.items():
-        for line in source.read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                lines.append(json.dumps({**json.loads(line), "category": category}, ensure_ascii=False))
+        rows = [json.dumps({**json.loads(line), "category": category}, ensure_ascii=False)
+                for line in source.read_text(encoding="utf-8").splitlines() if line.strip()]
+        per_split.append(rows)
+    lines = [x for group in itertools.zip_longest(*per_split) for x in group if x is not None]
     text = "\n".join(lines) + "\n"
     path = Path(path)
     if not path.exists() or path.read_text(encoding="utf-8") != text:
