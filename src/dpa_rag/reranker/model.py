@@ -37,6 +37,7 @@ __all__ = [
     "load_reranker_model",
     "ranking_scores",
     "shared_parameters",
+    "unwrap_model",
 ]
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,20 @@ class EncodeOutput:
         return base[local[idx]]  # masked (padding) positions map to some needed row; the losses ignore them
 
 
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The model inside data-parallel wrappers (``DistributedDataParallel``, ``DataParallel``, a DeepSpeed engine,
+    ``torch.compile``): what has ``config`` and ``get_input_embeddings``."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) or (
+            type(model).__name__ == "DeepSpeedEngine" and hasattr(model, "module")
+        ):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 _MODEL_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 # model types whose embedding layer treats ``inputs_embeds`` exactly as the looked-up ``input_ids`` (no scaling; the
 # positions of right-padded rows are the same), so a chunked step can look tokens up once (see :func:`encode_pairs`)
@@ -193,10 +208,11 @@ def encode_pairs(model: nn.Module, batch: dict[str, Any], chunk_size: int | None
     inputs = {k: batch[k] for k in _MODEL_INPUTS if k in batch and batch[k] is not None}
     n = inputs["input_ids"].shape[0]
     step = n if not chunk_size or chunk_size >= n else chunk_size
-    if step < n and getattr(model.config, "model_type", None) in _EMBEDS_ONCE:
+    core = unwrap_model(model)  # DDP / DeepSpeed wrappers have no ``config``; the forward still runs through ``model``
+    if step < n and getattr(getattr(core, "config", None), "model_type", None) in _EMBEDS_ONCE:
         # one token-embedding lookup for the whole batch: its backward then builds the (vocab x hidden) gradient
         # once per step instead of once per chunk
-        inputs["inputs_embeds"] = model.get_input_embeddings()(inputs.pop("input_ids"))
+        inputs["inputs_embeds"] = core.get_input_embeddings()(inputs.pop("input_ids"))
     logits, reps, hidden = [], [], []
     for start in range(0, n, step):
         part = {k: v[start : start + step] for k, v in inputs.items()}

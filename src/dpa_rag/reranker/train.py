@@ -15,6 +15,8 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ from dpa_rag.reranker.metrics import retrieval_metrics, utility_metrics, utility
 from dpa_rag.reranker.model import CONFIG_KEY, head_of, inference_scores, load_reranker_model
 from dpa_rag.reranker.model_card import render_model_card
 from dpa_rag.reranker.step import build_losses
-from dpa_rag.reranker.trainer import RerankerTrainer, make_training_args
+from dpa_rag.reranker.trainer import RerankerTrainer, check_weighting_supported, make_training_args
 from dpa_rag.reranker.weighting import build_weighting
 from dpa_rag.stage import stage_recorder
 
@@ -106,7 +108,7 @@ def _held_out(records: list, train: list, source: str) -> list:
 
 
 def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, train: list, out_dir: Path,
-                      use_cpu: bool) -> dict[str, Any] | None:
+                      use_cpu: bool, device: str | None = None) -> dict[str, Any] | None:
     """The cross-encoder's warm-up (:mod:`dpa_rag.reranker.warmup`): has-answer listwise CE on the training
     questions, or label-free distillation of a bi-encoder's / BM25's order over every ``--warmup-retrieval`` list
     (held-out ``--eval-retrieval`` questions excluded). Returns the summary logged in ``train_log.json``."""
@@ -145,7 +147,7 @@ def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, trai
             teacher = cfg.warmup_teacher or cfg.backbone
             info["teacher"] = teacher
             scores = wu.bi_encoder_teacher_scores(teacher, records, cfg.max_length,
-                                                  device=str(next(model.parameters()).device))
+                                                  device=device or str(next(model.parameters()).device))
         else:
             info["teacher"] = "bm25 over the lists' passages"
             scores = wu.bm25_teacher_scores(records)
@@ -197,11 +199,107 @@ def resolve_fast_dropout(value: bool | None, use_cpu: bool) -> bool:
     return use_cpu if value is None else value
 
 
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.lstrip("-").isdigit():
+            return int(value)
+    return default
+
+
+@dataclass
+class _Ranks:
+    """Which process does what under a launcher (``accelerate launch``, torchrun, deepspeed, mpirun).
+
+    Every process trains (the Trainer's DDP/DeepSpeed). Only the main process writes (``model/``, metrics, model card,
+    ``train_log.json``, the manifest) and scores the held-out lists; the others wait at a barrier. Under DeepSpeed
+    ZeRO-3 every process scores (a forward gathers the partitioned weights with collectives), the main one writes.
+    Taken from the launcher's environment before the Trainer exists, then from the ``TrainingArguments``.
+    """
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    zero3: bool = False
+
+    @classmethod
+    def from_env(cls) -> _Ranks:
+        from dpa_rag.reranker.trainer import deepspeed_zero3_enabled
+
+        world = _env_int(("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"), 1)
+        rank = _env_int(("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"), 0)
+        local = _env_int(("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"),
+                         0)
+        return cls(rank=rank if world > 1 else 0, world=max(world, 1), local_rank=local if world > 1 else 0,
+                   zero3=world > 1 and deepspeed_zero3_enabled())
+
+    def sync_with(self, args: Any) -> None:
+        """Take rank and world size from set-up ``TrainingArguments`` (what the Trainer will use)."""
+        self.rank, self.world, self.local_rank = args.process_index, args.world_size, args.local_process_index
+
+    @property
+    def multi(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def scores(self) -> bool:
+        """This process scores held-out data (the main one; every one under ZeRO-3)."""
+        return self.main or self.zero3
+
+    def device(self, use_cpu: bool) -> str:
+        """This process's own device (``cuda:LOCAL_RANK``), where the Trainer will put its copy of the model."""
+        if use_cpu or not torch.cuda.is_available():
+            return "cpu"
+        return f"cuda:{self.local_rank}"
+
+    def barrier(self) -> None:
+        """Every process waits here for the others (nothing in one process)."""
+        if self.multi:
+            from accelerate import PartialState
+
+            PartialState().wait_for_everyone()
+
+
+def _freeze_unreached(model: Any, kind: str, losses: list[str]) -> list[str]:
+    """Freeze the parameters that no enabled loss reaches; returns their names.
+
+    DDP with ``find_unused_parameters=False`` needs a gradient for every trainable parameter in every step. Without
+    the point and pair losses no loss reads the logits (the cross-encoder's head and pooler, the bi-encoder's scale
+    and bias); a sentence-transformers forward never uses its encoder's pooler.
+    """
+    from dpa_rag.reranker.model import shared_parameters
+
+    uses_logits = bool({"point", "pair"} & set(losses))
+    named = list(model.named_parameters())
+    if kind == "bi-encoder":
+        names = [n for n, _ in named if "pooler" in n.split(".")]
+        if not uses_logits:
+            names += ["log_scale", "bias"]
+    elif uses_logits:
+        names = []
+    else:
+        shared = {id(p) for p in shared_parameters(model)}
+        names = [n for n, p in named if id(p) not in shared]
+    out = []
+    for n, p in named:
+        if n in names and p.requires_grad:
+            p.requires_grad_(False)
+            out.append(n)
+    return out
+
+
 def train_reranker(cfg: TrainRerankerConfig) -> Path:
     """Train a preference-aligned reranker; returns ``out_dir``.
 
+    Under ``accelerate launch``/torchrun every process trains; the main process alone scores the held-out files
+    and writes (see :class:`_Ranks`); the others wait for it and return the same ``out_dir``.
+
     Raises:
-        ValueError: no training file, an invalid loss/weighting combination.
+        ValueError: no training file, an invalid loss/weighting combination (``mgda`` under DeepSpeed ZeRO-3).
         DataError: a malformed input file.
     """
     from transformers import set_seed
@@ -221,11 +319,19 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     weighting = build_weighting(cfg.weighting, fixed)
     if cfg.weighting == "fixed":
         weighting.weights({k: torch.zeros(()) for k in losses})  # fail early on a missing weight
+    ranks = _Ranks.from_env()
+    check_weighting_supported(weighting, len(losses))  # mgda under ZeRO-3: fail before loading anything
+    kind = resolve_kind(cfg.backbone, cfg.kind)
+    if kind == "bi-encoder" and ranks.zero3:
+        raise ValueError("the bi-encoder kind saves its sentence-transformers model from the process's own weights, "
+                         "which DeepSpeed ZeRO-3 partitions; use ZeRO stage 1/2 or plain DDP (accelerate launch)")
 
     device = pick_device(cfg.device)
-    use_cpu = device == "cpu"
+    use_cpu = device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if ranks.multi:
+        logger.info("process %d of %d (%s); the main process scores and writes", ranks.rank, ranks.world,
+                    "DeepSpeed ZeRO-3: every process scores" if ranks.zero3 else "data parallel")
     set_seed(cfg.seed)
-    kind = resolve_kind(cfg.backbone, cfg.kind)
     if kind == "bi-encoder":
         model = load_biencoder(cfg.backbone, max_length=cfg.max_length)
         model.log_scale.data.fill_(math.log(cfg.bi_scale))
@@ -234,12 +340,18 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     else:
         model, tokenizer = load_reranker_model(cfg.backbone, cfg.head, cfg.score)
     logger.info("reranker kind: %s (backbone %s)", kind, cfg.backbone)
-    if not use_cpu:
-        model.to(device)
+    pre_scoring = bool(utility_test or cfg.eval_retrieval)
+    if not ranks.multi:
+        if not use_cpu:
+            model.to(device)
+    elif ranks.scores and pre_scoring and not use_cpu:
+        # the Trainer places each process's copy on its own device (cuda:LOCAL_RANK); a process that scores before
+        # training puts it there itself (never every process on cuda:0)
+        model.to(ranks.device(use_cpu))
     modules = build_losses(losses, model.config.num_labels, cfg.temperature, cfg.temperature, cfg.contrastive_anchor)
 
     utility_report: dict[str, dict[str, float]] = {}
-    if utility_test:
+    if utility_test and ranks.scores:
         utility_report["retriever order"] = utility_metrics(utility_test, "retriever")
         utility_report["oracle (largest gain first)"] = utility_metrics(utility_test, "oracle")
         utility_report["untrained model"] = utility_metrics(utility_test, _utility_scores(
@@ -250,22 +362,24 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         from dpa_rag.data.loaders import load_retrieval
 
         eval_records = _held_out(load_retrieval(cfg.eval_retrieval), train, cfg.eval_retrieval)
-        retrieval_report["retriever order"] = retrieval_metrics(eval_records)
-        retrieval_report["backbone (untrained)"] = _rank_retrieval(
-            model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score
-        )
+        if ranks.scores:
+            retrieval_report["retriever order"] = retrieval_metrics(eval_records)
+            retrieval_report["backbone (untrained)"] = _rank_retrieval(
+                model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score
+            )
 
     with rec.timer("warmup"):
         if kind == "bi-encoder":
             warmup = None  # an embedding model already ranks by relevance: nothing to warm up
         else:
-            warmup = _relevance_warmup(cfg, model, tokenizer, train, out_dir, use_cpu)
-    if warmup is not None and eval_records is not None and "examples" in warmup:
+            warmup = _relevance_warmup(cfg, model, tokenizer, train, out_dir, use_cpu,
+                                       device=ranks.device(use_cpu) if ranks.multi else None)
+    if warmup is not None and eval_records is not None and "examples" in warmup and ranks.scores:
         retrieval_report["after relevance warm-up"] = _rank_retrieval(
             model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score
         )
 
-    if utility_test and warmup is not None and "examples" in warmup:
+    if utility_test and warmup is not None and "examples" in warmup and ranks.scores:
         utility_report["after relevance warm-up"] = utility_metrics(utility_test, _utility_scores(
             model, tokenizer, utility_test, cfg.eval_batch_size, cfg.max_length, cfg.score))
     evaluator = (PairEvaluator(valid or [], cfg.eval_batch_size, cfg.max_length, score=cfg.score,
@@ -280,6 +394,19 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         save_total_limit=cfg.save_total_limit, logging_steps=cfg.logging_steps, tensorboard=_tensorboard_available(),
         max_grad_norm=cfg.max_grad_norm,
     )
+    if ranks.multi:
+        _ = args.device  # sets up the process group (accelerate's PartialState) now
+        ranks.sync_with(args)
+        # DDP's unused-parameter search (the Trainer's default) passes the forward's outputs through an autograd
+        # function: the returned hidden states are then copies that the logits do not depend on, so mgda-ub's
+        # gradients w.r.t. them would be zero for the point and pair losses; and the bi-encoder's scale and bias
+        # are used outside the DDP forward, which that search cannot see. Off, with the parameters no enabled loss
+        # reaches frozen (they get no gradient in one process either)
+        args.ddp_find_unused_parameters = False
+        frozen = _freeze_unreached(model, kind, losses)
+        if frozen:
+            logger.info("data parallel: %d parameter tensor(s) no enabled loss reaches are frozen (%s, ...)",
+                        len(frozen), frozen[0])
     chunk_size = resolve_chunk_size(cfg.forward_chunk_size, use_cpu)
     logger.info("training forwards: %s rows each", chunk_size or "all")
     grouped = weighting.needs == "parameters"  # per-group passes: a loss's parameter gradient sees only its rows
@@ -300,26 +427,28 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     if resume == "last":
         resume = True
     fast_dropout = resolve_fast_dropout(cfg.fast_dropout, use_cpu)
+    ranks.barrier()  # the other processes wait for the main one's scoring before training together
     with rec.timer("train"), fast_cpu_dropout(model, enabled=fast_dropout):
         result = trainer.train(resume_from_checkpoint=resume)
-    model = trainer.model
+    model = trainer.accelerator.unwrap_model(trainer.model)
     logger.info("trained %d steps; best checkpoint: %s", result.global_step, trainer.state.best_model_checkpoint)
 
-    valid_metrics = trainer.evaluate() if evaluator else {}
+    valid_metrics = trainer.evaluate() if evaluator else {}  # every process: the main one's metrics, broadcast
     test_metrics: dict[str, float] = {}
-    if test:
+    if test and ranks.scores:
         test_raw = PairEvaluator(test, cfg.eval_batch_size, cfg.max_length, score=cfg.score)(model, tokenizer)
         test_metrics = {f"test_{k}": float(v) for k, v in test_raw.items()}
-    if utility_test:
+    if utility_test and ranks.scores:
         utility_report["aligned reranker"] = utility_metrics(utility_test, _utility_scores(
             model, tokenizer, utility_test, cfg.eval_batch_size, cfg.max_length, cfg.score))
-        write_json(out_dir / "utility_metrics.json", utility_report)
+        if ranks.main:
+            write_json(out_dir / "utility_metrics.json", utility_report)
         logger.info("utility on %d held-out lists: nDCG@3 retriever %.4f, aligned %.4f, oracle %.4f",
                     len(utility_test), utility_report["retriever order"].get("ndcg_at_3", 0.0),
                     utility_report["aligned reranker"].get("ndcg_at_3", 0.0),
                     utility_report["oracle (largest gain first)"].get("ndcg_at_3", 0.0))
     fusion: dict[str, Any] | None = None
-    if eval_records is not None:
+    if eval_records is not None and ranks.scores:
         scores = _retrieval_scores(model, tokenizer, eval_records, cfg.eval_batch_size, cfg.max_length, cfg.score)
         retrieval_report["reranker"] = retrieval_metrics(eval_records, scores)
         if cfg.retriever_fusion:
@@ -338,7 +467,16 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
                             table["0.0"]["mrr"], table["1.0"]["mrr"])
             else:
                 logger.info("retriever fusion skipped: no held-out question has an answer-bearing passage")
-        write_json(out_dir / "retrieval_metrics.json", retrieval_report)
+        if ranks.main:
+            write_json(out_dir / "retrieval_metrics.json", retrieval_report)
+    model_dir = out_dir / "model"
+    if ranks.main:
+        rec.start()  # the old manifest goes before model/ is overwritten
+    if kind != "bi-encoder":
+        trainer.save_model(str(model_dir))  # every process (ZeRO-3 gathers the weights); the main one writes
+    if not ranks.main:
+        ranks.barrier()  # wait until the main process has written everything
+        return out_dir
     write_json(out_dir / "valid_metrics.json", valid_metrics)
     write_json(out_dir / "test_metrics.json", test_metrics)
     write_json(out_dir / "train_log.json", {
@@ -353,14 +491,13 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         "forward_chunk_size": chunk_size,
         "fast_dropout": fast_dropout,
         "kind": kind,
+        "processes": ranks.world,
         **({"scale": float(model.scale.detach()), "bias": float(model.bias.detach())} if kind == "bi-encoder" else {}),
     })
 
-    model_dir = out_dir / "model"
     if kind == "bi-encoder":
         model.save(model_dir)
     else:
-        trainer.save_model(str(model_dir))
         tokenizer.save_pretrained(str(model_dir))
     write_text(model_dir / "README.md", render_model_card(
         config=cfg.to_dict(), head=head_of(model), score=cfg.score if cfg.head == "two-class" else "logit",
@@ -376,4 +513,5 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
         outputs.append("utility_metrics.json")
     rec.finish(outputs=outputs, train_records=len(train), valid_pairs=len(valid or []), test_pairs=len(test or []),
                steps=result.global_step)
+    ranks.barrier()
     return out_dir

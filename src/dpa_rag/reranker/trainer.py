@@ -18,13 +18,22 @@ checkpoint, TensorBoard and best-checkpoint selection. What is ours:
 * :meth:`RerankerTrainer.evaluate` runs a :class:`~dpa_rag.reranker.evaluation.PairEvaluator` (``eval_f1``, …),
   so ``metric_for_best_model``/``load_best_model_at_end`` work.
 
+Multi-process runs (``accelerate launch``/torchrun, DDP or DeepSpeed): :meth:`RerankerTrainer.evaluate` scores on the
+main process only (on every process under ZeRO-3, whose forward gathers partitioned weights) and broadcasts the
+main process's metrics, so ``metric_for_best_model``/``load_best_model_at_end`` pick the same checkpoint on every
+process; ``mgda``/``mgda-ub`` sum the processes' Gram matrices (:func:`~dpa_rag.reranker.weighting.all_reduce_gram`),
+so every process uses the same weights.
+
 Known limits: ``mgda`` differentiates w.r.t. the parameters with ``torch.autograd.grad``; this needs unpartitioned
-parameters (not DeepSpeed ZeRO-3; use ``mgda-ub`` or ``equal`` there).
+parameters: under DeepSpeed ZeRO-3 it fails up front (:func:`check_weighting_supported`; use ``mgda-ub`` or
+``equal`` there).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import time
 from collections import defaultdict
 from typing import Any
@@ -38,9 +47,64 @@ from dpa_rag.reranker.model import shared_parameters
 from dpa_rag.reranker.step import compute_losses
 from dpa_rag.reranker.weighting import MGDAWeighting, Weighting, gram_matrix
 
-__all__ = ["LogCallback", "RerankerTrainer", "make_training_args", "mgda_direct_gradients"]
+__all__ = [
+    "LogCallback",
+    "RerankerTrainer",
+    "check_weighting_supported",
+    "deepspeed_zero3_enabled",
+    "make_training_args",
+    "mgda_direct_gradients",
+]
 
 logger = logging.getLogger(__name__)
+
+
+def deepspeed_zero3_enabled(accelerator: Any = None) -> bool:
+    """Whether this run partitions parameters with DeepSpeed ZeRO stage 3.
+
+    Checked, in order: ``accelerator``'s DeepSpeed plugin (inside a Trainer), transformers'
+    ``is_deepspeed_zero3_enabled()`` (a ``TrainingArguments(deepspeed=...)`` config), and what ``accelerate launch``
+    exports (``ACCELERATE_USE_DEEPSPEED`` with ``ACCELERATE_DEEPSPEED_ZERO_STAGE=3`` or a
+    ``ACCELERATE_DEEPSPEED_CONFIG_FILE`` whose ``zero_optimization.stage`` is 3), so it also works before any Trainer
+    exists.
+    """
+    plugin = getattr(getattr(accelerator, "state", None), "deepspeed_plugin", None)
+    if plugin is not None and getattr(plugin, "zero_stage", None) == 3:
+        return True
+    try:
+        from transformers.integrations import is_deepspeed_zero3_enabled
+
+        if is_deepspeed_zero3_enabled():
+            return True
+    except ImportError:  # pragma: no cover - old transformers
+        pass
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() not in ("1", "true", "yes"):
+        return False
+    if os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", "").strip() == "3":
+        return True
+    path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if path and os.path.isfile(path):
+        try:
+            with open(path, encoding="utf-8") as fh:
+                stage = (json.load(fh).get("zero_optimization") or {}).get("stage")
+        except (OSError, ValueError, AttributeError):
+            return False
+        return str(stage) == "3"
+    return False
+
+
+def check_weighting_supported(weighting: Weighting, n_losses: int, accelerator: Any = None) -> None:
+    """Fail before training where a weighting cannot run: ``mgda`` (more than one loss) under DeepSpeed ZeRO-3.
+
+    Raises:
+        ValueError: naming the strategies that do work there (``mgda-ub``, ``equal``).
+    """
+    if isinstance(weighting, MGDAWeighting) and n_losses > 1 and deepspeed_zero3_enabled(accelerator):
+        raise ValueError(
+            "weighting 'mgda' takes per-loss gradients over the encoder's parameters (torch.autograd.grad), which "
+            "DeepSpeed ZeRO-3 partitions across processes; use --weighting mgda-ub (gradients w.r.t. the shared "
+            "representation) or --weighting equal, or ZeRO stage 1/2"
+        )
 
 
 def make_training_args(
@@ -173,6 +237,7 @@ class RerankerTrainer(Trainer):
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        check_weighting_supported(weighting, len(loss_modules), self.accelerator)
         self.loss_modules = loss_modules
         self.weighting = weighting
         if evaluator is None and isinstance(self.eval_dataset, PairEvaluator):
@@ -268,15 +333,31 @@ class RerankerTrainer(Trainer):
         ignore_keys: list[str] | None = None,
         metric_key_prefix: str = "eval",
     ) -> dict[str, float]:
-        """Score the validation pairs; metrics are prefixed (``eval_f1``, ``eval_mrr``, ...) and logged."""
+        """Score the validation pairs; metrics are prefixed (``eval_f1``, ``eval_mrr``, ...) and logged.
+
+        With several processes the main process scores (every process under ZeRO-3, where the forward gathers the
+        partitioned weights) and its metrics are broadcast: every process sees the same values, so the Trainer's
+        best-checkpoint choice (``metric_for_best_model``, ``load_best_model_at_end``) cannot differ between them.
+        A collective then: every process must call it (the Trainer does).
+        """
         evaluator = eval_dataset if isinstance(eval_dataset, PairEvaluator) else self.evaluator
         if evaluator is None:
             return {}
         start = time.time()
         model = self.accelerator.unwrap_model(self.model)
-        raw = evaluator(model, self.processing_class)
-        metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in raw.items()}
-        metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        multi = self.accelerator.num_processes > 1
+        metrics: dict[str, float] | None = None
+        if not multi or self.accelerator.is_main_process or deepspeed_zero3_enabled(self.accelerator):
+            raw = evaluator(model, self.processing_class)
+            metrics = {f"{metric_key_prefix}_{k}": float(v) for k, v in raw.items()}
+            metrics[f"{metric_key_prefix}_runtime"] = round(time.time() - start, 4)
+        if multi:
+            from accelerate.utils import broadcast_object_list
+
+            box: list[Any] = [metrics]
+            broadcast_object_list(box, from_process=0)
+            metrics = box[0]
+        assert metrics is not None
         self.log(metrics)
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics

@@ -11,6 +11,14 @@
 
 With one loss every strategy returns weight 1 and skips the solver. Weights are constants (no gradient flows through
 them).
+
+Under data parallelism (``accelerate launch``/torchrun: ``torch.distributed`` initialised with more than one process)
+both MGDA variants sum the processes' Gram matrices before solving (:func:`all_reduce_gram`), so every process uses
+the same weights. For ``mgda-ub`` this is exactly the Gram matrix of the global batch (the global batch's
+representation is the processes' representations side by side; the common ``1/world²`` factor does not change the
+min-norm point). For ``mgda`` it is ``Σ_r M^r``, the Gram matrix of the processes' gradients side by side, not of
+their average (that would need every per-loss gradient all-reduced): the same weights everywhere, an estimate of
+the global batch's.
 """
 
 from __future__ import annotations
@@ -28,6 +36,7 @@ __all__ = [
     "MGDAUBWeighting",
     "MGDAWeighting",
     "Weighting",
+    "all_reduce_gram",
     "build_weighting",
     "exact_min_norm",
     "frank_wolfe_min_norm",
@@ -169,6 +178,34 @@ def gram_matrix(grads: Sequence[Sequence[Tensor | None]]) -> Tensor:
     return gram.cpu()
 
 
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_gram(gram: Tensor) -> Tensor:
+    """The sum of every process's Gram matrix under data parallelism (float64, CPU); ``gram`` itself in one process.
+
+    A collective: every process must call it at the same point (each MGDA step does, with the same losses).
+    """
+    import torch.distributed as dist
+
+    if _world_size() < 2:
+        return gram
+    backend = str(dist.get_backend())
+    device = torch.device("cpu")
+    if backend not in ("gloo", "mpi") and "cpu:" not in backend:  # nccl & co. reduce device tensors only
+        acc = torch.accelerator.current_accelerator() if hasattr(torch, "accelerator") else None
+        if acc is not None:
+            device = torch.device(acc.type, torch.accelerator.current_device_index())
+        elif torch.cuda.is_available():
+            device = torch.device("cuda", torch.cuda.current_device())
+    t = gram.detach().to(device=device, dtype=torch.float64).contiguous()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.cpu()
+
+
 class Weighting:
     """Base class: ``weights(losses, ...) -> {name: α}``.
 
@@ -238,12 +275,23 @@ class _MinNorm(Weighting):
         return self.weights_from_gram(gram_matrix(grads), names)
 
     def weights_from_gram(self, gram: Tensor, names: Sequence[str]) -> dict[str, float]:
-        """Min-norm weights for a ready Gram matrix (equal weights, with a warning, if it is not finite)."""
+        """Min-norm weights for a ready Gram matrix (equal weights, with a warning, if it is not finite).
+
+        Under data parallelism the processes' matrices are summed first (:func:`all_reduce_gram`): every process
+        gets the same weights (a non-finite entry anywhere gives equal weights everywhere).
+        """
+        gram = all_reduce_gram(gram)
         if not bool(torch.isfinite(gram).all()):
             logger.warning("%s: non-finite gradients (Gram %s); using equal weights this step", self.name, gram)
             return {k: 1.0 / len(names) for k in names}
         alpha = min_norm_weights(gram)
         return {k: float(a) for k, a in zip(names, alpha, strict=True)}
+
+    def get_config_dict(self) -> dict[str, object]:
+        world = _world_size()
+        if world < 2:
+            return {"weighting": self.name}
+        return {"weighting": self.name, "gram": f"summed over {world} processes (the same weights on every one)"}
 
 
 class MGDAWeighting(_MinNorm):
