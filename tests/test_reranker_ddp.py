@@ -153,7 +153,8 @@ def test_mgda_weights_are_the_same_on_every_process(setup: dict[str, Any]) -> No
     for name in ("mgda", "mgda-ub"):
         w0 = [s["weights"] for s in rank0["runs"][name]["steps"]]
         w1 = [s["weights"] for s in rank1["runs"][name]["steps"]]
-        assert w0 == w1, name  # exactly: the same summed matrix, the same solver
+        # the same summed matrix, the same solver: equal up to the all-reduce's float summation order (~1e-11)
+        assert len(w0) == len(w1) and all(a == pytest.approx(b, abs=1e-8) for a, b in zip(w0, w1, strict=True)), name
         l0 = [s["losses"] for s in rank0["runs"][name]["steps"]]
         l1 = [s["losses"] for s in rank1["runs"][name]["steps"]]
         assert l0[0] != pytest.approx(l1[0], abs=1e-6)  # the processes did see different records
