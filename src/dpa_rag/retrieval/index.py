@@ -6,7 +6,7 @@ Layout of an index folder::
     index.json          which parts exist, passage count, corpus files
     bm25/               bm25s files + tokenizer.json
     dense/index.faiss   faiss inner-product index
-    dense/meta.json     encoder name + fingerprint, dim, normalize, count, dtype, prompts
+    dense/meta.json     encoder(s) + fingerprint(s), pooling, dim, normalize, count, dtype, prompts
     config.yaml, manifest.json
 
 Because the folder carries its own passages, an index can't be paired with the wrong corpus.
@@ -61,6 +61,16 @@ class IndexConfig(StageConfig):
     kind: Literal["bm25", "dense", "both"] = Field("both", description="Which indexes to build.")
     dedup: bool = Field(True, description="Drop passages whose (title, text) repeats an earlier one.")
     encoder: str = Field("minilm", description="Dense encoder: bundled alias, hub id, or local folder.")
+    query_encoder: str | None = Field(
+        None,
+        description="Separate dense query encoder (e.g. DPR's question encoder, with --encoder its context encoder); "
+        "recorded in dense/meta.json so `retrieve` uses it. Default: the passage encoder.",
+    )
+    pooling: Literal["auto", "cls", "mean", "pooler"] = Field(
+        "auto",
+        description="Sentence vector: auto (a sentence-transformers model's own; DPR: pooler output; plain HF "
+        "folder: mean), cls, mean (e.g. facebook/contriever) or pooler (the model's pooler_output).",
+    )
     batch_size: int = Field(64, ge=1, description="Encoding batch size.")
     device: str = Field("auto", description="Encoding device: auto, cpu, cuda, cuda:N, mps.")
     dtype: str = Field("auto", description="Encoder dtype: auto, float32, bfloat16, float16 (faiss gets fp32).")
@@ -105,6 +115,7 @@ def build_index(cfg: IndexConfig, passages: list[Passage] | None = None) -> dict
             normalize=cfg.normalize, index_type=cfg.faiss_index, hnsw_m=cfg.hnsw_m,
             ef_construction=cfg.hnsw_ef_construction, max_seq_length=cfg.max_seq_length,
             query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt, show_progress=cfg.progress,
+            query_encoder=cfg.query_encoder, pooling=cfg.pooling,
         ).save(out / "dense")
     info = {"kinds": kinds, "count": len(passages), "corpus": [str(p) for p in cfg.corpus]}
     write_json(out / INDEX_INFO, info)
@@ -172,7 +183,8 @@ class Index:
         return self._bm25
 
     def dense(self, **kwargs: Any) -> DenseRetriever:
-        """The dense part; ``kwargs`` (device, dtype, batch_size, ef_search, encoder) apply on first load."""
+        """The dense part; ``kwargs`` (device, dtype, batch_size, ef_search, encoder, query_encoder) apply on first
+        load."""
         self._require("dense")
         if self._dense is None:
             self._dense = DenseRetriever.load(self.directory / "dense", self.passages, **kwargs)
@@ -214,7 +226,8 @@ def load_retriever(
         method: ``bm25``, ``dense`` or ``hybrid``.
         rrf_k: RRF constant (hybrid).
         fusion_depth: candidates per side (hybrid).
-        **dense_kwargs: ``device``, ``dtype``, ``batch_size``, ``ef_search``, ``encoder`` (a loaded model).
+        **dense_kwargs: ``device``, ``dtype``, ``batch_size``, ``ef_search``, ``encoder`` (a loaded model),
+            ``query_encoder`` (a name that replaces the recorded query encoder).
 
     Returns:
         An object with ``passages`` and ``search(queries, top_k) -> list[list[(passage_idx, score)]]``.

@@ -57,6 +57,9 @@ class RetrieveConfig(StageConfig):
     device: str = Field("auto", description="Query encoder device (dense/hybrid).")
     dtype: str = Field("auto", description="Query encoder dtype; auto = the dtype the passages were encoded with.")
     ef_search: int = Field(128, ge=1, description="HNSW search depth (hnsw indexes only).")
+    query_encoder: str | None = Field(
+        None, description="Dense query encoder instead of the one recorded in the index (default: the recorded one)."
+    )
     limit: int | None = Field(None, ge=1, description="Only the first N questions.")
     dedupe_ids: bool = dedupe_ids_field()
     progress: bool = Field(True, description="Show progress bars.")
@@ -141,6 +144,7 @@ def run_retrieve(cfg: RetrieveConfig) -> Path:
         retriever = index.retriever(
             cfg.method, rrf_k=cfg.rrf_k, fusion_depth=cfg.fusion_depth,
             device=cfg.device, dtype=cfg.dtype, batch_size=cfg.batch_size, ef_search=cfg.ef_search,
+            query_encoder=cfg.query_encoder,
         )
     with rec.timer("search"):
         records = retrieve_questions(retriever, questions, cfg.top_k, cfg.batch_size, cfg.progress)
