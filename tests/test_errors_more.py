@@ -284,3 +284,14 @@ def test_stage_folder_output_private_files_get_umask_modes(tmp_path: Path, umask
     assert stat.S_IMODE(weights.stat().st_mode) == 0o644
     assert stat.S_IMODE((out / "model" / "sub").stat().st_mode) == 0o755
     assert stat.S_IMODE(script.stat().st_mode) == 0o750
+
+
+def test_usage_errors_raised_in_a_command_body_stay_usage_errors():
+    """typer bundles its own click: its BadParameter is still a usage error (exit 2 with typer's message)."""
+    import typer
+
+    from dpa_rag.cli.errors import error_boundary
+
+    with pytest.raises(typer.BadParameter):
+        with error_boundary("x"):
+            raise typer.BadParameter("bad value")

@@ -97,6 +97,22 @@ def _debug() -> bool:
     return logging.getLogger("dpa_rag").isEnabledFor(logging.DEBUG)
 
 
+def _is_usage_error(exc: BaseException) -> bool:
+    """A click or typer usage/parameter exception (typer >= 0.2x bundles its own click: ``typer.TyperException``)."""
+    bases: list[type] = []
+    try:
+        import click
+
+        bases.append(click.exceptions.ClickException)
+    except ImportError:  # pragma: no cover - click is optional with a typer that bundles it
+        pass
+    typer_base = getattr(typer, "TyperException", None) or getattr(getattr(typer, "exceptions", None),
+                                                                   "TyperException", None)
+    if isinstance(typer_base, type):
+        bases.append(typer_base)
+    return isinstance(exc, tuple(bases))
+
+
 @contextlib.contextmanager
 def error_boundary(command: str) -> Iterator[None]:
     """Run a command's body: expected failures → one ``error:`` line, exit 2; bugs → summary, traceback, exit 1."""
@@ -105,9 +121,7 @@ def error_boundary(command: str) -> Iterator[None]:
     except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
         raise
     except Exception as exc:  # noqa: BLE001 - this is the boundary
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
+        if _is_usage_error(exc):  # click's / typer's own (bundled click since typer 0.2x): its usage message
             raise
         message = explain(exc)
         if message is not None:
