@@ -227,3 +227,33 @@ def test_graded_preferences_build_ranked_data_and_utility_report(run_dir: Path, 
     assert "Utility ranking on held-out questions" in (out / "model" / "README.md").read_text()
     valid = json.loads((out / "valid_metrics.json").read_text())
     assert "eval_utility_ndcg_at_3" in valid
+
+
+def test_review_fixes_article_golds_all_aligned_pool_short_lists_and_relabel() -> None:
+    from dpa_rag.io import DataError
+    from dpa_rag.mining.common import relabel
+    from dpa_rag.mining.reranker_data import build_list_record, build_train_record
+
+    assert scoring_golds(["A", "a", "b"], 3) == ["A", "b"]  # an all-article gold is still scored (once)
+
+    def probe(rank: int, text: str, gain: float, cat: str) -> dict:
+        return {"rank": rank, "ctx": {"title": "t", "text": text}, "gain": gain, "category": cat}
+
+    pref = {"id": "q", "question": "q?", "answers": ["x"], "closed_book": {"loglik": -5.0},
+            "probes": [probe(1, "one", 2.0, ALIGNED), probe(2, "two", 1.0, ALIGNED)]}
+    record, info = build_train_record(pref, 1, 1, 2, pool="ranked")
+    assert record is not None and "one" in record["positive"][0] and "two" in record["negative"][0]
+    same = {**pref, "probes": [probe(1, "dup", 2.0, ALIGNED), probe(2, "dup", 1.0, ALIGNED)]}
+    assert build_list_record(same) is None  # one distinct passage: no ranking to evaluate
+    with pytest.raises(DataError, match="label_rule stored"):
+        relabel([pref], "hit")
+
+
+def test_extra_top_k_is_validated(tmp_path: Path) -> None:
+    from dpa_rag.pipeline.config import PipelineConfig
+
+    base = {"questions": str(tmp_path / "q.jsonl"), "corpus": [str(tmp_path / "c.jsonl")], "retrieve_top_k": 5}
+    assert PipelineConfig(**base, extra_top_k=[1, 5]).extra_top_k == [1, 5]
+    for bad in ([0], [6]):
+        with pytest.raises(ValueError, match="extra_top_k"):
+            PipelineConfig(**base, extra_top_k=bad)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_rag.io import DataError, read_records
-from dpa_rag.mining.labels import categorize
+from dpa_rag.mining.labels import categorize, normalize_rule
 
 __all__ = [
     "inherit_augmented",
@@ -59,6 +59,9 @@ def load_preferences(path: str | Path) -> list[dict[str, Any]]:
 def relabel(prefs: list[dict[str, Any]], rule: str) -> list[dict[str, Any]]:
     """Copies of ``prefs`` whose probe categories are recomputed with ``rule`` from the stored scores."""
     out = []
+    if normalize_rule(rule) != "loglik" and any("hit" not in p["closed_book"] for p in prefs):
+        raise DataError(f"these preferences were mined with label_rule loglik (no generated answers for most "
+                        f"questions), so they cannot be relabelled with {rule}; use label_rule stored")
     for p in prefs:
         q = dict(p)
         q["probes"] = [{**pr, "category": categorize(p["closed_book"], pr, rule)} for pr in p["probes"]]

@@ -74,8 +74,9 @@ class MineConfig(GeneratorOptions, StageConfig):
     )
     label_rule: LabelRule = Field(
         "hit",
-        description="Category rule: hit (the paper: correct = gold substring of the answer) or f1-delta (sign of the "
-        "F1 change; reproduces the authors' released labels).",
+        description="Category rule: hit (the paper: correct = gold substring of the answer), f1-delta (sign of the "
+        "F1 change; reproduces the authors' released labels) or loglik (graded: the change in the reader's "
+        "log-probability of the gold answer; no generation).",
     )
     probe_top: int | None = Field(
         None, ge=1, description="Also probe every rank 1..N (e.g. 20 with the cheap loglik rule)."
@@ -124,8 +125,8 @@ def scoring_golds(answers: Sequence[str], k: int) -> list[str]:
     """The first ``k`` gold answers that differ after normalisation (empty ones skipped), stripped."""
     out, seen = [], set()
     for a in answers:
-        key = normalize_answer(a)
-        if a.strip() and key and key not in seen:
+        key = normalize_answer(a) or a.strip().lower()  # "A" normalises to "": still a gold to score
+        if a.strip() and key not in seen:
             seen.add(key)
             out.append(a.strip())
         if len(out) == k:

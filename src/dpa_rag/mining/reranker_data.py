@@ -231,8 +231,10 @@ def build_train_record(
             if not pos:
                 pos = [render_probe(graded[0])]
                 info["borrowed_positive"] = True
-            if not neg_all:
-                neg_all = [render_probe(graded[-1])]
+            if not neg_all:  # e.g. every probe aligned: the worst-gain one is the negative, not a positive
+                worst = render_probe(graded[-1])
+                neg_all = [worst]
+                pos = [t for t in pos if t != worst] or pos
                 info["borrowed_negative"] = True
     elif pool != "strict":
         raise ValueError(f"pool must be 'strict', 'graded' or 'ranked', got {pool!r}")
@@ -290,7 +292,7 @@ def build_pair_records(pref: dict[str, Any]) -> list[dict[str, Any]]:
 def build_list_record(pref: dict[str, Any]) -> dict[str, Any] | None:
     """A held-out question's probed passages with their gains (retriever order), or ``None`` without gains."""
     probes = sorted(pref["probes"], key=lambda p: p["rank"])
-    if len(probes) < 2 or not all("gain" in p for p in probes):
+    if not probes or not all("gain" in p for p in probes) or len(_distinct(probes)) < 2:
         return None
     ctxs = []
     for p in _distinct(probes):

@@ -135,6 +135,13 @@ class PipelineConfig(StageConfig):
         return v
 
     @model_validator(mode="after")
+    def _extra_top_k(self) -> PipelineConfig:
+        bad = [k for k in self.extra_top_k if not 1 <= k <= self.retrieve_top_k]
+        if bad:
+            raise ValueError(f"extra_top_k must be between 1 and retrieve_top_k ({self.retrieve_top_k}); got {bad}")
+        return self
+
+    @model_validator(mode="after")
     def _inputs(self) -> PipelineConfig:
         if self.questions is None and self.retrieval_file is None:
             raise ValueError("give `questions` (or a `retrieval_file` to take them from)")

@@ -17,6 +17,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from dpa_rag.config import ConfigError
+from dpa_rag.mining.labels import normalize_rule
 from dpa_rag.pipeline.config import PipelineConfig
 from dpa_rag.pipeline.launcher import launched
 from dpa_rag.pipeline.runner import Step
@@ -203,7 +204,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
         _lazy("dpa_rag.mining.mine", "run"), defaults=lambda f: _reader(cfg),
     )
     aug = cfg.augmentation and (cfg.reranker or cfg.train_llm)  # rewrites only feed the training data
-    graded = str(s("mine").get("label_rule", "hit")).replace("_", "-") == "loglik"
+    graded = normalize_rule(str(s("mine").get("label_rule", "hit"))) == "loglik"
     add(
         "augment", ["split"], AugmentConfig, "augment",
         lambda f: {"input": f["split"] / "train_questions.jsonl", "out_dir": f["augment"]},
@@ -253,7 +254,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:  # noqa: C901 - one linear r
             f"rerank-{part}", ["train-reranker", f"retrieve-{part}"], RerankConfig, "rerank",
             lambda f, part=part: {
                 "input": str(f[f"retrieve-{part}"] / "retrieval.jsonl"), "model": str(f["train-reranker"] / "model"),
-                "out_dir": str(f[f"rerank-{part}"]), "top_k": cfg.top_k,
+                "out_dir": str(f[f"rerank-{part}"]), "top_k": max([cfg.top_k, *cfg.extra_top_k]),
             },
             _lazy("dpa_rag.reranker.rerank", "run_rerank"),
             enabled=cfg.reranker and (part == "eval" or cfg.train_llm),

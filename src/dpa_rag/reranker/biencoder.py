@@ -349,7 +349,8 @@ def score_bi(model: BiEncoderReranker, pairs: Sequence[tuple[str, str]], batch_s
         return torch.zeros(0) if cosine else torch.zeros(0, 1)
     strings = list(dict.fromkeys([q for q, _ in pairs] + [d for _, d in pairs]))
     where = {s: i for i, s in enumerate(strings)}
-    limit = max_length or model.st.max_seq_length or 512
+    own = model.st.max_seq_length or 512  # what SentenceTransformer(path) truncates at: the same scores
+    limit = min(max_length, own) if max_length else own
     device = next(model.parameters()).device
     was = model.training
     model.eval()

@@ -24,6 +24,7 @@ retriever's order, a model's order, or the oracle's (by gain: the ceiling).
 from __future__ import annotations
 
 import logging
+import math
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -65,8 +66,9 @@ def load_utility_lists(path: str) -> list[dict[str, Any]]:
         if not isinstance(rec.get("question"), str) or not isinstance(ctxs, list) or len(ctxs) < 2:
             raise DataError(f"{path}:{pos}: a utility list needs 'question' and at least 2 'ctxs'")
         for c in ctxs:
-            if not isinstance(c, dict) or "text" not in c or not isinstance(c.get("gain"), (int, float)):
-                raise DataError(f"{path}:{pos}: every ctx needs 'text' and a numeric 'gain'")
+            gain = c.get("gain") if isinstance(c, dict) else None
+            if "text" not in (c or {}) or not isinstance(gain, (int, float)) or not math.isfinite(gain):
+                raise DataError(f"{path}:{pos}: every ctx needs 'text' and a finite numeric 'gain'")
         out.append(rec)
     return out
 

@@ -315,6 +315,9 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     test = load_reranker_pairs(cfg.test) if cfg.test else None
     utility_valid = load_utility_lists(cfg.utility_valid) if cfg.utility_valid else None
     utility_test = load_utility_lists(cfg.utility_test) if cfg.utility_test else utility_valid
+    if utility_test is not None and not cfg.utility_test:
+        logger.warning("utility report on --utility-valid, the lists that also pick the best checkpoint: the aligned "
+                       "reranker's row is optimistic (pass --utility-test for an unbiased one)")
     fixed = parse_loss_weights(cfg.loss_weights) if cfg.loss_weights else None
     weighting = build_weighting(cfg.weighting, fixed)
     if cfg.weighting == "fixed":
@@ -411,7 +414,7 @@ def train_reranker(cfg: TrainRerankerConfig) -> Path:
     logger.info("training forwards: %s rows each", chunk_size or "all")
     grouped = weighting.needs == "parameters"  # per-group passes: a loss's parameter gradient sees only its rows
     if kind == "bi-encoder":
-        collator: Any = BiEncoderCollator(tokenizer, losses, cfg.max_length,
+        collator: Any = BiEncoderCollator(tokenizer, losses, model.st.max_seq_length or cfg.max_length,
                                           query_anchor=cfg.contrastive_anchor == "query", grouped=grouped)
     else:
         collator = FusedCollator(tokenizer, losses, cfg.max_length, query_anchor=cfg.contrastive_anchor == "query",
