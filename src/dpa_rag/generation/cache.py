@@ -13,7 +13,7 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tqdm.auto import tqdm
@@ -116,35 +116,35 @@ class CachedGenerator:
     def model_id(self) -> str:
         return self.backend.model_id
 
-    def generate(self, prompts: Sequence[Prompt], params: GenerationParams, desc: str = "generate") -> list[str]:
-        """Completions for ``prompts`` in order; only cache misses reach the backend."""
-        results: list[str | None] = [None] * len(prompts)
-        keys = [GenerationCache.key(self.model_id, params, p) for p in prompts]
+    def _cached(
+        self, keys: Sequence[str], compute: Callable[[list[int]], Sequence[str]], desc: str, unit: str
+    ) -> list[str]:
+        """Values for ``keys`` in order: cache hits, then ``compute(first indices)`` for the misses in batches of
+        ``batch_size`` (identical keys computed once), each batch stored as soon as it is done."""
+        results: list[str | None] = [None] * len(keys)
         if self.cache is not None:
             found = self.cache.get_many(keys)
             for i, k in enumerate(keys):
                 if k in found:
                     results[i] = found[k]
-        # identical prompts in one call are generated once
         todo: dict[str, list[int]] = {}
         for i, r in enumerate(results):
             if r is None:
                 todo.setdefault(keys[i], []).append(i)
-        self.hits += len(prompts) - sum(len(v) for v in todo.values())
+        self.hits += len(keys) - sum(len(v) for v in todo.values())
         if todo:
             order = list(todo)
-            bar = tqdm(total=len(order), desc=desc, unit="prompt", disable=not self.progress, leave=False)
+            bar = tqdm(total=len(order), desc=desc, unit=unit, disable=not self.progress, leave=False)
             try:
                 for start in range(0, len(order), self.batch_size):
                     batch_keys = order[start : start + self.batch_size]
-                    batch_prompts = [prompts[todo[k][0]] for k in batch_keys]
-                    outs = self.backend.generate(batch_prompts, params)
-                    if len(outs) != len(batch_prompts):
+                    outs = list(compute([todo[k][0] for k in batch_keys]))
+                    if len(outs) != len(batch_keys):
                         raise RuntimeError(
                             f"backend {type(self.backend).__name__} returned {len(outs)} outputs for "
-                            f"{len(batch_prompts)} prompts"
+                            f"{len(batch_keys)} inputs"
                         )
-                    self.calls += len(batch_prompts)
+                    self.calls += len(batch_keys)
                     if self.cache is not None:
                         self.cache.put_many(self.model_id, list(zip(batch_keys, outs, strict=True)))
                     for k, out in zip(batch_keys, outs, strict=True):
@@ -154,6 +154,11 @@ class CachedGenerator:
             finally:
                 bar.close()
         return [r if r is not None else "" for r in results]
+
+    def generate(self, prompts: Sequence[Prompt], params: GenerationParams, desc: str = "generate") -> list[str]:
+        """Completions for ``prompts`` in order; only cache misses reach the backend."""
+        keys = [GenerationCache.key(self.model_id, params, p) for p in prompts]
+        return self._cached(keys, lambda idx: self.backend.generate([prompts[i] for i in idx], params), desc, "prompt")
 
     def loglik(
         self, prompts: Sequence[Prompt], continuations: Sequence[str], desc: str = "score"
@@ -170,40 +175,10 @@ class CachedGenerator:
                 f"the {type(self.backend).__name__} backend cannot score answers (no log-probabilities); use the "
                 "hf or vllm backend, an OpenAI-compatible server that returns prompt logprobs, or label_rule hit"
             )
-        results: list[tuple[float, int] | None] = [None] * len(prompts)
         keys = [GenerationCache.loglik_key(self.model_id, p, c) for p, c in zip(prompts, continuations, strict=True)]
-        if self.cache is not None:
-            found = self.cache.get_many(keys)
-            for i, k in enumerate(keys):
-                if k in found:
-                    value = json.loads(found[k])
-                    results[i] = (float(value[0]), int(value[1]))
-        todo: dict[str, list[int]] = {}
-        for i, r in enumerate(results):
-            if r is None:
-                todo.setdefault(keys[i], []).append(i)
-        self.hits += len(prompts) - sum(len(v) for v in todo.values())
-        if todo:
-            order = list(todo)
-            bar = tqdm(total=len(order), desc=desc, unit="pair", disable=not self.progress, leave=False)
-            try:
-                for start in range(0, len(order), self.batch_size):
-                    batch_keys = order[start : start + self.batch_size]
-                    first = [todo[k][0] for k in batch_keys]
-                    outs = self.backend.loglik([prompts[i] for i in first], [continuations[i] for i in first])
-                    if len(outs) != len(first):
-                        raise RuntimeError(
-                            f"backend {type(self.backend).__name__} returned {len(outs)} scores for {len(first)} pairs"
-                        )
-                    self.calls += len(first)
-                    if self.cache is not None:
-                        rows = [(k, json.dumps([float(o[0]), int(o[1])]))
-                                for k, o in zip(batch_keys, outs, strict=True)]
-                        self.cache.put_many(self.model_id, rows)
-                    for k, o in zip(batch_keys, outs, strict=True):
-                        for i in todo[k]:
-                            results[i] = (float(o[0]), int(o[1]))
-                    bar.update(len(batch_keys))
-            finally:
-                bar.close()
-        return [r if r is not None else (0.0, 0) for r in results]
+
+        def compute(idx: list[int]) -> list[str]:
+            outs = self.backend.loglik([prompts[i] for i in idx], [continuations[i] for i in idx])
+            return [json.dumps([float(s), int(n)]) for s, n in outs]
+
+        return [(float(v[0]), int(v[1])) for v in (json.loads(x) for x in self._cached(keys, compute, desc, "pair"))]

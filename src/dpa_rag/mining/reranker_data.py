@@ -167,14 +167,7 @@ def graded_order(pref: dict[str, Any]) -> list[dict[str, Any]]:
         + by(BOTH_WRONG, lambda p: p["rank"])
         + by(UNALIGNED, lambda p: (-_delta(pref, p), p["rank"]))
     )
-    seen: set[str] = set()
-    out = []
-    for p in ordered:
-        text = render_probe(p)
-        if text not in seen:
-            seen.add(text)
-            out.append(p)
-    return out
+    return _distinct(ordered)
 
 
 def spread(items: list[Any], size: int) -> list[Any]:
