@@ -106,7 +106,7 @@ def main() -> None:
             calls[name] = gen.calls - before
             best[name] = min(dt, best.get(name, float("inf")))
 
-    probes = sum(len(r["probes"]) for r in outputs["hit (generate)"])
+    probes = sum(len(r.probes) for r in outputs["hit (generate)"])
     print(f"cpu: {cpu_model() or 'unknown'}; torch threads {torch.get_num_threads()}; model {args.model} "
           f"({args.dtype}, {args.device}); batch size {args.batch_size}")
     print(f"{len(records)} questions × ranks {args.ranks} = {probes} probes; hit rule: greedy, "
@@ -118,8 +118,8 @@ def main() -> None:
     print(f"ratio loglik / hit probes/s: {ratio:.2f}x")
     pairs = Counter()
     for g, ll in zip(outputs["hit (generate)"], outputs["loglik (score)"], strict=True):
-        for pg, pl in zip(g["probes"], ll["probes"], strict=True):
-            pairs[(pl["category"], pg["category"])] += 1
+        for pg, pl in zip(g.probes, ll.probes, strict=True):
+            pairs[(pl.category, pg.category)] += 1
     agree = sum(v for (a, b), v in pairs.items() if (a == "aligned") == (b == "aligned")
                 and (a == "unaligned") == (b == "unaligned"))
     print(f"category agreement (aligned/unaligned/other): {agree}/{probes}; "

@@ -161,17 +161,18 @@ class OursStep:
                  chunk_size: int | None = None, fast_dropout: bool = True) -> None:
         import contextlib
 
-        from dpa_rag.reranker.data import FusedCollator
         from dpa_rag.reranker.fast_dropout import fast_cpu_dropout
+        from dpa_rag.reranker.losses import LOSS_NAMES
         from dpa_rag.reranker.step import build_losses
+        from dpa_rag.reranker.train import build_collator
         from dpa_rag.reranker.weighting import build_weighting
 
-        names = ["point", "pair", "contrastive"]
+        names = list(LOSS_NAMES)
         self.model = model
-        self.grouped = weighting == "mgda"
-        self.collate = FusedCollator(tokenizer, names, max_length, sort=not self.grouped, dedupe=not self.grouped)
-        self.modules = build_losses(names, model.config.num_labels)
         self.weighting = build_weighting(weighting)
+        self.grouped = self.weighting.grouped_batches  # per-group passes where it differentiates w.r.t. parameters
+        self.collate = build_collator("cross-encoder", tokenizer, names, self.weighting, max_length)
+        self.modules = build_losses(names, model.config.num_labels)
         self.opt = torch.optim.AdamW(model.parameters(), lr=1e-5, eps=1e-6, weight_decay=0.0, fused=True)
         self.chunk_size = chunk_size
         self._dropout = contextlib.ExitStack()  # the trainer's CPU default, held for the runner's lifetime

@@ -17,7 +17,8 @@ from dpa_rag.eval.metrics import score_answer
 from dpa_rag.generation import GeneratorOptions
 from dpa_rag.generation.fake import FakeGenerator
 from dpa_rag.prompts import BUILTIN_TEMPLATES, PromptTemplate, clean_answer, load_template
-from dpa_rag.rag.answer import AnswerConfig, answer_records, run_answer
+from dpa_rag.rag.answer import AnswerConfig, answer_records
+from dpa_rag.rag.answer import run as run_answer
 
 RECORDS = [
     {
@@ -68,7 +69,7 @@ def retrieval_file(tmp_path: Path) -> Path:
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # ----------------------------------------------------------------------------------------------------- templates
@@ -176,7 +177,7 @@ def test_run_answer_writes_predictions_and_second_run_hits_cache(run_dir: Path, 
     cfg = AnswerConfig(backend="fake", retrieval=retrieval_file, top_k=2, out_dir=run_dir / "a", progress=False)
     fake = FakeGenerator(first_passage_reader)
     out = run_answer(cfg, backend=fake)
-    assert out == run_dir / "a" / "predictions.jsonl"
+    assert out.predictions == run_dir / "a" / "predictions.jsonl" and out.metrics == run_dir / "a" / "metrics.json"
     assert fake.calls == 3
     preds = read_jsonl(out)
     assert [p["id"] for p in preds] == ["q1", "q2", "q3"]
@@ -254,7 +255,7 @@ def test_reranker_path_reranks_then_keeps_top_k(run_dir: Path, retrieval_file: P
     assert created["path"] == str(run_dir / "rr")
     assert created["kwargs"]["fusion"] == "off"
     assert created["kwargs"]["batch_size"] == cfg.reranker_batch_size
-    assert created["kwargs"]["dtype"] == "bf16"  # the reranker's dtype names
+    assert created["kwargs"]["dtype"] == "bfloat16"  # one dtype spelling for the reader and the reranker
     assert created["depths"] == [3, 2, 1]  # candidates cut to rerank_depth before reranking
     assert [p["ctx_ids"] for p in preds] == [["p3"], ["p6"], ["p7"]]
     assert preds[1]["prediction"] == "Paris" and preds[1]["scores"]["hit"] == 1.0

@@ -251,6 +251,7 @@ LAYERS: dict[str, int] = {
     "data": 0,
     "sample": 0,
     "eval.metrics": 0,  # pure metric functions, used by retrieval and every stage
+    "eval.ranking": 0,  # the one ranking-metrics function (hit@k, ndcg@k, mrr), used by retrieval and the reranker
     "generation": 1,
     "retrieval": 1,
     "prompts": 1,

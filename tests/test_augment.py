@@ -12,7 +12,7 @@ from dpa_rag.augment.augment import AugmentConfig, augment_questions, augmented_
 from dpa_rag.augment.inherit import group_split, inherit_preferences, inherit_retrieval
 from dpa_rag.augment.parser import parse_rewrite
 from dpa_rag.augment.strategies import DEFAULT_STRATEGIES, load_templates, render_prompt
-from dpa_rag.data.schema import Ctx, Question, RetrievalRecord
+from dpa_rag.data.schema import Ctx, Preference, Question, RetrievalRecord
 from dpa_rag.generation import GenerationParams, build_generator
 from dpa_rag.generation.base import GeneratorOptions
 from dpa_rag.generation.fake import FakeGenerator
@@ -238,12 +238,13 @@ def test_augmented_questions_file_format(run_dir: Path, shared_data: Path) -> No
     assert set(recs[0]["raw"]) == set(DEFAULT_STRATEGIES)
 
 
-def _pref(qid: str, question: str) -> dict:
-    return {
+def _pref(qid: str, question: str) -> Preference:
+    return Preference.model_validate({
         "id": qid, "question": question, "answers": ["Bob Russell"], "origin_id": None,
         "closed_book": {"answer": "unknown", "hit": 0, "f1": 0.0},
-        "probes": [{"rank": 1, "passage": "Title: T Content: Bob Russell wrote it", "category": 1}],
-    }
+        "probes": [{"rank": 1, "ctx": {"id": "p1", "title": "T", "text": "Bob Russell wrote it"},
+                    "answer": "Bob Russell", "hit": 1, "f1": 1.0, "category": "aligned"}],
+    })
 
 
 def test_inherit_preferences_and_retrieval() -> None:
@@ -254,11 +255,12 @@ def test_inherit_preferences_and_retrieval() -> None:
     out = inherit_preferences(prefs, aq)
     assert len(out) == 1  # q9 has no preference record
     rec = out[0]
-    assert rec["id"] == "q1::rephrasing" and rec["question"] == "Who penned it?" and rec["origin_id"] == "q1"
-    assert rec["answers"] == ["Bob Russell"] and rec["probes"] == prefs[0]["probes"]
-    assert set(rec) == set(prefs[0]) | {"strategy"} and rec["strategy"] == "rephrasing"
-    rec["probes"][0]["category"] = 2  # a deep copy: the original is untouched
-    assert prefs[0]["probes"][0]["category"] == 1
+    assert rec.id == "q1::rephrasing" and rec.question == "Who penned it?" and rec.origin_id == "q1"
+    assert rec.answers == ["Bob Russell"] and rec.probes == prefs[0].probes
+    assert rec.closed_book == prefs[0].closed_book and rec.strategy == "rephrasing" and prefs[0].strategy is None
+    rec.probes[0].category = "unaligned"  # a deep copy: the original is untouched
+    rec.probes[0].ctx.text = "changed"
+    assert prefs[0].probes[0].category == "aligned" and prefs[0].probes[0].ctx.text == "Bob Russell wrote it"
 
     ctx = Ctx(id="p1", title="T", text="Bob Russell wrote it", score=1.0, has_answer=True)
     rr = [RetrievalRecord(id="q1", question=ORIG, answers=["Bob Russell"], ctxs=[ctx])]
@@ -279,11 +281,11 @@ def test_group_split_no_leakage() -> None:
         [Question(id=f"q{i}::{s}", question=f"rewrite {s} {i}", origin_id=f"q{i}")
          for i in range(30) for s in ("rephrasing", "complexity")],
     )
-    assert all(r["origin_id"] == r["id"].split("::")[0] for r in rewrites)
+    assert all(r.origin_id == r.id.split("::")[0] for r in rewrites)
     splits = group_split(originals + rewrites, {"train": 0.6, "valid": 0.2, "test": 0.2}, seed=3)
     assert sum(map(len, splits.values())) == 90
     assert [len(v) for v in splits.values()] == [54, 18, 18]
-    origin_sets = {name: {r["origin_id"] or r["id"] for r in recs} for name, recs in splits.items()}
+    origin_sets = {name: {r.origin_id or r.id for r in recs} for name, recs in splits.items()}
     assert not origin_sets["train"] & origin_sets["test"]
     assert not origin_sets["train"] & origin_sets["valid"]
     assert not origin_sets["valid"] & origin_sets["test"]

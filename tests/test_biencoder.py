@@ -101,7 +101,7 @@ def test_train_bi_encoder_each_weighting_and_sentence_transformers_loads_it(
 
     from dpa_rag.reranker.config import TrainRerankerConfig
     from dpa_rag.reranker.rerank import Reranker
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     train = _train_file(run_dir / "train.jsonl")
     cfg = TrainRerankerConfig(
@@ -110,8 +110,8 @@ def test_train_bi_encoder_each_weighting_and_sentence_transformers_loads_it(
         loss_weights="point=1,pair=1,contrastive=0.5" if weighting == "fixed" else None,
     )
     out = train_reranker(cfg)
-    model_dir = out / "model"
-    log = json.loads((out / "train_log.json").read_text())
+    model_dir = out.model
+    log = json.loads(out.train_log.read_text())
     assert log["kind"] == "bi-encoder" and log["global_step"] == 3
     assert {w for s in log["steps"] for w in s["weights"]} == set(LOSSES)
     assert "bi-encoder" in (model_dir / "README.md").read_text()
@@ -145,7 +145,7 @@ def test_rerank_with_bi_encoder_is_cosine_order(tiny_bert_dir: Path, run_dir: Pa
 
 def test_authors_example_file_trains_as_bi_encoder(tiny_bert_dir: Path, run_dir: Path, shared_data: Path) -> None:
     from dpa_rag.reranker.config import TrainRerankerConfig
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     d = shared_data / "dpa-rag"
     records = load_reranker_train(d / "example_train_dataset.jsonl")
@@ -155,7 +155,7 @@ def test_authors_example_file_trains_as_bi_encoder(tiny_bert_dir: Path, run_dir:
         max_steps=2, max_length=64, device="cpu",
     )
     out = train_reranker(cfg)
-    assert len(records) > 2 and json.loads((out / "valid_metrics.json").read_text())["eval_n_pairs"] > 0
+    assert len(records) > 2 and json.loads(out.valid_metrics.read_text())["eval_n_pairs"] > 0
 
 
 def test_aligned_bi_encoder_indexes_a_corpus_as_the_retriever(tmp_path: Path, tiny_bi) -> None:  # type: ignore[no-untyped-def]

@@ -10,6 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
+from dpa_rag.data.schema import Preference
 from dpa_rag.io import write_jsonl
 from dpa_rag.mining.labels import ALIGNED, BOTH_CORRECT, BOTH_WRONG, UNALIGNED
 from dpa_rag.mining.llm_data import LLMDataConfig, prealign_example
@@ -32,12 +33,13 @@ def probe(rank: int, category: str, f1: float, text: str | None = None, title: s
             "hit": int(f1 == 1.0), "f1": f1, "category": category}
 
 
-def pref(qid: str, probes: list[dict[str, Any]], cb_f1: float = 0.5, question: str | None = None) -> dict[str, Any]:
-    return {"id": qid, "question": question or f"question {qid}", "answers": [f"gold {qid}", "alias"],
-            "closed_book": {"answer": "cb", "hit": int(cb_f1 == 1.0), "f1": cb_f1}, "probes": probes}
+def pref(qid: str, probes: list[dict[str, Any]], cb_f1: float = 0.5, question: str | None = None) -> Preference:
+    return Preference.model_validate(
+        {"id": qid, "question": question or f"question {qid}", "answers": [f"gold {qid}", "alias"],
+         "closed_book": {"answer": "cb", "hit": int(cb_f1 == 1.0), "f1": cb_f1}, "probes": probes})
 
 
-def mixed_pref(qid: str) -> dict[str, Any]:
+def mixed_pref(qid: str) -> Preference:
     """Before F1 0.5; two aligned (F1 1.0 at rank 50, 0.8 at rank 1), one both-wrong, two unaligned."""
     return pref(qid, [
         probe(1, ALIGNED, 0.8, f"{qid} aligned small gain"),
@@ -69,7 +71,7 @@ def test_graded_order_and_spread() -> None:
         probe(2, UNALIGNED, 0.0, "u big loss"), probe(7, BOTH_CORRECT, 0.5, "bc 7"),
         probe(9, ALIGNED, 0.6, "a small"), probe(1, BOTH_WRONG, 0.5, "bw 1"), probe(4, ALIGNED, 1.0, "a big"),
     ])
-    assert [x["ctx"]["text"] for x in graded_order(p)] == [
+    assert [x.ctx.text for x in graded_order(p)] == [
         "a big", "a small", "bc 7", "bw 1", "bw 3", "u small loss", "u big loss"]
     assert spread(list(range(7)), 4) == [0, 2, 4, 6]
     assert spread(list(range(4)), 4) == [0, 1, 2, 3]
@@ -91,7 +93,7 @@ def test_train_record_groups() -> None:
     rec3, info3 = build_train_record(mixed_pref("q"), 3, 1, 6)
     assert rec3 is not None and info3["padded_positive"] and info3["padded_rank_list"]
     assert set(rec3["positive"]) == set(rec["positive"]) and len(rec3["positive"]) == 3
-    own = {render_probe(p) for p in mixed_pref("q")["probes"]}
+    own = {render_probe(p) for p in mixed_pref("q").probes}
     assert len(rec3["rank_list"]) == 6 and set(rec3["rank_list"]) <= own
 
 
@@ -110,7 +112,7 @@ def test_never_positive_and_negative_and_drops() -> None:
     # graded pools fill the missing side from the middle grades (the hit rule never mixes sides)
     rec_g, info_g = build_train_record(no_pos, 2, 2, 4, pool="graded")
     assert rec_g is not None and info_g["borrowed_positive"]
-    assert rec_g["positive"] == [render_probe(no_pos["probes"][1])] * 2
+    assert rec_g["positive"] == [render_probe(no_pos.probes[1])] * 2
 
 
 def test_classification_balanced_and_seeded() -> None:
@@ -140,8 +142,8 @@ def _write_inputs(tmp: Path, n: int = 20) -> tuple[Path, Path, Path]:
     aug.append({"id": "orphan-r", "question": "a rewrite of nothing", "origin_id": "nope", "strategy": "rephrase"})
     aug_path = tmp / "augmented.jsonl"
     write_jsonl(aug_path, aug)
-    retrieval = [{"id": p["id"], "question": p["question"], "answers": p["answers"],
-                  "ctxs": [{"title": "R", "text": f"{p['id']} retrieved {j}"} for j in range(6)]} for p in prefs]
+    retrieval = [{"id": p.id, "question": p.question, "answers": p.answers,
+                  "ctxs": [{"title": "R", "text": f"{p.id} retrieved {j}"} for j in range(6)]} for p in prefs]
     ret_path = tmp / "retrieval.jsonl"
     write_jsonl(ret_path, retrieval)
     (tmp / "mine" / "config.yaml").write_text(f"retrieval: {ret_path}\n", encoding="utf-8")
@@ -153,7 +155,7 @@ def test_build_reranker_data(tmp_path: Path) -> None:
     cfg = RerankerDataConfig(preferences=pref_path.parent, out_dir=tmp_path / "rr", include_augmented=aug_path,
                              train_fraction=0.6, valid_fraction=0.2, test_fraction=0.2, seed=3)
     out = run_reranker(cfg)
-    splits = json.loads((out / "splits.json").read_text())
+    splits = json.loads(out.splits.read_text())
     sets = {s: set(splits[s]) for s in ("train", "valid", "test")}
     assert not (sets["train"] & sets["valid"] or sets["train"] & sets["test"] or sets["valid"] & sets["test"])
     assert len(sets["train"] | sets["valid"] | sets["test"]) == 20 + 14  # 7 originals × 2 rewrites; orphan dropped
@@ -161,7 +163,7 @@ def test_build_reranker_data(tmp_path: Path) -> None:
         for qid in ids:
             if "-r" in qid:
                 assert qid.split("-r")[0] in ids, (qid, s)
-    train = load_reranker_train(out / "train.jsonl")
+    train = load_reranker_train(out.train)
     for r in train:
         assert len(r.positive) == 2 and len(r.negative) == 2 and len(r.rank_list) == 4
         assert not set(r.positive) & set(r.negative)
@@ -173,26 +175,26 @@ def test_build_reranker_data(tmp_path: Path) -> None:
     labels = [r.classification.label for r in train]
     assert abs(labels.count(1) - labels.count(2)) <= 1
     for split in ("valid", "test"):
-        pairs = load_reranker_pairs(out / f"{split}.jsonl")
+        pairs = load_reranker_pairs(getattr(out, split))
         assert {p.category for p in pairs} <= {1, 2}
         assert all(p.model_extra["id"] in sets[split] and "-r" not in p.model_extra["id"] for p in pairs)
-    stats = json.loads((out / "stats.json").read_text())
+    stats = json.loads(out.stats.read_text())
     assert stats["augmented"] == 14 and stats["augmented_orphans"] == 1
     assert stats["train"]["kept"] == len(train)
     n_train_special = sum(qid.split("-r")[0] in {"q18", "q19"} for qid in sets["train"])  # incl. rewrites
     assert sum(stats["train"]["dropped"].values()) == n_train_special
     # deterministic: the same inputs give the same bytes
-    first = (out / "train.jsonl").read_bytes()
+    first = out.train.read_bytes()
     run_reranker(cfg)
-    assert (out / "train.jsonl").read_bytes() == first
+    assert out.train.read_bytes() == first
 
 
 def test_build_llm_data(tmp_path: Path) -> None:
     pref_path, aug_path, ret_path = _write_inputs(tmp_path, n=8)
     out = run_llm(LLMDataConfig(preferences=pref_path, out_dir=tmp_path / "llm", include_augmented=aug_path))
-    pre = [json.loads(x) for x in (out / "prealign.jsonl").read_text().splitlines()]
-    alpaca = json.loads((out / "prealign.json").read_text())
-    stats = json.loads((out / "stats.json").read_text())
+    pre = [json.loads(x) for x in out.prealign.read_text().splitlines()]
+    alpaca = json.loads(out.prealign_alpaca.read_text())
+    stats = json.loads(out.stats.read_text())
     assert stats["retrieval"] == str(ret_path)  # found through the mine folder's config.yaml
     # 8 originals + 3 originals × 2 rewrites, less q6 and its 2 rewrites (no preference passage)
     assert len(pre) == len(alpaca) == 8 + 6 - 3 and stats["prealign"]["skipped_no_preference_passage"] == 3
@@ -211,13 +213,13 @@ def test_build_llm_data(tmp_path: Path) -> None:
         own = user.split("Question: ")[1].split("\n")[0].split()[-1]  # "question q3" / "rewrite x of q3"
         passages = [x for x in user.splitlines() if x.startswith("[")]
         assert all(own + " " in x or "only helps" in x for x in passages), passages  # never another question's
-    sft = [json.loads(x) for x in (out / "sft.jsonl").read_text().splitlines()]
+    sft = [json.loads(x) for x in out.sft.read_text().splitlines()]
     assert len(sft) == 8 + 6
     assert sft[0]["messages"][1]["content"].startswith("Passages:\n[1] R: q0 retrieved 0")
     assert "[4]" not in sft[0]["messages"][1]["content"]
     assert sft[0]["messages"][2]["content"] == "gold q0"
     assert sft[-1]["messages"][1]["content"].endswith("Question: rewrite complex of q6\nAnswer:")
-    info = json.loads((out / "dataset_info.json").read_text())
+    info = json.loads(out.dataset_info.read_text())
     assert info["dpa_rag_sft"]["file_name"] == "sft.json"
     assert info["dpa_rag_prealign"]["columns"]["prompt"] == "instruction"
 

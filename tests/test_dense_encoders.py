@@ -15,9 +15,10 @@ from dpa_rag.cli.main import app
 from dpa_rag.data.loaders import load_retrieval
 from dpa_rag.data.schema import Passage
 from dpa_rag.io import write_jsonl
-from dpa_rag.retrieval import DenseRetriever, RetrieveConfig, load_index, run_retrieve
+from dpa_rag.retrieval import DenseRetriever, RetrieveConfig, load_index
 from dpa_rag.retrieval.base import doc_text
 from dpa_rag.retrieval.dense import HFEncoder, encode, load_encoder
+from dpa_rag.retrieval.retrieve import run as run_retrieve
 
 CORPUS = [
     {"id": "paris", "title": "Paris", "text": "paris is the capital city of france"},

@@ -14,8 +14,8 @@ from dpa_rag.eval.evaluate import (
     evaluate_predictions,
     load_predictions,
     parse_prediction_specs,
-    run_evaluate,
 )
+from dpa_rag.eval.evaluate import run as run_evaluate
 from dpa_rag.eval.metrics import exact_match, f1, hit, hit_word
 from dpa_rag.eval.report import bar_plot, markdown_table, write_report
 from dpa_rag.io import DataError
@@ -111,7 +111,7 @@ def test_run_evaluate_two_systems(tmp_path: Path):
     for name, records in (("rag", SYSTEM_A), ("dpa", SYSTEM_B)):
         for key, value in expected(records).items():
             assert metrics[name][key] == pytest.approx(value)
-    text = report.read_text()
+    text = report.report.read_text()
     assert text.startswith("# NQ test\n")
     for name, records in (("rag", SYSTEM_A), ("dpa", SYSTEM_B)):
         exp = expected(records)

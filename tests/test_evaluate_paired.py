@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from dpa_rag.config import ConfigError
 from dpa_rag.eval import paired_bootstrap, paired_markdown, paired_table
-from dpa_rag.eval.evaluate import EvaluateConfig, run_evaluate
+from dpa_rag.eval.evaluate import EvaluateConfig
+from dpa_rag.eval.evaluate import run as run_evaluate
 from dpa_rag.io import DataError
 
 GOLDS = {f"q{i}": [f"answer {i}"] for i in range(10)}
@@ -114,7 +115,7 @@ def test_run_evaluate_writes_paired_block_and_table(tmp_path: Path):
     assert pairs == [("dpa", "bm25"), ("dense", "bm25"), ("bm25", "dense"), ("dpa", "dense")]
     expected = paired_table({"bm25": BASE, "dpa": BETTER, "dense": BASE}, ["bm25", "dense"], n_resamples=1000, seed=7)
     assert paired["rows"] == json.loads(json.dumps(expected))
-    text = report.read_text()
+    text = report.report.read_text()
     assert "## Paired differences (system vs baseline)" in text
     assert "95% paired bootstrap percentile interval (1000 resamples of the questions, seed 7)" in text
     assert paired_markdown(expected) in text

@@ -178,21 +178,22 @@ def test_full_finetuning_overfits_four_examples(run_dir: Path, tiny_llm_dir: Pat
     data = _write_jsonl(run_dir / "sft.jsonl", records)
     out = run(_cfg(tiny_llm_dir, data, run_dir / "full", method="full", learning_rate=3e-3, max_steps=30,
                    lr_scheduler_type="constant"))
-    log = json.loads((out / "train_log.json").read_text())
+    log = json.loads(out.train_log.read_text())
     losses = [e["loss"] for e in log if "loss" in e]
     assert len(losses) >= 10 and losses[-1] < 0.5 * losses[0], losses
-    report = json.loads((out / "data_report.json").read_text())
+    report = json.loads(out.data_report.read_text())
     assert (report["records"], report["kept"], report["empty_answers"], report["overlength"]) == (6, 4, 1, 1)
-    assert (out / "model" / "config.json").exists() and (out / "loss.png").stat().st_size > 0
-    manifest = json.loads((out / "manifest.json").read_text())
+    assert (out.model / "config.json").exists() and (out.out_dir / "loss.png").stat().st_size > 0
+    manifest = json.loads((out.out_dir / "manifest.json").read_text())
     assert manifest["status"] == "complete" and manifest["counts"]["steps"] == 30
-    assert load_for_inference(out) == str(out / "model")
-    assert init_args_from(out) == {"init_model": str(out / "model")}
+    assert load_for_inference(out.out_dir) == str(out.model)
+    assert init_args_from(out.out_dir) == {"init_model": str(out.model)}
     # the next stage starts from these full weights, not from the base model
     from safetensors.torch import load_file
 
-    trained = load_file(str(out / "model" / "model.safetensors"))
-    nxt, peft_config = build_model(_cfg(tiny_llm_dir, data, run_dir / "next", method="full", **init_args_from(out)))
+    trained = load_file(str(out.model / "model.safetensors"))
+    start = init_args_from(out.out_dir)
+    nxt, peft_config = build_model(_cfg(tiny_llm_dir, data, run_dir / "next", method="full", **start))
     assert peft_config is None
     state = nxt.state_dict()
     for k, v in trained.items():
@@ -201,7 +202,7 @@ def test_full_finetuning_overfits_four_examples(run_dir: Path, tiny_llm_dir: Pat
 
 @pytest.fixture()
 def prealign_run(run_dir: Path, tiny_llm_dir: Path, qa_file: Path) -> Path:
-    return run(_cfg(tiny_llm_dir, qa_file, run_dir / "prealign", stage="prealign", max_steps=3, merge=True))
+    return run(_cfg(tiny_llm_dir, qa_file, run_dir / "prealign", stage="prealign", max_steps=3, merge=True)).out_dir
 
 
 def _logits(model, tok) -> torch.Tensor:
@@ -326,7 +327,7 @@ def test_smollm2_two_lora_steps(run_dir: Path, qa_file: Path) -> None:
     )
     out = run(cfg)
     base = AutoModelForCausalLM.from_pretrained(resolve_llm("smollm2-135m"), dtype=torch.float32)
-    model = PeftModel.from_pretrained(base, str(out / "adapter"))
+    model = PeftModel.from_pretrained(base, str(out.adapter))
     assert any("lora_B" in n for n, _ in model.named_parameters())
-    losses = [e["loss"] for e in json.loads((out / "train_log.json").read_text()) if "loss" in e]
+    losses = [e["loss"] for e in json.loads(out.train_log.read_text()) if "loss" in e]
     assert len(losses) >= 2 and all(0 < x < 20 for x in losses)

@@ -69,7 +69,7 @@ def test_mine_loglik_gain_is_best_normalised_gold_difference(run_dir: Path, tiny
     cfg = MineConfig(retrieval=run_dir / "ret.jsonl", out_dir=run_dir / "mine", backend="hf", model="unused",
                      label_rule="loglik", ranks=[1, 2, 3], agreement_questions=0, progress=False,
                      cache_dir=run_dir / "cache")
-    pref = json.loads((run(cfg, backend=tiny_hf)).read_text().splitlines()[0])
+    pref = json.loads(run(cfg, backend=tiny_hf).preferences.read_text().splitlines()[0])
     used = scoring_golds(golds, 3)
     assert used == ["Paris", "the city of paris"]
 
@@ -138,7 +138,7 @@ def _cfg(run_dir: Path, out: str, cache: str, **kw: object) -> MineConfig:
 def test_mine_loglik_stats_agreement_and_cache(run_dir: Path) -> None:
     backend = KilledScorer()
     path = run(_cfg(run_dir, "mine", "cache"), backend=backend)
-    prefs = [json.loads(x) for x in path.read_text().splitlines()]
+    prefs = [json.loads(x) for x in path.preferences.read_text().splitlines()]
     assert all(len(p["probes"]) == 4 for p in prefs)  # probe_top 4 probes every rank
     cats = {p["category"] for pref in prefs for p in pref["probes"]}
     assert cats == {ALIGNED, NEUTRAL}  # the fake: a passage holding the answer gains 1.9 nats/token; others 0
@@ -152,7 +152,8 @@ def test_mine_loglik_stats_agreement_and_cache(run_dir: Path) -> None:
     assert "Agreement with the hit rule" in (run_dir / "mine" / "summary.md").read_text()
     # a second run with a fresh output folder costs no model call
     again = KilledScorer(die_at=1)
-    assert run(_cfg(run_dir, "mine2", "cache"), backend=again).read_bytes() == path.read_bytes()
+    second = run(_cfg(run_dir, "mine2", "cache"), backend=again)
+    assert second.preferences.read_bytes() == path.preferences.read_bytes()
 
 
 def test_kill_during_loglik_mining_resumes_to_identical_output(run_dir: Path) -> None:
@@ -162,7 +163,7 @@ def test_kill_during_loglik_mining_resumes_to_identical_output(run_dir: Path) ->
     partial = (run_dir / "resumed" / "preferences.jsonl").read_text().splitlines()
     assert 0 < len(partial) < 8
     resumed = run(_cfg(run_dir, "resumed", "cache-resumed"), backend=KilledScorer())
-    assert resumed.read_bytes() == clean.read_bytes()
+    assert resumed.preferences.read_bytes() == clean.preferences.read_bytes()
 
 
 def test_backend_without_loglik_fails_clearly() -> None:
@@ -189,10 +190,10 @@ def test_utility_metrics_by_hand() -> None:
     import math
 
     idcg = 2.0 + 1.0 / math.log2(3)
-    assert retr["ndcg_at_1"] == 0.0 and retr["mrr_aligned"] == 0.5 and retr["top1_gain"] == -1.0
-    assert retr["ndcg_at_3"] == pytest.approx((2.0 / math.log2(3) + 1.0 / 2.0) / idcg)
-    assert oracle["ndcg_at_1"] == 1.0 and oracle["ndcg_at_3"] == pytest.approx(1.0) and oracle["top1_gain"] == 2.0
-    assert model["ndcg_at_1"] == pytest.approx(0.5) and model["mrr_aligned"] == 1.0 and model["top1_has_answer"] == 1.0
+    assert retr["ndcg@1"] == 0.0 and retr["mrr_aligned"] == 0.5 and retr["top1_gain"] == -1.0
+    assert retr["ndcg@3"] == pytest.approx((2.0 / math.log2(3) + 1.0 / 2.0) / idcg)
+    assert oracle["ndcg@1"] == 1.0 and oracle["ndcg@3"] == pytest.approx(1.0) and oracle["top1_gain"] == 2.0
+    assert model["ndcg@1"] == pytest.approx(0.5) and model["mrr_aligned"] == 1.0 and model["top1_has_answer"] == 1.0
 
 
 def test_graded_preferences_build_ranked_data_and_utility_report(run_dir: Path, tiny_bert_dir: Path) -> None:
@@ -200,36 +201,37 @@ def test_graded_preferences_build_ranked_data_and_utility_report(run_dir: Path, 
     from dpa_rag.mining.reranker_data import RerankerDataConfig
     from dpa_rag.mining.reranker_data import run as build
     from dpa_rag.reranker.config import TrainRerankerConfig
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     retrieval = _fake_retrieval(run_dir / "ret.jsonl", n=10)
     prefs = run(MineConfig(retrieval=retrieval, out_dir=run_dir / "mine", backend="fake", label_rule="loglik",
                            probe_top=4, agreement_questions=0, progress=False, cache_dir=run_dir / "cache"))
-    data = build(RerankerDataConfig(preferences=prefs, out_dir=run_dir / "data", train_fraction=0.6,
+    data = build(RerankerDataConfig(preferences=prefs.preferences, out_dir=run_dir / "data", train_fraction=0.6,
                                     valid_fraction=0.2, test_fraction=0.2))
-    stats = json.loads((data / "stats.json").read_text())
+    stats = json.loads(data.stats.read_text())
     assert stats["pool"] == "ranked" and stats["graded"] is True
-    train = load_reranker_train(data / "train.jsonl")
+    train = load_reranker_train(data.train)
     assert len(train) == stats["split_questions"]["train"]  # every question with 2 probes of different gain trains
     for rec in train:  # best gain first: the answer-bearing passages lead the rank list
         assert "is the city" in rec.rank_list[0] and rec.positive[0] != rec.negative[0]
-    lists = [json.loads(x) for x in (data / "valid_lists.jsonl").read_text().splitlines()]
+    lists = [json.loads(x) for x in data.valid_lists.read_text().splitlines()]
     assert lists and all(len(r["ctxs"]) == 4 and all("gain" in c for c in r["ctxs"]) for r in lists)
     out = train_reranker(TrainRerankerConfig(
-        train=str(data / "train.jsonl"), utility_valid=str(data / "valid_lists.jsonl"),
-        utility_test=str(data / "test_lists.jsonl"), backbone=str(tiny_bert_dir), kind="bi-encoder",
+        train=str(data.train), utility_valid=str(data.valid_lists),
+        utility_test=str(data.test_lists), backbone=str(tiny_bert_dir), kind="bi-encoder",
         out_dir=str(run_dir / "rr"), epochs=1, batch_size=2, max_length=64, device="cpu",
         metric_for_best_model="utility_ndcg_at_3",
     ))
-    report = json.loads((out / "utility_metrics.json").read_text())
+    report = json.loads(out.utility_metrics.read_text())
     assert list(report) == ["retriever order", "oracle (largest gain first)", "untrained model", "aligned reranker"]
-    assert report["oracle (largest gain first)"]["ndcg_at_1"] == pytest.approx(1.0)
-    assert "Utility ranking on held-out questions" in (out / "model" / "README.md").read_text()
-    valid = json.loads((out / "valid_metrics.json").read_text())
-    assert "eval_utility_ndcg_at_3" in valid
+    assert report["oracle (largest gain first)"]["ndcg@1"] == pytest.approx(1.0)
+    assert "Utility ranking on held-out questions" in (out.model / "README.md").read_text()
+    valid = json.loads(out.valid_metrics.read_text())
+    assert "eval_utility_ndcg@3" in valid  # metric_for_best_model's older spelling utility_ndcg_at_3 still picks it
 
 
 def test_review_fixes_article_golds_all_aligned_pool_short_lists_and_relabel() -> None:
+    from dpa_rag.data.schema import Preference
     from dpa_rag.io import DataError
     from dpa_rag.mining.common import relabel
     from dpa_rag.mining.reranker_data import build_list_record, build_train_record
@@ -239,11 +241,12 @@ def test_review_fixes_article_golds_all_aligned_pool_short_lists_and_relabel() -
     def probe(rank: int, text: str, gain: float, cat: str) -> dict:
         return {"rank": rank, "ctx": {"title": "t", "text": text}, "gain": gain, "category": cat}
 
-    pref = {"id": "q", "question": "q?", "answers": ["x"], "closed_book": {"loglik": -5.0},
-            "probes": [probe(1, "one", 2.0, ALIGNED), probe(2, "two", 1.0, ALIGNED)]}
+    raw = {"id": "q", "question": "q?", "answers": ["x"], "closed_book": {"loglik": -5.0},
+           "probes": [probe(1, "one", 2.0, ALIGNED), probe(2, "two", 1.0, ALIGNED)]}
+    pref = Preference.model_validate(raw)
     record, info = build_train_record(pref, 1, 1, 2, pool="ranked")
     assert record is not None and "one" in record["positive"][0] and "two" in record["negative"][0]
-    same = {**pref, "probes": [probe(1, "dup", 2.0, ALIGNED), probe(2, "dup", 1.0, ALIGNED)]}
+    same = Preference.model_validate({**raw, "probes": [probe(1, "dup", 2.0, ALIGNED), probe(2, "dup", 1.0, ALIGNED)]})
     assert build_list_record(same) is None  # one distinct passage: no ranking to evaluate
     with pytest.raises(DataError, match="label_rule stored"):
         relabel([pref], "hit")

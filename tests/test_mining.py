@@ -155,7 +155,7 @@ def _cfg(run_dir: Path, retrieval: Path, out: str, cache: str = "cache", **kw: o
 
 
 def _read(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
 
 
 def test_mine_outputs_categories_and_batching(run_dir: Path) -> None:
@@ -209,7 +209,7 @@ def test_kill_and_resume_matches_clean_run(run_dir: Path) -> None:
 
     resume_reader = FlakyReader()
     resumed = run(_cfg(run_dir, retrieval, "resumed", cache="cache-resumed"), backend=resume_reader)
-    assert resumed.read_bytes() == clean.read_bytes()
+    assert resumed.preferences.read_bytes() == clean.preferences.read_bytes()
     # nothing was generated twice: killed + resumed calls = the clean run's calls
     assert killed_reader.calls + resume_reader.calls == clean_reader.calls == 50
     # the resumed run never asked for the prompts of the 3 finished questions
@@ -222,9 +222,10 @@ def test_kill_and_resume_matches_clean_run(run_dir: Path) -> None:
 def test_rerun_is_instant_and_config_change_starts_over(run_dir: Path) -> None:
     retrieval = make_retrieval(run_dir / "ret.jsonl", n=6)
     first = run(_cfg(run_dir, retrieval, "mine"), backend=FlakyReader())
-    before = first.read_bytes()
+    before = first.preferences.read_bytes()
     dead = FlakyReader(die_at=1)  # any reader call would raise
-    assert run(_cfg(run_dir, retrieval, "mine", batch_size=2, chunk_size=5), backend=dead).read_bytes() == before
+    again = run(_cfg(run_dir, retrieval, "mine", batch_size=2, chunk_size=5), backend=dead)
+    assert again.preferences.read_bytes() == before
     assert dead.calls == 0
     # another label rule changes the results: start over (answers all come from the generation cache)
     reader = FlakyReader()
@@ -250,18 +251,18 @@ def test_mine_then_builders(run_dir: Path) -> None:
     run(_cfg(run_dir, retrieval, "mine"), backend=FlakyReader())
     split = {"train_fraction": 1.0, "valid_fraction": 0.0, "test_fraction": 0.0}
     strict = run_reranker(RerankerDataConfig(preferences=run_dir / "mine", out_dir=run_dir / "strict", **split))
-    stats = json.loads((strict / "stats.json").read_text())
+    stats = json.loads(strict.stats.read_text())
     assert stats["train"]["kept"] == 0 and stats["train"]["dropped"] == {"no_negative": 5, "no_positive": 5}
     graded = run_reranker(RerankerDataConfig(preferences=run_dir / "mine", out_dir=run_dir / "graded", pool="graded",
                                              **split))
-    train = load_reranker_train(graded / "train.jsonl")
+    train = load_reranker_train(graded.train)
     assert len(train) == 10
     for r in train:
         assert not set(r.positive) & set(r.negative)
     llm = run_llm(LLMDataConfig(preferences=run_dir / "mine", out_dir=run_dir / "llm"))  # retrieval from config.yaml
-    sft = _read(llm / "sft.jsonl")
+    sft = _read(llm.sft)
     assert len(sft) == 10 and sft[0]["messages"][-1]["content"] == "Paris"
-    assert len(_read(llm / "prealign.jsonl")) == 10
+    assert len(_read(llm.prealign)) == 10
 
 
 def test_cli_mine(run_dir: Path) -> None:
@@ -314,5 +315,5 @@ def test_mine_with_smollm2(run_dir: Path, shared_data: Path) -> None:
     assert stats["calls"] == 4 * 3
     # a second run is served from preferences.jsonl without loading the model
     again = run(cfg)
-    assert again.read_bytes() == path.read_bytes()
+    assert again.preferences.read_bytes() == path.preferences.read_bytes()
     assert json.loads((run_dir / "mine" / "stats.json").read_text())["calls"] == 0

@@ -95,7 +95,7 @@ def _parsed(monkeypatch, args: list[str]) -> TrainRerankerConfig:
     from dpa_rag.cli.main import app
 
     seen: list[TrainRerankerConfig] = []
-    monkeypatch.setattr(train_mod, "train_reranker", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(train_mod, "run", lambda cfg: seen.append(cfg))
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return seen[0]

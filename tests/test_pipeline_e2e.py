@@ -71,7 +71,7 @@ def test_rerun_skips_everything(pipeline_run):
     run_pipeline(cfg, on_step=seen.append)
     assert {r.status for r in seen if r.status != "disabled"} == {"skipped"}
     # a speed-only option (the reader's batch size) does not invalidate anything
-    faster = cfg.model_copy(update={"reader": {**cfg.reader, "batch_size": 3}})
+    faster = cfg.model_copy(update={"reader": cfg.reader.model_copy(update={"batch_size": 3})})
     seen = []
     run_pipeline(faster, on_step=seen.append)
     assert {r.status for r in seen if r.status != "disabled"} == {"skipped"}

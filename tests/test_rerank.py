@@ -155,15 +155,16 @@ def test_bad_dtype():
 
 def test_evaluation_metrics_by_hand(model_dirs):
     from dpa_rag.data.authors import RerankerPairRecord
-    from dpa_rag.reranker.evaluation import PairEvaluator, classification_metrics, ranking_metrics
+    from dpa_rag.eval.ranking import ranking_metrics
+    from dpa_rag.reranker.evaluation import PairEvaluator, classification_metrics
 
     m = classification_metrics([True, True, False, False], [True, False, True, False])
     assert m == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "accuracy": 0.5}
     assert classification_metrics([False, False], [True, False])["f1"] == 0.0  # P = R = 0: no division by zero
-    r = ranking_metrics([[(0.1, True), (0.9, False), (0.5, False)], [(2.0, True), (1.0, True)]], k_values=(1, 2))
+    r = ranking_metrics([[True, False, False], [True, True]], [[0.1, 0.9, 0.5], [2.0, 1.0]], ks=(1, 2), ndcg=True)
     assert r["mrr"] == pytest.approx((1 / 3 + 1) / 2)
-    assert r["hit_at_1"] == pytest.approx(0.5) and r["hit_at_2"] == pytest.approx(0.5)
-    assert r["ndcg_at_2"] == pytest.approx((0.0 + 1.0) / 2)
+    assert r["hit@1"] == pytest.approx(0.5) and r["hit@2"] == pytest.approx(0.5)
+    assert r["ndcg@2"] == pytest.approx((0.0 + 1.0) / 2) and r["n_questions"] == 2.0
 
     def rec(q: str, ctx: str, cat: int) -> RerankerPairRecord:
         return RerankerPairRecord(question=q, reference=["x"], ctx=ctx, category=cat)
@@ -171,16 +172,17 @@ def test_evaluation_metrics_by_hand(model_dirs):
     records = [rec("q1", "paris", 1), rec("q1", "nile", 2), rec("q2", "moon", 2), rec("q3", "sun", 1)]
     rr = Reranker(str(model_dirs["two-class"]), device="cpu", dtype="fp32")
     out = PairEvaluator(records, batch_size=2, k_values=(1,))(rr.model, rr.tokenizer)
-    assert out["n_pairs"] == 4 and out["n_ranked_questions"] == 1  # only q1 has >= 2 pairs with an aligned one
-    assert {"precision", "recall", "f1", "accuracy", "mrr", "ndcg_at_1", "hit_at_1"} <= set(out)
+    assert out["n_pairs"] == 4 and out["n_questions"] == 1  # only q1 has >= 2 pairs with an aligned one
+    assert {"precision", "recall", "f1", "accuracy", "mrr", "ndcg@1", "hit@1"} <= set(out)
 
 
 def test_retrieval_metrics_orders():
     from dpa_rag.data.schema import Ctx, RetrievalRecord
-    from dpa_rag.reranker.evaluation import retrieval_metrics
+    from dpa_rag.reranker.evaluation import answer_ranking_metrics
 
     recs = [RetrievalRecord(id="a", question="q", answers=[], ctxs=[Ctx(text="x", has_answer=False),
                                                                      Ctx(text="y", has_answer=True)]),
             RetrievalRecord(id="b", question="q2", answers=[], ctxs=[Ctx(text="z", has_answer=False)])]
-    assert retrieval_metrics(recs) == {"mrr": 0.5, "hit_at_1": 0.0, "hit_at_3": 1.0, "n_questions": 1.0}
-    assert retrieval_metrics(recs, [[0.0, 1.0], [0.0]])["mrr"] == 1.0
+    assert answer_ranking_metrics(recs) == {"mrr": 0.5, "hit@1": 0.0, "hit@3": 1.0, "n_questions": 1.0}
+    assert answer_ranking_metrics(recs, [[0.0, 1.0], [0.0]])["mrr"] == 1.0
+    assert answer_ranking_metrics(recs[1:]) == {"n_questions": 0.0}  # no answer-bearing passage: nothing to rank

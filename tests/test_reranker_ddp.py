@@ -1,7 +1,7 @@
 """Multi-process reranker training: 2 CPU processes (torchrun, gloo) against one process with the same global batch.
 
 The 2-process runs are this file run as a script under ``python -m torch.distributed.run --standalone
---nproc_per_node 2`` (what ``accelerate launch`` runs underneath): each process calls ``train_reranker`` for three
+--nproc_per_node 2`` (what ``accelerate launch`` runs underneath): each process calls ``reranker.train.run`` for three
 configs in turn and reports, per rank, every file it wrote and the weights it logged per step.
 
 The data are 4 records and the global batch is 4 (2 per process x 2 processes; 4 in the single process), so every
@@ -129,13 +129,13 @@ def test_two_processes_train_and_only_rank0_writes(setup: dict[str, Any]) -> Non
 @pytest.mark.slow
 def test_equal_weighting_matches_one_process_with_the_same_global_batch(setup: dict[str, Any]) -> None:
     from dpa_rag.reranker.config import TrainRerankerConfig
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     one = train_reranker(TrainRerankerConfig(**setup["single"]["equal"]))
     ddp = Path(setup["ddp"]["equal"]["out_dir"])
-    a, b = _weights(ddp / "model"), _weights(one / "model")
+    a, b = _weights(ddp / "model"), _weights(one.model)
     assert _max_diff(a, b) < 1e-5
-    log_one = json.loads((one / "train_log.json").read_text())
+    log_one = json.loads(one.train_log.read_text())
     log_ddp = json.loads((ddp / "train_log.json").read_text())
     assert Path(log_ddp["best_model_checkpoint"]).name == Path(log_one["best_model_checkpoint"]).name
     steps = log_one["steps"]
@@ -167,19 +167,19 @@ def test_mgda_weights_are_the_same_on_every_process(setup: dict[str, Any]) -> No
 def test_mgda_ub_weights_match_one_process_with_the_same_global_batch(setup: dict[str, Any]) -> None:
     """For mgda-ub the summed Gram matrix is the global batch's (up to a constant factor): one process's weights."""
     from dpa_rag.reranker.config import TrainRerankerConfig
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     one = train_reranker(TrainRerankerConfig(**setup["single"]["mgda-ub"]))
-    steps_one = json.loads((one / "train_log.json").read_text())["steps"]
+    steps_one = json.loads(one.train_log.read_text())["steps"]
     steps_ddp = setup["ranks"][0]["runs"]["mgda-ub"]["steps"]
     assert steps_ddp[0]["weights"] == pytest.approx(steps_one[0]["weights"], abs=1e-6)
     assert steps_ddp[1]["weights"] == pytest.approx(steps_one[1]["weights"], abs=1e-4)
-    assert _max_diff(_weights(Path(setup["ddp"]["mgda-ub"]["out_dir"]) / "model"), _weights(one / "model")) < 1e-4
+    assert _max_diff(_weights(Path(setup["ddp"]["mgda-ub"]["out_dir"]) / "model"), _weights(one.model)) < 1e-4
 
 
 def test_mgda_under_zero3_fails_up_front(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from dpa_rag.reranker.config import TrainRerankerConfig
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
     from dpa_rag.reranker.trainer import check_weighting_supported, deepspeed_zero3_enabled
     from dpa_rag.reranker.weighting import build_weighting
 
@@ -273,7 +273,7 @@ def _worker(spec_path: str) -> None:
     returned = {}
     for name, kwargs in spec["runs"].items():
         current["name"] = name
-        returned[name] = str(tr.train_reranker(TrainRerankerConfig(**kwargs)))
+        returned[name] = str(tr.run(TrainRerankerConfig(**kwargs)).out_dir)
     Path(spec["report"], f"rank{rank}.json").write_text(json.dumps({"writes": writes, "runs": runs,
                                                                      "returned": returned}))
 

@@ -95,7 +95,7 @@ def test_mgda_direct_gradients_equal_weighted_backward(tiny_bert_dir, authors):
     model.zero_grad(set_to_none=True)
     losses, _ = compute_losses(model, batch, modules, separate=True)
     w = mgda_direct_gradients(model, losses, MGDAWeighting(), scale=0.5)
-    assert w == pytest.approx(w_ref, abs=1e-9)
+    assert w == pytest.approx(w_ref, abs=1e-6)  # same solver on the same gradients; fp32 reduction order varies
     assert len(w) == 3 and sum(w.values()) == pytest.approx(1.0)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(got) == set(ref)
@@ -168,16 +168,16 @@ def test_authors_flags_switch_losses(tiny_bert_dir, authors, run_dir):
 @pytest.mark.parametrize("weighting", ["mgda-ub", "mgda"])
 def test_resume_gives_same_next_step_loss(tiny_bert_dir, authors, run_dir, weighting):
     from dpa_rag.reranker.config import TrainRerankerConfig
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     common = dict(train=str(authors["train"]), backbone=str(tiny_bert_dir), max_steps=2, max_length=64,
                   eval_strategy="steps", eval_steps=1, head="two-class", weighting=weighting, lr=1e-3)
     a = train_reranker(TrainRerankerConfig(out_dir=str(run_dir / "a"), **common))
-    ckpt = a / "checkpoints" / "checkpoint-1"
+    ckpt = a.out_dir / "checkpoints" / "checkpoint-1"
     assert ckpt.exists()
     b = train_reranker(TrainRerankerConfig(out_dir=str(run_dir / "b"), resume_from_checkpoint=str(ckpt), **common))
-    steps_a = json.loads((a / "train_log.json").read_text())["steps"]
-    steps_b = json.loads((b / "train_log.json").read_text())["steps"]
+    steps_a = json.loads(a.train_log.read_text())["steps"]
+    steps_b = json.loads(b.train_log.read_text())["steps"]
     assert [s["step"] for s in steps_b] == [2]
     assert steps_b[0]["losses"] == pytest.approx(steps_a[1]["losses"], abs=1e-6)
     assert steps_b[0]["weights"] == pytest.approx(steps_a[1]["weights"], abs=1e-6)
@@ -188,7 +188,7 @@ def test_relevance_warmup_and_retrieval_report(tiny_bert_dir, authors, run_dir):
     from dpa_rag.data.authors import load_reranker_pairs
     from dpa_rag.io import write_jsonl
     from dpa_rag.reranker.config import TrainRerankerConfig
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     train = load_reranker_train(authors["train"])
     valid = load_reranker_pairs(authors["valid"])
@@ -212,9 +212,9 @@ def test_relevance_warmup_and_retrieval_report(tiny_bert_dir, authors, run_dir):
         train=str(authors["train"]), out_dir=str(run_dir / "w"), backbone=str(tiny_bert_dir), max_steps=1,
         max_length=64, warmup_retrieval=str(warm), eval_retrieval=str(evalr), weighting="equal",
     ))
-    log = json.loads((out / "train_log.json").read_text())
+    log = json.loads(out.train_log.read_text())
     assert log["warmup"]["examples"] == 4  # one answer-bearing passage for each of the 4 training questions
-    report = json.loads((out / "retrieval_metrics.json").read_text())
+    report = json.loads(out.retrieval_metrics.read_text())
     assert list(report)[:4] == ["retriever order", "backbone (untrained)", "after relevance warm-up", "reranker"]
     assert report["retriever order"]["mrr"] == pytest.approx(0.5)  # the answer-bearing passage is 2nd in file order
     assert report["retriever order"]["n_questions"] == 3
@@ -222,9 +222,9 @@ def test_relevance_warmup_and_retrieval_report(tiny_bert_dir, authors, run_dir):
     assert len(fused) == 1
     best_single = max(report["retriever order"]["mrr"], report["reranker"]["mrr"])
     assert report[fused[0]]["mrr"] >= best_single - 1e-9
-    saved = json.loads((out / "model" / "config.json").read_text())["dpa_rag"]["retriever_fusion"]
+    saved = json.loads((out.model / "config.json").read_text())["dpa_rag"]["retriever_fusion"]
     assert saved["alpha"] == log["retriever_fusion"]["alpha"] and saved["questions"] == 3
-    card = (out / "model" / "README.md").read_text()
+    card = (out.model / "README.md").read_text()
     assert "Ranking quality" in card and "Retriever fusion" in card
 
 
@@ -236,17 +236,17 @@ def test_minilm_two_steps_mgda_and_crossencoder(authors, run_dir):
 
     from dpa_rag.reranker.config import TrainRerankerConfig
     from dpa_rag.reranker.rerank import Reranker
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     out = train_reranker(TrainRerankerConfig(
         train=str(authors["train"]), valid=str(authors["valid"]), out_dir=str(run_dir / "m"), backbone="minilm",
         kind="cross-encoder", max_steps=2, max_length=64, batch_size=1,
     ))
-    log = json.loads((out / "train_log.json").read_text())
+    log = json.loads(out.train_log.read_text())
     assert len(log["steps"]) == 2 and all(abs(sum(s["weights"].values()) - 1) < 1e-9 for s in log["steps"])
     pairs = [("when did the eagles last play in a superbowl", "Title: Super Bowl LII Content: the eagles won")]
-    ours = Reranker(str(out / "model"), device="cpu", dtype="fp32").score_pairs(pairs)
-    ce = CrossEncoder(str(out / "model"), device="cpu", activation_fn=torch.nn.Identity())
+    ours = Reranker(str(out.model), device="cpu", dtype="fp32").score_pairs(pairs)
+    ce = CrossEncoder(str(out.model), device="cpu", activation_fn=torch.nn.Identity())
     assert ours == pytest.approx(ce.predict(pairs).tolist(), abs=1e-5)
 
 
@@ -278,7 +278,7 @@ def test_bad_training_data_names_the_record(tiny_bert_dir, run_dir):
 
 def test_fixed_weights_are_used_and_logged(tiny_bert_dir, authors, run_dir):
     from dpa_rag.reranker.config import TrainRerankerConfig, parse_loss_weights
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     assert parse_loss_weights("point=1, pair=0.5;contrastive=0") == {"point": 1.0, "pair": 0.5, "contrastive": 0.0}
     with pytest.raises(ValueError, match="point=1"):
@@ -287,7 +287,7 @@ def test_fixed_weights_are_used_and_logged(tiny_bert_dir, authors, run_dir):
         train=str(authors["train"]), out_dir=str(run_dir / "f"), backbone=str(tiny_bert_dir), max_steps=1,
         max_length=48, losses=["point", "pair"], weighting="fixed", loss_weights="point=2,pair=0.25",
     ))
-    step = json.loads((out / "train_log.json").read_text())["steps"][0]
+    step = json.loads(out.train_log.read_text())["steps"][0]
     assert step["weights"] == {"point": 2.0, "pair": 0.25}
-    logged = json.loads((out / "train_log.json").read_text())["log_history"][0]
+    logged = json.loads(out.train_log.read_text())["log_history"][0]
     assert logged["loss"] == pytest.approx(2.0 * step["losses"]["point"] + 0.25 * step["losses"]["pair"], rel=1e-5)

@@ -27,11 +27,12 @@ from dpa_rag.augment.filter import FilterConfig
 from dpa_rag.augment.filter import run as run_filter
 from dpa_rag.generation.fake import FakeGenerator
 from dpa_rag.io import write_jsonl
-from dpa_rag.rag.answer import AnswerConfig, run_answer
+from dpa_rag.rag.answer import AnswerConfig
+from dpa_rag.rag.answer import run as run_answer
 from dpa_rag.reranker import rerank as rerank_mod
 from dpa_rag.reranker.config import RerankConfig
 from dpa_rag.reranker.model import load_reranker_model
-from dpa_rag.reranker.rerank import run_rerank
+from dpa_rag.reranker.rerank import run as run_rerank
 from dpa_rag.sample import sample_path
 
 STRATEGIES = ["rephrasing", "complexity", "sparql"]
@@ -349,7 +350,7 @@ def test_rerank_killed_then_resumed_is_byte_identical(run_dir: Path, cross_encod
     counted_rerank.update(calls=0, records=0, die_at=None)
     out = run_rerank(_rerank_cfg(run_dir, "resumed", cross_encoder))
     assert counted_rerank == {**counted_rerank, "calls": 2, "records": 3}  # the cut chunk is redone whole
-    assert out.read_bytes() == clean.read_bytes()
+    assert out.reranked.read_bytes() == clean.reranked.read_bytes()
     assert not list(resumed_dir.glob("*.partial.*")) and not list(resumed_dir.glob(".*.tmp"))
     assert _manifest(resumed_dir)["counts"] == _manifest(run_dir / "clean")["counts"]
 
@@ -363,7 +364,7 @@ def test_rerank_partial_from_other_config_is_discarded(run_dir: Path, cross_enco
     counted_rerank.update(calls=0, records=0, die_at=None)
     out = run_rerank(_rerank_cfg(run_dir, "o", cross_encoder, top_k=1))
     assert counted_rerank["records"] == 5
-    assert out.read_bytes() == clean.read_bytes()
+    assert out.reranked.read_bytes() == clean.reranked.read_bytes()
     # a changed chunk size (result-neutral) keeps only the whole chunks of the new size
     counted_rerank.update(calls=0, records=0, die_at=3)
     with pytest.raises(KeyboardInterrupt):

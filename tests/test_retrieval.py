@@ -26,10 +26,10 @@ from dpa_rag.retrieval import (
     load_retriever,
     retrieval_metrics,
     rrf_fuse,
-    run_index,
-    run_retrieve,
     top_k_desc,
 )
+from dpa_rag.retrieval.index import run as run_index
+from dpa_rag.retrieval.retrieve import run as run_retrieve
 
 CORPUS = [
     {"id": "paris", "title": "Paris", "text": "Paris is the capital and largest city of France, on the river Seine."},
@@ -234,11 +234,11 @@ def _write_inputs(run_dir: Path) -> tuple[Path, Path]:
 
 def test_retrieve_stage_writes_dpr_records_with_has_answer(run_dir: Path):
     corpus, questions = _write_inputs(run_dir)
-    index_dir = run_index(IndexConfig(corpus=[corpus], out_dir=run_dir / "index", kind="bm25", progress=False))
+    index_dir = run_index(IndexConfig(corpus=[corpus], out_dir=run_dir / "index", kind="bm25", progress=False)).out_dir
     out = run_retrieve(RetrieveConfig(index_dir=index_dir, questions=questions, out_dir=run_dir / "ret", top_k=4,
                                       method="bm25", progress=False))
-    assert out == run_dir / "ret" / "retrieval.jsonl"
-    records = load_retrieval(out)
+    assert out.retrieval == run_dir / "ret" / "retrieval.jsonl"
+    records = load_retrieval(out.retrieval)
     assert [r.id for r in records] == ["q1", "q2", "q3", "q4"]
     texts = {p["id"]: p for p in CORPUS}
     n_flags = 0
@@ -304,7 +304,7 @@ def test_corpus_layouts_from_shared_data(shared_data: Path, run_dir: Path):
     assert len(index.passages) > 3000
     out = run_retrieve(RetrieveConfig(index_dir=cfg.out_dir, questions=lim, out_dir=run_dir / "ret", top_k=20,
                                       limit=40, progress=False))
-    metrics = json.loads((out.parent / "retrieval_metrics.json").read_text())
+    metrics = json.loads(out.metrics.read_text())
     assert metrics["n_questions"] == 40
     assert metrics["hit@20"] >= 0.6  # BM25 over a 3.6k-passage pool that holds each question's gold passage
 

@@ -290,8 +290,10 @@ class RecordingScorer:
         self.delay = delay
         self.calls: list[int] = []
         self.lock = threading.Lock()
+        self.started = threading.Event()  # set when the first call begins
 
     def score_pairs(self, pairs):
+        self.started.set()
         time.sleep(self.delay)
         with self.lock:
             self.calls.append(len(pairs))
@@ -326,13 +328,28 @@ def test_concurrent_requests_share_model_calls(base_cfg: dict, batching: bool):
     assert "dpa_rag_batch_requests_bucket" in metrics
 
 
+async def _fire_while_busy(url: str, scorer: RecordingScorer, n: int) -> list[httpx.Response]:
+    """One request that occupies the model, then ``n`` more at once while it runs."""
+    async with httpx.AsyncClient(timeout=30) as client:
+        first = asyncio.ensure_future(client.post(f"{url}/rerank", json={"query": "q0", "texts": ["a", "b"]}))
+        for _ in range(500):  # until the model has started on it (the queue is empty again)
+            if scorer.started.is_set():
+                break
+            await asyncio.sleep(0.01)
+        assert scorer.started.is_set(), "the first request never reached the model"
+        rest = [client.post(f"{url}/rerank", json={"query": f"q{i}", "texts": ["a", "b"]}) for i in range(1, n + 1)]
+        return [await first, *await asyncio.gather(*rest)]
+
+
 def test_full_queue_answers_503_with_retry_after(base_cfg: dict):
-    scorer = RecordingScorer(delay=0.3)
+    scorer = RecordingScorer(delay=0.5)
     with serving(base_cfg, scorer=scorer, micro_batching=False, max_queue=1) as u:
-        responses = asyncio.run(_fire(u, 6))
+        responses = asyncio.run(_fire_while_busy(u, scorer, 5))
         metrics = httpx.get(f"{u}/metrics").text
-    codes = sorted(r.status_code for r in responses)
-    assert codes.count(200) >= 2 and codes.count(503) >= 1 and set(codes) <= {200, 503}
+    codes = [r.status_code for r in responses]
+    # the running request and the one queued behind it succeed; later ones find the queue full (or, arriving after
+    # the model took the queued one, a free slot)
+    assert codes[0] == 200 and 200 in codes[1:] and 503 in codes[1:] and set(codes) <= {200, 503}, codes
     for r in responses:
         if r.status_code == 503:
             err = _error(r, 503)

@@ -177,7 +177,7 @@ def test_train_reranker_distills_on_embedding_backbone(embedding_dir, run_dir):
     """kind cross-encoder on an embedding backbone: auto warm-up = bi-encoder distillation, held-out excluded, and the
     ranking report keeps its "after relevance warm-up" row."""
     from dpa_rag.reranker.config import TrainRerankerConfig
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run as train_reranker
 
     train_file = run_dir / "train.jsonl"
     write_jsonl(train_file, [_train_record(q).model_dump() for q in QUESTIONS[:2]])
@@ -193,13 +193,13 @@ def test_train_reranker_distills_on_embedding_backbone(embedding_dir, run_dir):
         max_steps=1, max_length=64, warmup_retrieval=str(warm), eval_retrieval=str(evalr), weighting="equal",
         batch_size=2,
     ))
-    log = json.loads((out / "train_log.json").read_text())
+    log = json.loads(out.train_log.read_text())
     w = log["warmup"]
     assert log["kind"] == "cross-encoder" and w["target"] == "bi-encoder" and w["teacher"] == str(embedding_dir)
     # QUESTIONS[2] and "where is tokyo" are held out (eval, not training queries); QUESTIONS[0,1,3] are used
     assert w["questions"]["held_out_excluded"] == 2 and w["questions"]["kept"] == 3 and w["examples"] == 3
     assert w["temperature"] == 0.05 and w["list_size"] == 8
-    report = json.loads((out / "retrieval_metrics.json").read_text())
+    report = json.loads(out.retrieval_metrics.read_text())
     assert list(report)[:4] == ["retriever order", "backbone (untrained)", "after relevance warm-up", "reranker"]
     assert report["retriever order"]["n_questions"] == 2
-    assert "Relevance warm-up" in (out / "model" / "README.md").read_text()
+    assert "Relevance warm-up" in (out.model / "README.md").read_text()

@@ -10,14 +10,27 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from dpa_rag.io import write_text
 
-__all__ = ["ConfigError", "StageConfig", "config_hash", "load_config", "load_yaml", "save_config"]
+__all__ = [
+    "DTYPES",
+    "ConfigError",
+    "DeviceOption",
+    "Dtype",
+    "Placement",
+    "Runtime",
+    "StageConfig",
+    "config_hash",
+    "load_config",
+    "load_yaml",
+    "normalize_dtype",
+    "save_config",
+]
 
 C = TypeVar("C", bound="StageConfig")
 
@@ -33,6 +46,49 @@ class StageConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+
+
+def normalize_dtype(value: object) -> object:
+    """The one spelling of a dtype (``float32``, ``bfloat16``, ``float16``, ``auto``); ``fp32``/``bf16``/``fp16`` (the
+    short names of older configs and the authors' scripts) and ``torch.float32``-style strings are accepted."""
+    if isinstance(value, str):
+        v = value.strip().lower().removeprefix("torch.")
+        return _DTYPE_ALIASES.get(v, v)
+    return value
+
+
+Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], BeforeValidator(normalize_dtype)]
+
+
+class _Options(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class DeviceOption(_Options):
+    """Where a stage's model runs (mixed into every config that loads a model)."""
+
+    device: str = Field("auto", description="Device: auto (cuda, then mps, then cpu), cpu, cuda, cuda:N, mps.")
+
+
+class Placement(DeviceOption):
+    """Device and dtype of a stage's model."""
+
+    dtype: Dtype = Field(
+        "auto",
+        description="Weights/compute dtype: auto, float32, bfloat16, float16 (fp32/bf16/fp16 accepted); auto picks "
+        "bf16 where a measurement on this machine says it runs fast, else fp32 (GPUs: bf16 where supported).",
+    )
+
+
+class Runtime(Placement):
+    """Device, dtype and batch size of a stage's model: the one declaration of these options (stages override only
+    the batch size's default where their unit differs)."""
+
+    batch_size: int = Field(16, ge=1, description="Items per model call.")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

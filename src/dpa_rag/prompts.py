@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from dpa_rag.config import ConfigError, load_yaml
 from dpa_rag.data.loaders import parse_rendered_passage
-from dpa_rag.data.schema import Ctx, format_passage
+from dpa_rag.data.schema import Ctx, Passage, format_passage
 
 __all__ = ["BUILTIN_TEMPLATES", "DEFAULT_TEMPLATE", "PromptTemplate", "clean_answer", "load_template"]
 
@@ -93,8 +93,13 @@ class PromptTemplate(BaseModel):
             raise ValueError("must contain {text} or {passage}")
         return v
 
-    def format_passages(self, passages: Sequence[Ctx | str]) -> str:
-        """Render passages in rank order (``Ctx`` objects or ``"Title: … Content: …"`` strings)."""
+    def format_passages(self, passages: Sequence[Ctx | Passage | str]) -> str:
+        """Render passages in rank order.
+
+        Give ``Ctx``/``Passage`` objects (what every stage passes: their ``title`` and ``text`` are used as they
+        are, stripped). A string is taken as a hand-written passage in the authors' ``"Title: … Content: …"``
+        layout and split back into title and text (anything else is an untitled text).
+        """
         parts = []
         for i, p in enumerate(passages, start=1):
             if isinstance(p, str):
@@ -105,20 +110,20 @@ class PromptTemplate(BaseModel):
             parts.append(_fill(fmt, i=str(i), title=title, text=text, passage=format_passage(title, text)))
         return self.passage_separator.join(parts)
 
-    def user_message(self, question: str, passages: Sequence[Ctx | str] = ()) -> str:
+    def user_message(self, question: str, passages: Sequence[Ctx | Passage | str] = ()) -> str:
         """The user message: open-book when there are passages, closed-book otherwise."""
         question = question.strip()
         if not passages:
             return _fill(self.closed_book_user, question=question)
         return _fill(self.user, passages=self.format_passages(passages), question=question)
 
-    def render(self, question: str, passages: Sequence[Ctx | str] = ()) -> list[dict[str, str]]:
+    def render(self, question: str, passages: Sequence[Ctx | Passage | str] = ()) -> list[dict[str, str]]:
         """Chat messages for chat models (no system message when :attr:`system` is empty)."""
         messages = [{"role": "system", "content": self.system}] if self.system else []
         messages.append({"role": "user", "content": self.user_message(question, passages)})
         return messages
 
-    def render_text(self, question: str, passages: Sequence[Ctx | str] = ()) -> str:
+    def render_text(self, question: str, passages: Sequence[Ctx | Passage | str] = ()) -> str:
         """One plain string for base models: the system message, a blank line, the user message."""
         user = self.user_message(question, passages)
         return f"{self.system}\n\n{user}" if self.system else user

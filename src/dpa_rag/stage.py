@@ -13,6 +13,7 @@ and the models the config names (:func:`dpa_rag.models.check_model`) when it is 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -20,7 +21,7 @@ import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
 
@@ -42,6 +43,7 @@ from dpa_rag.io import (
 __all__ = [
     "MANIFEST",
     "ChunkLog",
+    "StageOutputs",
     "StageRecorder",
     "check_out_dir",
     "check_stage_models",
@@ -58,6 +60,55 @@ RESULT_NEUTRAL_FIELDS = {
     "out_dir", "cache_dir", "use_cache", "progress", "max_concurrency", "timeout", "max_retries", "chunk_size",
     "records_per_chunk", "dedupe_ids",
 }
+
+
+OutputsT = TypeVar("OutputsT", bound="StageOutputs")
+
+
+@dataclasses.dataclass(frozen=True)
+class StageOutputs:
+    """What a stage wrote: its folder and one path per named output file.
+
+    A stage module declares ``FILES`` (field name → file name in the stage folder; the first is the main output)
+    and a path field for each; ``Outputs.at(folder)`` names the files of a stage folder without running anything
+    (the pipeline wires the next stage's inputs with it). ``os.fspath(outputs)`` is the main output.
+    """
+
+    out_dir: Path
+    FILES: ClassVar[dict[str, str]] = {}
+    # the stage also writes files not named in FILES (index parts, progress files): `written` can't list them all
+    OPEN: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if not cls.FILES:
+            raise TypeError(f"{cls.__name__}: declare FILES (field name -> file name)")
+
+    @classmethod
+    def at(cls: type[OutputsT], out_dir: str | Path) -> OutputsT:
+        """The outputs of the stage folder ``out_dir``."""
+        folder = Path(out_dir)
+        return cls(folder, **{name: folder / file for name, file in cls.FILES.items()})  # type: ignore[arg-type]
+
+    @classmethod
+    def written(cls, cfg: Any) -> set[str] | None:
+        """The first path components the stage writes in its folder for ``cfg`` (``None``: not all are named)."""
+        return None if cls.OPEN else set(cls.FILES.values())
+
+    @property
+    def main(self) -> Path:
+        """The main output (the first of ``FILES``)."""
+        return getattr(self, next(iter(self.FILES)))
+
+    def files(self) -> dict[str, Path]:
+        """Every named output."""
+        return {name: getattr(self, name) for name in self.FILES}
+
+    def __fspath__(self) -> str:
+        return str(self.main)
+
+    def __str__(self) -> str:
+        return f"{self.out_dir} ({', '.join(self.FILES.values())})"
 
 
 def _neutral(cfg: BaseModel) -> set[str]:

@@ -13,11 +13,12 @@ order and the partial file is removed:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 from tqdm.auto import tqdm
@@ -29,7 +30,7 @@ from dpa_rag.data.loaders import dedupe_ids_field, load_questions
 from dpa_rag.data.schema import Question
 from dpa_rag.generation import CachedGenerator, GenerationParams, Generator, GeneratorOptions, build_generator
 from dpa_rag.io import append_jsonl, read_json, read_resumable_jsonl, write_json, write_jsonl
-from dpa_rag.stage import RESULT_NEUTRAL_FIELDS, hash_inputs, stage_recorder
+from dpa_rag.stage import RESULT_NEUTRAL_FIELDS, StageOutputs, hash_inputs, stage_recorder
 
 __all__ = [
     "AUGMENTED",
@@ -39,6 +40,9 @@ __all__ = [
     "augmented_to_questions",
     "rewrite_id",
     "run",
+    "AugmentOutputs",
+    "Config",
+    "Outputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -70,6 +74,19 @@ class AugmentConfig(GeneratorOptions, StageConfig):
     keep_raw: bool = Field(False, description="Also store each raw model output in augmented.jsonl (`raw`).")
     dedupe_ids: bool = dedupe_ids_field()
     progress: bool = Field(True, description="Show progress bars.")
+
+
+@dataclasses.dataclass(frozen=True)
+class AugmentOutputs(StageOutputs):
+    """What ``augment`` writes: one record per question with its rewrites, and the rewrites as questions."""
+
+    FILES: ClassVar[dict[str, str]] = {"augmented": AUGMENTED, "questions": QUESTIONS_AUGMENTED}
+    augmented: Path
+    questions: Path
+
+
+Config = AugmentConfig
+Outputs = AugmentOutputs
 
 
 def rewrite_id(origin_id: str, strategy: str) -> str:
@@ -174,8 +191,8 @@ def _load_partial(out_dir: Path, state: dict[str, Any]) -> list[dict[str, Any]]:
     return []
 
 
-def run(cfg: AugmentConfig, backend: Generator | None = None) -> Path:
-    """Run the augment stage; returns ``out_dir/augmented.jsonl``.
+def run(cfg: AugmentConfig, backend: Generator | None = None) -> AugmentOutputs:
+    """Run the augment stage.
 
     Args:
         cfg: the stage configuration.
@@ -206,15 +223,16 @@ def run(cfg: AugmentConfig, backend: Generator | None = None) -> Path:
             bar.update(len(chunk))
     bar.close()
     records = [done[q.id] for q in questions]
-    write_jsonl(out_dir / AUGMENTED, records)
+    out = AugmentOutputs.at(out_dir)
+    write_jsonl(out.augmented, records)
     augmented = augmented_to_questions(records)
-    write_jsonl(out_dir / QUESTIONS_AUGMENTED, augmented)
+    write_jsonl(out.questions, augmented)
     (out_dir / _PARTIAL).unlink()
     (out_dir / _PARTIAL_STATE).unlink()
     kept = Counter(s for r in records for s in r["strategies"])
     failed = Counter(f"{s}:{why}" for r in records for s, why in r["failures"].items())
     rec.finish(
-        outputs=[AUGMENTED, QUESTIONS_AUGMENTED],
+        outputs=list(AugmentOutputs.FILES.values()),
         questions=len(records),
         rewrites=len(augmented),
         kept_per_strategy=dict(kept),
@@ -223,4 +241,4 @@ def run(cfg: AugmentConfig, backend: Generator | None = None) -> Path:
         generated=generator.calls,
     )
     logger.info("augment: %d rewrites for %d questions; failures: %s", len(augmented), len(records), dict(failed))
-    return out_dir / AUGMENTED
+    return out

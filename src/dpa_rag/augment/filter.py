@@ -15,31 +15,36 @@ Scores are computed ``chunk_size`` records at a time and each finished chunk is 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from dpa_rag.augment.augment import AUGMENTED, QUESTIONS_AUGMENTED, augmented_to_questions
 from dpa_rag.augment.nli import NLIScorer, nli_decision
 from dpa_rag.augment.similarity import DEFAULT_SIMILARITY_THRESHOLD, SimilarityScorer
-from dpa_rag.config import StageConfig
+from dpa_rag.config import DeviceOption, StageConfig
 from dpa_rag.data.loaders import question_id
 from dpa_rag.io import DataError, read_records, write_json, write_jsonl, write_text
-from dpa_rag.stage import ChunkLog, resume_state, stage_recorder
+from dpa_rag.models import DEFAULT_ENCODER
+from dpa_rag.stage import ChunkLog, StageOutputs, resume_state, stage_recorder
 
 __all__ = [
-    "DEFAULT_NLI_MODEL", "FilterConfig", "filter_records", "load_augmented", "render_report", "run", "score_chunked",
+    "DEFAULT_NLI_MODEL", "REPORT_JSON", "REPORT_MD", "Config", "FilterConfig", "FilterOutputs", "Outputs",
+    "filter_records", "load_augmented", "render_report", "run", "score_chunked",
 ]
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_NLI_MODEL = "MoritzLaurer/mDeBERTa-v3-base-xnli-multilingual-nli-2mil7"  # the authors' NLI_filter.py
+REPORT_JSON = "filter_report.json"
+REPORT_MD = "filter_report.md"
 
 
-class FilterConfig(StageConfig):
+class FilterConfig(DeviceOption, StageConfig):
     """Configuration of ``dpa-rag filter``."""
 
     input: Path = Field(description="augment's augmented.jsonl (or its folder), or the authors' augmentation file.")
@@ -52,18 +57,39 @@ class FilterConfig(StageConfig):
     contradiction_threshold: float | None = Field(
         None, ge=0.0, le=1.0, description="nli: drop if p(contradiction) >= this, instead of the argmax rule."
     )
-    encoder: str = Field("minilm", description="similarity: sentence encoder (bundled alias, hub id or folder).")
+    encoder: str = Field(
+        DEFAULT_ENCODER, description="similarity: sentence encoder (bundled alias, hub id or folder)."
+    )
     similarity_threshold: float = Field(
         DEFAULT_SIMILARITY_THRESHOLD, description="similarity: drop a rewrite whose cosine to the original is below."
     )
     strategy_thresholds: dict[str, float] = Field(
         default_factory=dict, description="similarity: per-strategy thresholds, e.g. {sparql: 0.1}."
     )
-    device: str = Field("auto", description="Device for the scoring model: auto, cpu, cuda, mps.")
     batch_size: int = Field(32, ge=1, description="Pairs (nli) or texts (similarity) per forward pass.")
     max_length: int = Field(256, ge=8, description="nli: truncation length of premise + hypothesis.")
     chunk_size: int = Field(1024, ge=1, description="Records scored per resumable chunk.")
     progress: bool = Field(True, description="Show progress bars.")
+
+
+@dataclasses.dataclass(frozen=True)
+class FilterOutputs(StageOutputs):
+    """What ``filter`` writes: the kept rewrites (augment's layout) and the drop report."""
+
+    FILES: ClassVar[dict[str, str]] = {
+        "augmented": AUGMENTED,
+        "questions": QUESTIONS_AUGMENTED,
+        "report_json": REPORT_JSON,
+        "report_md": REPORT_MD,
+    }
+    augmented: Path
+    questions: Path
+    report_json: Path
+    report_md: Path
+
+
+Config = FilterConfig
+Outputs = FilterOutputs
 
 
 def load_augmented(path: str | Path) -> list[dict[str, Any]]:
@@ -262,25 +288,26 @@ def render_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg: FilterConfig) -> Path:
-    """Run the filter stage; returns ``out_dir/augmented.jsonl``."""
+def run(cfg: FilterConfig) -> FilterOutputs:
+    """Run the filter stage."""
     out_dir = Path(cfg.out_dir)
     records = load_augmented(cfg.input)
     rec = stage_recorder("filter", cfg, out_dir, inputs=[cfg.input])
     with rec.timer("score"):
         scores, log = score_chunked(cfg, records, out_dir)
         filtered, report = filter_records(cfg, records, scores=scores)
-    write_jsonl(out_dir / AUGMENTED, filtered)
-    write_jsonl(out_dir / QUESTIONS_AUGMENTED, augmented_to_questions(filtered))
-    write_json(out_dir / "filter_report.json", report)
-    write_text(out_dir / "filter_report.md", render_report(report))
+    out = FilterOutputs.at(out_dir)
+    write_jsonl(out.augmented, filtered)
+    write_jsonl(out.questions, augmented_to_questions(filtered))
+    write_json(out.report_json, report)
+    write_text(out.report_md, render_report(report))
     log.finish()
     rec.finish(
-        outputs=[AUGMENTED, QUESTIONS_AUGMENTED, "filter_report.json", "filter_report.md"],
+        outputs=list(FilterOutputs.FILES.values()),
         records=report["records"],
         rewrites=report["rewrites"],
         kept=report["kept"],
         dropped=report["dropped"],
     )
     logger.info("filter (%s): kept %d of %d rewrites", cfg.backend, report["kept"], report["rewrites"])
-    return out_dir / AUGMENTED
+    return out

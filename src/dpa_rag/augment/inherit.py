@@ -14,14 +14,13 @@ import random
 from collections.abc import Mapping, Sequence
 from typing import Any, TypeVar
 
-from dpa_rag.data.schema import Question, RetrievalRecord
+from dpa_rag.data.schema import Preference, Question, RetrievalRecord
 
 __all__ = ["group_split", "inherit_preferences", "inherit_retrieval", "origin_of"]
 
 logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
-_OWN_KEYS = ("id", "question", "origin_id")
 
 
 def _origins(augmented: Sequence[Question]) -> list[Question]:
@@ -32,32 +31,31 @@ def _origins(augmented: Sequence[Question]) -> list[Question]:
 
 
 def inherit_preferences(
-    preferences: list[dict[str, Any]], augmented_questions: list[Question]
-) -> list[dict[str, Any]]:
+    preferences: Sequence[Preference], augmented_questions: Sequence[Question]
+) -> list[Preference]:
     """Preference records for rewrites, copied from their originals' records.
 
-    Every key of the original's record except ``id``, ``question`` and ``origin_id`` is deep-copied (answers,
-    closed-book result, probes and labels, whatever the exact schema); ``id`` and ``question`` are the rewrite's and
-    ``origin_id`` is the original's id; ``strategy`` is added when the rewrite has one (as mining's own inheritance
+    Everything of the original's record except ``id``, ``question`` and ``origin_id`` is deep-copied (answers,
+    closed-book result, probes and labels, and any extra key); ``id`` and ``question`` are the rewrite's and
+    ``origin_id`` is the original's id; ``strategy`` is set when the rewrite has one (as mining's own inheritance
     does). Rewrites whose original has no preference record are skipped (logged).
 
     Returns:
         The rewrites' records only, in the order of ``augmented_questions``; add them to the originals yourself.
     """
-    by_id = {str(p["id"]): p for p in preferences}
-    out: list[dict[str, Any]] = []
+    by_id = {p.id: p for p in preferences}
+    out: list[Preference] = []
     missing = 0
     for q in _origins(augmented_questions):
         orig = by_id.get(str(q.origin_id))
         if orig is None:
             missing += 1
             continue
-        rec: dict[str, Any] = {"id": q.id, "question": q.question, "origin_id": str(q.origin_id)}
-        rec.update({k: copy.deepcopy(v) for k, v in orig.items() if k not in _OWN_KEYS})
+        update: dict[str, Any] = {"id": q.id, "question": q.question, "origin_id": str(q.origin_id)}
         strategy = getattr(q, "strategy", None)
         if strategy is not None:
-            rec["strategy"] = strategy
-        out.append(rec)
+            update["strategy"] = strategy
+        out.append(orig.model_copy(update=update, deep=True))
     if missing:
         logger.info("inherit_preferences: %d rewrite(s) skipped, their original has no preference record", missing)
     return out

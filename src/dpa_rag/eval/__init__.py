@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dpa_rag.eval.bootstrap import paired_bootstrap
-from dpa_rag.eval.evaluate import EvaluateConfig, evaluate_predictions, load_predictions, run_evaluate
+from dpa_rag.eval.evaluate import EvaluateConfig, evaluate_predictions, load_predictions
 from dpa_rag.eval.metrics import exact_match, f1, hit, hit_word, normalize_answer, score_answer
 from dpa_rag.eval.paired import paired_markdown, paired_table, question_scores
+from dpa_rag.eval.ranking import canonical_metric, ranking_metrics
 from dpa_rag.eval.report import bar_plot, markdown_table, write_report
 
 __all__ = [
     "EvaluateConfig",
     "bar_plot",
+    "canonical_metric",
     "evaluate_predictions",
     "exact_match",
     "f1",
@@ -23,7 +25,7 @@ __all__ = [
     "paired_markdown",
     "paired_table",
     "question_scores",
-    "run_evaluate",
+    "ranking_metrics",
     "score_answer",
     "write_report",
 ]

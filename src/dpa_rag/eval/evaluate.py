@@ -2,7 +2,7 @@
 
 * :func:`evaluate_predictions` — pure: prediction records in, ``dict[str, float]`` out (×100, optional key prefix).
 * :func:`load_predictions` — read and validate a predictions file (errors name file and line).
-* :func:`run_evaluate` — the ``dpa-rag evaluate`` stage: several files → ``metrics.json``, ``report.md``, a plot;
+* :func:`run` — the ``dpa-rag evaluate`` stage: several files → ``metrics.json``, ``report.md``, a plot;
   with ``baseline``, paired differences of every other system against it with bootstrap intervals
   (:func:`~dpa_rag.eval.paired.paired_table`).
 
@@ -12,10 +12,11 @@ ignored, so files written by other tools are scored the same way.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
@@ -24,15 +25,18 @@ from dpa_rag.eval.metrics import exact_match, f1, hit, hit_word
 from dpa_rag.eval.paired import paired_markdown, paired_table
 from dpa_rag.eval.report import bar_plot, write_report
 from dpa_rag.io import DataError, read_records
-from dpa_rag.stage import stage_recorder
+from dpa_rag.stage import StageOutputs, stage_recorder
 
 __all__ = [
     "ANSWER_METRICS",
+    "Config",
     "EvaluateConfig",
+    "EvaluateOutputs",
+    "Outputs",
     "evaluate_predictions",
     "load_predictions",
     "parse_prediction_specs",
-    "run_evaluate",
+    "run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -196,8 +200,25 @@ def _paired_section(rows: Sequence[dict[str, Any]], cfg: EvaluateConfig) -> str:
     )
 
 
-def run_evaluate(cfg: EvaluateConfig) -> Path:
-    """Score every predictions file; write ``metrics.json``, ``report.md`` (and ``metrics.png``); return the report.
+REPORT_MD = "report.md"
+METRICS_FILE = "metrics.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateOutputs(StageOutputs):
+    """What ``evaluate`` writes: the report (markdown) and every system's metrics (JSON)."""
+
+    FILES: ClassVar[dict[str, str]] = {"report": REPORT_MD, "metrics": METRICS_FILE}
+    report: Path
+    metrics: Path
+
+
+Config = EvaluateConfig
+Outputs = EvaluateOutputs
+
+
+def run(cfg: EvaluateConfig) -> EvaluateOutputs:
+    """Score every predictions file; write ``metrics.json``, ``report.md`` (and ``metrics.png``).
 
     With ``cfg.baseline``, ``metrics.json`` also gets a ``paired`` block (``confidence``, ``n_resamples``, ``seed``,
     ``rows`` of :func:`~dpa_rag.eval.paired.paired_table`) and the report a table of the differences.
@@ -241,10 +262,10 @@ def run_evaluate(cfg: EvaluateConfig) -> Path:
         sections.append(_paired_section(rows, cfg))
     sources = "\n".join(f"- **{n}**: `{p}`" for n, p in systems.items())
     sections.append(f"## Inputs\n\n{sources}")
-    report = write_report(results, cfg.out_dir, title=cfg.title, extra_sections=sections, extra_json=extra_json)
-    outputs = ["metrics.json", "report.md"]
+    write_report(results, cfg.out_dir, title=cfg.title, extra_sections=sections, extra_json=extra_json)
+    outputs = [METRICS_FILE, REPORT_MD]
     if cfg.plot:
         bar_plot(results, Path(cfg.out_dir) / "metrics.png", title=cfg.title)
         outputs.append("metrics.png")
     rec.finish(outputs=outputs, systems=len(results), records=int(sum(r["n"] for r in results.values())))
-    return report
+    return EvaluateOutputs.at(cfg.out_dir)

@@ -13,6 +13,9 @@ from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dpa_rag.config import Runtime
+from dpa_rag.models import DEFAULT_READER
+
 __all__ = [
     "GenerationParams",
     "Generator",
@@ -89,10 +92,10 @@ def prompt_to_text(prompt: Prompt) -> str:
     return "\n\n".join(f"{m['role']}: {m['content']}" for m in prompt)
 
 
-class GeneratorOptions(BaseModel):
-    """Options shared by every stage that calls an LLM (mixed into those stages' configs)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+class GeneratorOptions(Runtime):
+    """Options shared by every stage that calls an LLM (mixed into those stages' configs, and the pipeline's
+    ``reader``/``rewriter``/``aligned_reader`` sections); ``batch_size`` = prompts per backend call (hf batch, cache
+    flush unit)."""
 
     # options that change how fast outputs come, not what they are (the stage manifests ignore them)
     result_neutral: ClassVar[frozenset[str]] = frozenset(
@@ -105,7 +108,7 @@ class GeneratorOptions(BaseModel):
         "fake (deterministic test double).",
     )
     model: str = Field(
-        "smollm2-135m",
+        DEFAULT_READER,
         description="Reader/generator model: a bundled alias (smollm2-135m), a hub id or a local folder; for the "
         "openai backend, the server's model name.",
     )
@@ -117,17 +120,12 @@ class GeneratorOptions(BaseModel):
         "template renders chats for answer scoring (label_rule loglik), as the server would; without it chats are "
         "scored as plain 'role: content' text (with a warning).",
     )
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
-        "auto", description="Weights/compute dtype for hf/vllm; auto picks bf16 where the hardware runs it fast."
-    )
-    device: str = Field("auto", description="Device for hf: auto, cpu, cuda, cuda:1, mps.")
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory vLLM may take.")
     max_model_len: int | None = Field(None, ge=1, description="vllm: context length cap (default: the model's).")
     engine_args: dict[str, Any] = Field(
         default_factory=dict, description="vllm: any other vllm.LLM argument, e.g. {enforce_eager: true} (YAML only)."
     )
-    batch_size: int = Field(16, ge=1, description="Prompts per backend call (hf batch; cache flush unit).")
     max_new_tokens: int = Field(32, ge=1, description="Maximum new tokens per answer.")
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature; 0 = greedy.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling p (ignored when greedy).")

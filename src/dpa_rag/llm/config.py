@@ -7,12 +7,13 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dpa_rag.config import StageConfig
+from dpa_rag.config import DeviceOption, Dtype, StageConfig
+from dpa_rag.models import DEFAULT_READER
 
 __all__ = ["TrainLLMConfig"]
 
 
-class TrainLLMConfig(StageConfig):
+class TrainLLMConfig(DeviceOption, StageConfig):
     """LLM self-alignment: the pre-aligned stage, then SFT, with TRL's ``SFTTrainer`` (LoRA, QLoRA or full)."""
 
     # What to train, on what
@@ -26,7 +27,7 @@ class TrainLLMConfig(StageConfig):
         "(<stage>.jsonl is taken). Repeat to concatenate several files.",
     )
     data_extra: Path | None = Field(None, description="A second data set, concatenated and shuffled in (mixed stage).")
-    model: str = Field("smollm2-135m", description="Base model: bundled alias, hub id or local folder.")
+    model: str = Field(DEFAULT_READER, description="Base model: bundled alias, hub id or local folder.")
     init_adapter: Path | None = Field(
         None, description="Continue training this LoRA adapter (e.g. the prealign run's out_dir/adapter)."
     )
@@ -72,10 +73,9 @@ class TrainLLMConfig(StageConfig):
 
     # Precision, devices, distribution
     bf16: bool | None = Field(None, description="bf16 mixed precision. [default: on for CUDA with bf16, else off]")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+    dtype: Dtype = Field(
         "auto", description="Dtype the base weights load in (auto: fp32 on CPU and for full; bf16 on CUDA for LoRA)."
     )
-    device: str = Field("auto", description="auto, cpu, cuda, mps.")
     deepspeed: str | None = Field(
         None, description="DeepSpeed JSON file or shipped name (zero3); not needed under an accelerate DS config."
     )

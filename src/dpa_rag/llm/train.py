@@ -19,7 +19,7 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from dpa_rag.io import write_json
 from dpa_rag.llm.config import TrainLLMConfig
@@ -29,10 +29,54 @@ from dpa_rag.llm.plot import plot_loss
 from dpa_rag.llm.recipes import deepspeed_config_path
 from dpa_rag.llm.templates import apply_chat_template_option
 from dpa_rag.models import pick_device, pick_dtype, resolve_llm
+from dpa_rag.stage import StageOutputs, stage_recorder
 
-__all__ = ["build_model", "build_trainer", "data_files", "load_tokenizer", "run"]
+__all__ = [
+    "ADAPTER_DIR", "DATA_REPORT", "MERGED_DIR", "MODEL_DIR", "TRAIN_LOG", "Config", "Outputs", "TrainLLMOutputs",
+    "build_model", "build_trainer", "data_files", "load_tokenizer", "run",
+]
 
 logger = logging.getLogger(__name__)
+
+TRAIN_LOG = "train_log.json"
+DATA_REPORT = "data_report.json"
+MODEL_DIR = "model"  # full fine-tuning: the trained model
+ADAPTER_DIR = "adapter"  # LoRA/QLoRA: the adapter
+MERGED_DIR = "merged"  # LoRA/QLoRA with merge: the base model with the adapter merged in
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainLLMOutputs(StageOutputs):
+    """What ``train-llm`` writes: the weights (``model/`` after full fine-tuning, ``adapter/`` for LoRA/QLoRA, plus
+    ``merged/`` when merged), the training log, the data report and ``train_info.json``."""
+
+    FILES: ClassVar[dict[str, str]] = {
+        "info": TRAIN_INFO, "train_log": TRAIN_LOG, "data_report": DATA_REPORT, "model": MODEL_DIR,
+        "adapter": ADAPTER_DIR, "merged": MERGED_DIR,
+    }
+    info: Path
+    train_log: Path
+    data_report: Path
+    model: Path
+    adapter: Path
+    merged: Path
+
+    @classmethod
+    def written(cls, cfg: Any) -> set[str] | None:
+        """The files plus only the weights folders ``cfg``'s method writes (``run --check`` catches a reader of
+        ``merged/`` after full fine-tuning)."""
+        weights = {MODEL_DIR} if cfg.method == "full" else {ADAPTER_DIR, MERGED_DIR} if cfg.merge else {ADAPTER_DIR}
+        return {TRAIN_INFO, TRAIN_LOG, DATA_REPORT, "loss.png", "checkpoints", *weights}
+
+    def weights(self, method: str, merged: bool) -> Path:
+        """The loadable model of a run with ``method``: ``model/`` (full), else ``merged/`` or ``adapter/``."""
+        if method == "full":
+            return self.model
+        return self.merged if merged else self.adapter
+
+
+Config = TrainLLMConfig
+Outputs = TrainLLMOutputs
 
 
 def data_files(cfg: TrainLLMConfig) -> list[Path]:
@@ -226,20 +270,19 @@ def build_trainer(cfg: TrainLLMConfig) -> tuple[Any, DataReport]:
     return trainer, report
 
 
-def run(cfg: TrainLLMConfig) -> Path:
-    """Train one stage and write its artefacts; returns ``out_dir``."""
+def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:
+    """Train one stage and write its artefacts."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    from dpa_rag.stage import stage_recorder
-
     out_dir = cfg.resolved_out_dir()
+    out = TrainLLMOutputs.at(out_dir)
     trainer, report = build_trainer(cfg)
     main = trainer.is_world_process_zero()
     inputs: list[Path | str] = [*data_files(cfg)]
     inputs += [p for p in (cfg.init_adapter, cfg.init_model) if p is not None and Path(p).exists()]
     rec = stage_recorder("train-llm", cfg, out_dir, inputs) if main else None
     if main:
-        write_json(out_dir / "data_report.json", report.to_dict())
+        write_json(out.data_report, report.to_dict())
     resume = cfg.resume_from_checkpoint
     if resume == "last":
         resume = get_last_checkpoint(str(out_dir / "checkpoints"))
@@ -248,21 +291,21 @@ def run(cfg: TrainLLMConfig) -> Path:
     logger.info("training %s (%s) on %d examples", cfg.stage, cfg.method, report.kept)
     result = trainer.train(resume_from_checkpoint=resume)
     peft = hasattr(trainer.model, "peft_config")
-    weights_dir = out_dir / ("adapter" if peft else "model")
+    weights_dir = out.adapter if peft else out.model
     if main:  # outputs of an earlier run in this folder would be stale now (load_for_inference prefers merged/)
-        for stale in ("merged", "model" if peft else "adapter"):
-            if (out_dir / stale).is_dir():
-                logger.info("removing %s from an earlier run", out_dir / stale)
-                shutil.rmtree(out_dir / stale)
+        for stale in (out.merged, out.model if peft else out.adapter):
+            if stale.is_dir():
+                logger.info("removing %s from an earlier run", stale)
+                shutil.rmtree(stale)
     trainer.save_model(str(weights_dir))  # every process: DeepSpeed gathers the shards here
     if not main:
-        return out_dir
+        return out
     ckpt_dir = out_dir / "checkpoints"
     if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
         ckpt_dir.rmdir()
     history = trainer.state.log_history
-    write_json(out_dir / "train_log.json", history)
-    outputs = [weights_dir.name, "train_log.json", "data_report.json", TRAIN_INFO]
+    write_json(out.train_log, history)
+    outputs = [weights_dir.name, TRAIN_LOG, DATA_REPORT, TRAIN_INFO]
     if plot_loss(history, out_dir / "loss.png", title=f"train-llm {cfg.stage} ({cfg.method})"):
         outputs.append("loss.png")
     base = _base_name(cfg)
@@ -270,12 +313,12 @@ def run(cfg: TrainLLMConfig) -> Path:
         "stage": cfg.stage, "method": cfg.method, "base_model": base, "weights": weights_dir.name,
         "init_adapter": str(cfg.init_adapter) if cfg.init_adapter else None, "init_model": cfg.init_model,
     }
-    write_json(out_dir / TRAIN_INFO, info)
+    write_json(out.info, info)
     if cfg.merge:
         if peft:
             with rec.timer("merge"):
-                merge_adapter(weights_dir, out_dir / "merged", base_model=base)
-            outputs.append("merged")
+                merge_adapter(weights_dir, out.merged, base_model=base)
+            outputs.append(MERGED_DIR)
         else:
             logger.info("full fine-tuning: %s is already a plain model; --merge has nothing to do", weights_dir)
     losses = [e["loss"] for e in history if "loss" in e]
@@ -285,4 +328,4 @@ def run(cfg: TrainLLMConfig) -> Path:
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
         train_runtime_s=round(result.metrics.get("train_runtime", 0.0), 3),
     )
-    return out_dir
+    return out

@@ -25,6 +25,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
+from pydantic import BaseModel
+
+from dpa_rag.data.schema import ClosedBook, Probe
 from dpa_rag.eval.metrics import f1, hit
 
 __all__ = [
@@ -101,17 +104,23 @@ def categorize_gain(gain: float, positive: float = 0.5, negative: float = 0.5) -
     return NEUTRAL
 
 
+def _scores(s: Mapping[str, Any] | BaseModel) -> Mapping[str, Any]:
+    """A record's scores as a mapping (a :class:`ClosedBook`/:class:`Probe` without its unset fields and passage)."""
+    return s.model_dump(exclude_none=True, exclude={"ctx"}) if isinstance(s, BaseModel) else s
+
+
 def categorize(
-    before: Mapping[str, Any],
-    after: Mapping[str, Any],
+    before: Mapping[str, Any] | ClosedBook,
+    after: Mapping[str, Any] | Probe,
     rule: str = "hit",
     thresholds: tuple[float, float] = DEFAULT_GAIN_THRESHOLDS,
 ) -> str:
     """The category of a probed passage from the closed-book (``before``) and with-passage (``after``) scores.
 
     Args:
-        before: ``{"hit", "f1"}`` of the closed-book answer (the authors' ``{"em", "f1"}`` also works).
-        after: the same for the answer with the passage.
+        before: ``{"hit", "f1"}`` of the closed-book answer (the authors' ``{"em", "f1"}`` also works), or a
+            :class:`~dpa_rag.data.schema.ClosedBook`.
+        after: the same for the answer with the passage, or a :class:`~dpa_rag.data.schema.Probe`.
         rule: ``"hit"``, ``"f1-delta"`` or ``"loglik"`` (see the module docstring; ``loglik`` reads ``after["gain"]``
             or, failing that, ``after["loglik"] - before["loglik"]``).
         thresholds: ``(τ⁺, τ⁻)`` of the ``loglik`` rule.
@@ -120,6 +129,7 @@ def categorize(
         One of :data:`CATEGORIES`.
     """
     rule = normalize_rule(rule)
+    before, after = _scores(before), _scores(after)
     if rule == "loglik":
         if "gain" in after:
             gain = float(after["gain"])

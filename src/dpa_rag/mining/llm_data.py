@@ -15,17 +15,19 @@ Both are written as LLaMA-Factory alpaca JSON (``[{"instruction", "input", "outp
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator
 
 from dpa_rag.config import StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field, load_retrieval
-from dpa_rag.data.schema import RetrievalRecord
+from dpa_rag.data.schema import Ctx, Passage, Preference, Question, RetrievalRecord
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.mining.common import (
     inherit_augmented,
@@ -37,13 +39,22 @@ from dpa_rag.mining.common import (
 )
 from dpa_rag.mining.labels import ALIGNED, AUTHORS_CATEGORY, normalize_rule
 from dpa_rag.mining.prompts import judge_prompt, judge_target, qa_prompt
-from dpa_rag.mining.reranker_data import render_probe
-from dpa_rag.stage import stage_recorder
+from dpa_rag.stage import StageOutputs, stage_recorder
 
-__all__ = ["LLMDataConfig", "dataset_info", "prealign_example", "run", "sft_example", "to_alpaca"]
+__all__ = [
+    "DATASET_INFO", "PREALIGN_ALPACA", "PREALIGN_FILE", "SFT_ALPACA", "SFT_FILE", "STATS_FILE", "Config",
+    "LLMDataConfig", "LLMDataOutputs", "Outputs", "dataset_info", "prealign_example", "run", "sft_example",
+    "to_alpaca",
+]
 
 logger = logging.getLogger(__name__)
-OUTPUTS = ["prealign.json", "prealign.jsonl", "sft.json", "sft.jsonl", "dataset_info.json", "stats.json"]
+PREALIGN_FILE = "prealign.jsonl"  # chat messages (train-llm --stage prealign)
+PREALIGN_ALPACA = "prealign.json"  # the same examples, LLaMA-Factory alpaca JSON
+SFT_FILE = "sft.jsonl"
+SFT_ALPACA = "sft.json"
+DATASET_INFO = "dataset_info.json"  # LLaMA-Factory's dataset registry
+STATS_FILE = "stats.json"
+OUTPUTS = [PREALIGN_ALPACA, PREALIGN_FILE, SFT_ALPACA, SFT_FILE, DATASET_INFO, STATS_FILE]
 
 
 class LLMDataConfig(StageConfig):
@@ -78,18 +89,48 @@ class LLMDataConfig(StageConfig):
         return normalize_rule(v) if isinstance(v, str) and v != "stored" else v
 
 
+@dataclasses.dataclass(frozen=True)
+class LLMDataOutputs(StageOutputs):
+    """What ``build-llm-data`` writes: pre-aligned and SFT examples (chat JSONL + alpaca JSON), registry, stats."""
+
+    FILES: ClassVar[dict[str, str]] = {
+        "prealign": PREALIGN_FILE,
+        "prealign_alpaca": PREALIGN_ALPACA,
+        "sft": SFT_FILE,
+        "sft_alpaca": SFT_ALPACA,
+        "dataset_info": DATASET_INFO,
+        "stats": STATS_FILE,
+    }
+    prealign: Path
+    prealign_alpaca: Path
+    sft: Path
+    sft_alpaca: Path
+    dataset_info: Path
+    stats: Path
+
+
+Config = LLMDataConfig
+Outputs = LLMDataOutputs
+
+
 def _rng(seed: int, qid: str) -> random.Random:
     return random.Random(f"{seed}:{qid}")
 
 
+def _key(p: Ctx | Passage | str) -> str:
+    """A passage's identity in the pre-aligned draws: its rendered text (a string is taken as rendered)."""
+    return p if isinstance(p, str) else p.render()
+
+
 def prealign_example(
-    pref: dict[str, Any], others: list[str], k: int, seed: int
+    pref: Preference, others: Sequence[Ctx | Passage | str], k: int, seed: int
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
     """One pre-aligned example ``{"messages", "positive", "index"}`` for a question, or ``None``.
 
     Args:
         pref: the question's preference record.
-        others: candidate passages (rendered) of the same question to fill the ``k − 1`` other slots.
+        others: candidate passages of the same question to fill the ``k − 1`` other slots (objects, or strings
+            already rendered ``"Title: … Content: …"``); the same rendered text counts once.
         k: passages in the prompt.
         seed: base seed (combined with the question id).
 
@@ -99,30 +140,36 @@ def prealign_example(
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    rng = _rng(seed, pref["id"])
+    rng = _rng(seed, pref.id)
     candidates, seen = [], set()
-    for p in sorted(pref["probes"], key=lambda p: p["rank"]):
-        text = render_probe(p)
-        if p["category"] in AUTHORS_CATEGORY and text not in seen:
+    for p in sorted(pref.probes, key=lambda p: p.rank):
+        text = p.render()
+        if p.category in AUTHORS_CATEGORY and text not in seen:
             seen.add(text)
             candidates.append(p)
     if not candidates:
         return None, {"skip": "no_preference_passage"}
     star = rng.choice(candidates)
-    star_text = render_probe(star)
-    pool = list(dict.fromkeys(t for t in others if t != star_text))
+    star_text = star.render()
+    by_text: dict[str, Ctx | Passage | str] = {}
+    for o in others:
+        by_text.setdefault(_key(o), o)
+    pool = [o for t, o in by_text.items() if t != star_text]
     chosen = rng.sample(pool, min(k - 1, len(pool)))
-    passages = [star_text, *chosen]
+    passages: list[Ctx | Passage | str] = [star.ctx, *chosen]
     rng.shuffle(passages)
-    index = passages.index(star_text) + 1
-    positive = star["category"] == ALIGNED
-    messages = judge_prompt(pref["question"], passages, index)
+    index = [_key(p) for p in passages].index(star_text) + 1
+    positive = star.category == ALIGNED
+    messages = judge_prompt(pref.question, passages, index)
     messages.append({"role": "assistant", "content": judge_target(index, positive)})
     return {"messages": messages, "positive": positive, "index": index}, {"short": len(chosen) < k - 1}
 
 
-def sft_example(question: str, passages: list[str], answers: list[str], answer_mode: str = "first") -> dict[str, Any]:
-    """One SFT example: the QA prompt over ``passages`` → the first gold (or all golds joined with ``", "``)."""
+def sft_example(
+    question: str, passages: Sequence[Ctx | Passage | str], answers: list[str], answer_mode: str = "first"
+) -> dict[str, Any]:
+    """One SFT example: the QA prompt over ``passages`` (objects; a string is read as ``"Title: … Content: …"``)
+    → the first gold (or all golds joined with ``", "``)."""
     if not answers:
         raise ValueError(f"no gold answer for question {question!r}")
     target = answers[0] if answer_mode == "first" else ", ".join(answers)
@@ -146,19 +193,17 @@ def dataset_info(prefix: str) -> dict[str, Any]:
     }
 
 
-def _with_augmented_retrieval(
-    records: list[RetrievalRecord], augmented: list[dict[str, Any]]
-) -> list[RetrievalRecord]:
+def _with_augmented_retrieval(records: list[RetrievalRecord], augmented: list[Question]) -> list[RetrievalRecord]:
     by_id = {r.id: r for r in records}
     out = []
     for a in augmented:
-        orig = by_id.get(a["origin_id"])
+        orig = by_id.get(str(a.origin_id))
         if orig is not None:
-            out.append(orig.model_copy(update={"id": a["id"], "question": a["question"], "origin_id": orig.id}))
+            out.append(orig.model_copy(update={"id": a.id, "question": a.question, "origin_id": orig.id}))
     return out
 
 
-def run(cfg: LLMDataConfig) -> Path:
+def run(cfg: LLMDataConfig) -> LLMDataOutputs:
     """Write the pre-aligned and SFT sets (alpaca JSON + chat JSONL), ``dataset_info.json``, ``stats.json``."""
     out_dir = Path(cfg.out_dir)
     pref_path = resolve_preferences(cfg.preferences)
@@ -174,15 +219,15 @@ def run(cfg: LLMDataConfig) -> Path:
     aug_prefs, orphans = inherit_augmented(prefs, aug_raw)
     aug_retrieval = _with_augmented_retrieval(retrieval, aug_raw)
 
-    ctx_lists = {r.id: [c.render() for c in r.ctxs] for r in retrieval}
+    ctx_lists: dict[str, list[Ctx]] = {r.id: list(r.ctxs) for r in retrieval}
     counts: Counter[str] = Counter()
     prealign: list[dict[str, Any]] = []
     for pref in prefs + aug_prefs:
-        source = str(pref.get("origin_id") or pref["id"])
-        others = ctx_lists.get(source) or ctx_lists.get(pref["id"])
+        source = pref.origin_id or pref.id
+        others = ctx_lists.get(source) or ctx_lists.get(pref.id)
         if others is None:
             counts["prealign_others_from_probes"] += 1
-            others = [render_probe(p) for p in sorted(pref["probes"], key=lambda p: p["rank"])]
+            others = [p.ctx for p in sorted(pref.probes, key=lambda p: p.rank)]
         example, info = prealign_example(pref, others, cfg.k, cfg.seed)
         if example is None:
             counts[f"prealign_skipped_{info['skip']}"] += 1
@@ -196,7 +241,7 @@ def run(cfg: LLMDataConfig) -> Path:
         if not r.answers:
             counts["sft_skipped_no_answer"] += 1
             continue
-        passages = [c.render() for c in r.ctxs[: cfg.k]]
+        passages = r.ctxs[: cfg.k]
         counts["sft_short"] += int(len(passages) < cfg.k)
         sft.append(sft_example(r.question, passages, r.answers, cfg.sft_answer))
 
@@ -230,4 +275,4 @@ def run(cfg: LLMDataConfig) -> Path:
     write_json(out_dir / "stats.json", stats)
     rec.finish(outputs=OUTPUTS, prealign=len(prealign), sft=len(sft))
     logger.info("LLM data: %d pre-aligned, %d SFT examples → %s", len(prealign), len(sft), out_dir)
-    return out_dir
+    return LLMDataOutputs.at(out_dir)

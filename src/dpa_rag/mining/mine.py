@@ -21,21 +21,23 @@ different fingerprint starts over. When nothing is left to do the reader is neve
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field, field_validator
 from tqdm.auto import tqdm
 
 from dpa_rag.config import StageConfig, config_hash
 from dpa_rag.data.loaders import dedupe_ids_field, load_retrieval
-from dpa_rag.data.schema import Ctx, RetrievalRecord
+from dpa_rag.data.schema import ClosedBook, Ctx, Preference, Probe, RetrievalRecord
 from dpa_rag.eval.metrics import normalize_answer
 from dpa_rag.generation import CachedGenerator, Generator, GeneratorOptions, build_generator
 from dpa_rag.io import DataError, append_jsonl, file_sha256, read_json, read_resumable_jsonl, write_json, write_text
+from dpa_rag.mining.common import preference_from
 from dpa_rag.mining.labels import (
     LabelRule,
     categorize,
@@ -45,9 +47,12 @@ from dpa_rag.mining.labels import (
     score,
 )
 from dpa_rag.mining.prompts import clean_answer, qa_prompt
-from dpa_rag.stage import RESULT_NEUTRAL_FIELDS, stage_recorder
+from dpa_rag.stage import RESULT_NEUTRAL_FIELDS, StageOutputs, stage_recorder
 
-__all__ = ["MineConfig", "category_stats", "mine_records", "probe_ranks", "run", "summary_markdown"]
+__all__ = [
+    "PREFERENCES", "STATS", "SUMMARY", "Config", "MineConfig", "MineOutputs", "Outputs", "category_stats",
+    "mine_records", "probe_ranks", "run", "summary_markdown",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +121,21 @@ class MineConfig(GeneratorOptions, StageConfig):
         return v
 
 
+@dataclasses.dataclass(frozen=True)
+class MineOutputs(StageOutputs):
+    """What ``mine`` writes: one preference record per question, the label statistics and their summary."""
+
+    FILES: ClassVar[dict[str, str]] = {"preferences": PREFERENCES, "stats": STATS, "summary": SUMMARY}
+    OPEN: ClassVar[bool] = True  # also progress.json (resume state)
+    preferences: Path
+    stats: Path
+    summary: Path
+
+
+Config = MineConfig
+Outputs = MineOutputs
+
+
 def all_ranks(cfg: MineConfig) -> list[int]:
     """The configured ranks plus ``1..probe_top``."""
     return sorted(set(cfg.ranks) | set(range(1, (cfg.probe_top or 0) + 1)))
@@ -142,16 +162,22 @@ def probe_ranks(n_ctxs: int, ranks: Sequence[int]) -> list[int]:
     return sorted({min(max(int(r), 1), n_ctxs) for r in ranks})
 
 
-def _ctx_dict(ctx: Ctx) -> dict[str, Any]:
-    d = ctx.model_dump(mode="json")
-    return {k: d[k] for k in _CTX_FIELDS if d.get(k) is not None}
+def _probe_ctx(ctx: Ctx) -> Ctx:
+    """The passage as a probe stores it: ``id``, ``title``, ``text`` and, when known, ``score``/``has_answer``
+    (other keys of the retrieval file's ctx are not kept)."""
+    return Ctx(**{k: getattr(ctx, k) for k in _CTX_FIELDS if getattr(ctx, k) is not None})
+
+
+def _preference(r: RetrievalRecord, before: ClosedBook, probes: list[Probe]) -> Preference:
+    return Preference(id=r.id, question=r.question, answers=list(r.answers), origin_id=r.origin_id or None,
+                      closed_book=before, probes=probes)
 
 
 def mine_records(
     records: Sequence[RetrievalRecord],
     generator: CachedGenerator,
     cfg: MineConfig,
-) -> list[dict[str, Any]]:
+) -> list[Preference]:
     """Mine one chunk: all its prompts in one ``generate`` call, then one preference record per question."""
     if cfg.label_rule == "loglik":
         return mine_loglik(records, generator, cfg)
@@ -161,34 +187,22 @@ def mine_records(
         ranks = probe_ranks(len(r.ctxs), all_ranks(cfg))
         plan.append(ranks)
         prompts.append(qa_prompt(r.question, []))
-        prompts.extend(qa_prompt(r.question, [r.ctxs[k - 1].render()]) for k in ranks)
+        prompts.extend(qa_prompt(r.question, [r.ctxs[k - 1]]) for k in ranks)
     outs = generator.generate(prompts, cfg.generation_params(), desc="mine")
-    out: list[dict[str, Any]] = []
+    out: list[Preference] = []
     i = 0
     for r, ranks in zip(records, plan, strict=True):
         cb_answer = clean_answer(outs[i])
         i += 1
-        before = {"answer": cb_answer, **score(cb_answer, r.answers)}
+        before = ClosedBook(answer=cb_answer, **score(cb_answer, r.answers))
         probes = []
         for k in ranks:
             answer = clean_answer(outs[i])
             i += 1
             after = score(answer, r.answers)
-            probes.append(
-                {
-                    "rank": k,
-                    "ctx": _ctx_dict(r.ctxs[k - 1]),
-                    "answer": answer,
-                    **after,
-                    "category": categorize(before, after, cfg.label_rule),
-                }
-            )
-        rec: dict[str, Any] = {"id": r.id, "question": r.question, "answers": list(r.answers)}
-        if r.origin_id:
-            rec["origin_id"] = r.origin_id
-        rec["closed_book"] = before
-        rec["probes"] = probes
-        out.append(rec)
+            probes.append(Probe(rank=k, ctx=_probe_ctx(r.ctxs[k - 1]), answer=answer, **after,
+                                category=categorize(before, after, cfg.label_rule)))
+        out.append(_preference(r, before, probes))
     return out
 
 
@@ -197,7 +211,7 @@ def mine_loglik(
     generator: CachedGenerator,
     cfg: MineConfig,
     answer_ids: set[str] | None = None,
-) -> list[dict[str, Any]]:
+) -> list[Preference]:
     """Mine one chunk with the ``loglik`` rule: every (prompt, gold) pair scored in one cached ``loglik`` call.
 
     Questions in ``answer_ids`` are also answered by generation (closed-book and per probe), so their probes carry
@@ -213,7 +227,7 @@ def mine_loglik(
         golds = scoring_golds(r.answers, cfg.loglik_max_golds)
         plan.append((ranks, golds))
         question_prompts = [qa_prompt(r.question, [])]
-        question_prompts += [qa_prompt(r.question, [r.ctxs[k - 1].render()]) for k in ranks]
+        question_prompts += [qa_prompt(r.question, [r.ctxs[k - 1]]) for k in ranks]
         for p in question_prompts:
             for g in golds:
                 prompts.append(p)
@@ -222,7 +236,7 @@ def mine_loglik(
             gen_prompts.extend(question_prompts)
     scores = generator.loglik(prompts, conts, desc="mine (loglik)")
     answers = generator.generate(gen_prompts, cfg.generation_params(), desc="mine (answers)") if gen_prompts else []
-    out: list[dict[str, Any]] = []
+    out: list[Preference] = []
     i = j = 0
     thresholds = (cfg.loglik_positive, cfg.loglik_negative)
     for r, (ranks, golds) in zip(records, plan, strict=True):
@@ -234,30 +248,25 @@ def mine_loglik(
         answered = r.id in answer_ids
         texts = answers[j : j + 1 + len(ranks)] if answered else []
         j += len(texts)
-        before: dict[str, Any] = {"loglik": values[0]}
+        before = ClosedBook(loglik=values[0])
         if answered:
             cb = clean_answer(texts[0])
-            before.update({"answer": cb, **score(cb, r.answers)})
+            before = ClosedBook(loglik=values[0], answer=cb, **score(cb, r.answers))
         probes = []
         for n, k in enumerate(ranks, start=1):
             gain = values[n] - values[0]
-            probe: dict[str, Any] = {"rank": k, "ctx": _ctx_dict(r.ctxs[k - 1]), "loglik": values[n], "gain": gain,
+            probe: dict[str, Any] = {"rank": k, "ctx": _probe_ctx(r.ctxs[k - 1]), "loglik": values[n], "gain": gain,
                                      "category": categorize_gain(gain, *thresholds)}
             if answered:
                 answer = clean_answer(texts[n])
                 after = score(answer, r.answers)
                 probe.update({"answer": answer, **after, "hit_category": categorize(before, after, "hit")})
-            probes.append(probe)
-        rec: dict[str, Any] = {"id": r.id, "question": r.question, "answers": list(r.answers)}
-        if r.origin_id:
-            rec["origin_id"] = r.origin_id
-        rec["closed_book"] = before
-        rec["probes"] = probes
-        out.append(rec)
+            probes.append(Probe(**probe))
+        out.append(_preference(r, before, probes))
     return out
 
 
-def category_stats(prefs: Iterable[dict[str, Any]], rule: str = "hit") -> dict[str, Any]:
+def category_stats(prefs: Iterable[Preference], rule: str = "hit") -> dict[str, Any]:
     """Category counts and shares, overall and per probed rank, plus closed-book accuracy (where answers exist).
 
     Under the ``loglik`` rule also: the mean gain of answer-bearing and other passages, and the agreement with the
@@ -273,17 +282,17 @@ def category_stats(prefs: Iterable[dict[str, Any]], rule: str = "hit") -> dict[s
     gains: dict[str, list[float]] = {"answer_bearing": [], "other": []}
     for p in prefs:
         n += 1
-        if "hit" in p["closed_book"]:
+        if p.closed_book.hit is not None:
             answered += 1
-            cb_hit += int(p["closed_book"]["hit"])
-            cb_f1 += float(p["closed_book"]["f1"])
-        for probe in p["probes"]:
-            overall[probe["category"]] += 1
-            per_rank.setdefault(int(probe["rank"]), Counter())[probe["category"]] += 1
-            if "hit_category" in probe:
-                confusion[(probe["category"], probe["hit_category"])] += 1
-            if "gain" in probe and probe["ctx"].get("has_answer") is not None:
-                gains["answer_bearing" if probe["ctx"]["has_answer"] else "other"].append(float(probe["gain"]))
+            cb_hit += int(p.closed_book.hit)
+            cb_f1 += float(p.closed_book.f1 or 0.0)
+        for probe in p.probes:
+            overall[probe.category] += 1
+            per_rank.setdefault(probe.rank, Counter())[probe.category] += 1
+            if probe.hit_category is not None:
+                confusion[(probe.category, probe.hit_category)] += 1
+            if probe.gain is not None and probe.ctx.has_answer is not None:
+                gains["answer_bearing" if probe.ctx.has_answer else "other"].append(float(probe.gain))
 
     def block(c: Counter[str]) -> dict[str, Any]:
         total = sum(c.values())
@@ -357,8 +366,8 @@ def _fingerprint(cfg: MineConfig) -> dict[str, str]:
     return {"config_hash": config_hash(cfg, exclude=exclude), "retrieval_sha256": file_sha256(cfg.retrieval)}
 
 
-def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
-    """Mine preferences for every question of ``cfg.retrieval``; returns the path of ``preferences.jsonl``.
+def run(cfg: MineConfig, backend: Generator | None = None) -> MineOutputs:
+    """Mine preferences for every question of ``cfg.retrieval``.
 
     Args:
         cfg: the stage config.
@@ -380,7 +389,7 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
     except DataError:
         previous = None
     if previous == fingerprint:
-        done = read_resumable_jsonl(prefs_path)
+        done = [preference_from(d, f"{prefs_path}:{n}") for n, d in enumerate(read_resumable_jsonl(prefs_path), 1)]
         if done:
             logger.info("resuming: %d question(s) already mined in %s", len(done), prefs_path)
     else:
@@ -390,12 +399,12 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
         done = []
         write_json(progress_path, fingerprint)
     prefs_path.touch()  # exists even when nothing is mined (e.g. no question has golds)
-    done_ids = {d["id"] for d in done}
+    done_ids = {d.id for d in done}
     todo = [r for r in records if r.id not in done_ids]
     answer_ids = {r.id for r in records[: cfg.agreement_questions]}
 
     generator: CachedGenerator | None = None
-    new: list[dict[str, Any]] = []
+    new: list[Preference] = []
     if todo:
         with rec.timer("load_reader"):
             generator = build_generator(cfg, backend=backend, progress=False)
@@ -411,14 +420,14 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
                     else:
                         mined = mine_records(chunk, generator, cfg)
                     for m in mined:
-                        append_jsonl(fh, m)
+                        append_jsonl(fh, m.dump())
                     new.extend(mined)
                     bar.update(len(chunk))
                     bar.set_postfix(calls=generator.calls, cache_hits=generator.hits)
         finally:
             bar.close()
 
-    by_id = {d["id"]: d for d in [*done, *new]}
+    by_id = {d.id: d for d in [*done, *new]}
     prefs = [by_id[r.id] for r in records if r.id in by_id]
     stats = category_stats(prefs, cfg.label_rule)
     stats.update(
@@ -437,7 +446,7 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
     write_json(out_dir / STATS, stats)
     write_text(out_dir / SUMMARY, summary_markdown(stats))
     rec.finish(
-        outputs=[PREFERENCES, STATS, SUMMARY],
+        outputs=list(MineOutputs.FILES.values()),
         questions=stats["n_questions"],
         probes=stats["overall"]["total"],
         calls=stats["calls"],
@@ -447,4 +456,4 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> Path:
         "mined %d question(s) (%d resumed), %d reader call(s), %d cache hit(s) → %s",
         len(prefs), len(done_ids), stats["calls"], stats["cache_hits"], prefs_path,
     )
-    return prefs_path
+    return MineOutputs.at(out_dir)

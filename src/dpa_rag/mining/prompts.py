@@ -6,12 +6,15 @@
   then a judgement slot asking whether passage *i* is Positive or Negative knowledge for the question.
 
 The QA prompt and answer clean-up are :mod:`dpa_rag.prompts`' (one prompt for mining, training and answering).
+Passages are given as objects (:class:`~dpa_rag.data.schema.Ctx` or :class:`~dpa_rag.data.schema.Passage`); a string
+is read as an already rendered ``"Title: … Content: …"`` passage.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from dpa_rag.data.schema import Ctx, Passage
 from dpa_rag.prompts import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE, clean_answer, load_template
 
 __all__ = [
@@ -32,12 +35,16 @@ JUDGE_INSTRUCTION = (
 )
 
 
-def qa_user_message(question: str, passages: Sequence[str], template: str = DEFAULT_TEMPLATE) -> str:
+def qa_user_message(
+    question: str, passages: Sequence[Ctx | Passage | str], template: str = DEFAULT_TEMPLATE
+) -> str:
     """The user turn of the reader's QA prompt (closed-book when ``passages`` is empty)."""
     return load_template(template).user_message(question, list(passages))
 
 
-def qa_prompt(question: str, passages: Sequence[str], template: str = DEFAULT_TEMPLATE) -> list[dict[str, str]]:
+def qa_prompt(
+    question: str, passages: Sequence[Ctx | Passage | str], template: str = DEFAULT_TEMPLATE
+) -> list[dict[str, str]]:
     """Chat messages asking the reader to answer ``question`` from ``passages`` (closed-book when empty).
 
     The same template as ``dpa-rag answer`` (:mod:`dpa_rag.prompts`), so preferences are mined, the reader is
@@ -45,20 +52,26 @@ def qa_prompt(question: str, passages: Sequence[str], template: str = DEFAULT_TE
 
     Args:
         question: the question text.
-        passages: rendered passages (``"Title: … Content: …"``), most relevant first; may be empty.
+        passages: the passages (``Ctx``/``Passage``, or rendered ``"Title: … Content: …"`` strings), most relevant
+            first; may be empty.
         template: a built-in template name or a YAML file (see :func:`dpa_rag.prompts.load_template`).
     """
     return load_template(template).render(question, list(passages))
 
 
-def judge_prompt(question: str, passages: Sequence[str], index: int) -> list[dict[str, str]]:
+def _rendered(p: Ctx | Passage | str) -> str:
+    return p.strip() if isinstance(p, str) else p.render()
+
+
+def judge_prompt(question: str, passages: Sequence[Ctx | Passage | str], index: int) -> list[dict[str, str]]:
     """Chat messages of the pre-aligned task: judge whether passage ``index`` (1-based) is positive or negative.
 
-    Passages are always numbered here, so ``[index]`` refers to one of them.
+    Passages are always numbered here, so ``[index]`` refers to one of them; each is shown as the authors render it
+    (``"Title: … Content: …"``).
     """
     if not 1 <= index <= len(passages):
         raise ValueError(f"passage index {index} is outside 1..{len(passages)}")
-    block = "Passages:\n" + "\n".join(f"[{i}] {p.strip()}" for i, p in enumerate(passages, start=1))
+    block = "Passages:\n" + "\n".join(f"[{i}] {_rendered(p)}" for i, p in enumerate(passages, start=1))
     user = f"{block}\n\nQuestion: {question.strip()}\n\n{JUDGE_INSTRUCTION.format(i=index)}"
     return [{"role": "system", "content": QA_SYSTEM}, {"role": "user", "content": user}]
 

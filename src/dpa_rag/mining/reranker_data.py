@@ -25,17 +25,18 @@ evaluation of ``train-reranker --utility-eval`` (nDCG against the gains, MRR of 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
 from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
-from dpa_rag.data.schema import format_passage
+from dpa_rag.data.schema import Preference, Probe
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.mining.common import (
     inherit_augmented,
@@ -46,10 +47,14 @@ from dpa_rag.mining.common import (
     split_by_group,
 )
 from dpa_rag.mining.labels import ALIGNED, AUTHORS_CATEGORY, BOTH_CORRECT, BOTH_WRONG, UNALIGNED, normalize_rule
-from dpa_rag.stage import stage_recorder
+from dpa_rag.stage import StageOutputs, stage_recorder
 
 __all__ = [
+    "SPLITS_FILE", "STATS_FILE", "TEST_FILE", "TEST_LISTS", "TRAIN_FILE", "VALID_FILE", "VALID_LISTS",
+    "Config",
+    "Outputs",
     "RerankerDataConfig",
+    "RerankerDataOutputs",
     "assign_classification",
     "build_list_record",
     "build_pair_records",
@@ -64,6 +69,13 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 SPLITS = ("train", "valid", "test")
+TRAIN_FILE = "train.jsonl"  # the authors' training format (query, classification, rank_list, positive, negative)
+VALID_FILE = "valid.jsonl"  # (question, ctx, category) pairs
+TEST_FILE = "test.jsonl"
+VALID_LISTS = "valid_lists.jsonl"  # held-out probed lists with the reader's gains (graded rules)
+TEST_LISTS = "test_lists.jsonl"
+SPLITS_FILE = "splits.json"
+STATS_FILE = "stats.json"
 _FLAGS = ("padded_positive", "padded_negative", "padded_rank_list", "borrowed_positive", "borrowed_negative")
 
 
@@ -113,6 +125,32 @@ class RerankerDataConfig(StageConfig):
         return self
 
 
+@dataclasses.dataclass(frozen=True)
+class RerankerDataOutputs(StageOutputs):
+    """What ``build-reranker-data`` writes: training records, held-out pairs and lists, the split, stats."""
+
+    FILES: ClassVar[dict[str, str]] = {
+        "train": TRAIN_FILE,
+        "valid": VALID_FILE,
+        "test": TEST_FILE,
+        "valid_lists": VALID_LISTS,
+        "test_lists": TEST_LISTS,
+        "splits": SPLITS_FILE,
+        "stats": STATS_FILE,
+    }
+    train: Path
+    valid: Path
+    test: Path
+    valid_lists: Path
+    test_lists: Path
+    splits: Path
+    stats: Path
+
+
+Config = RerankerDataConfig
+Outputs = RerankerDataOutputs
+
+
 def check_group_sizes(n_positive: int, n_negative: int, rank_list_size: int) -> None:
     """Raise ``ValueError`` unless ``n_positive ≥ 1``, ``n_negative ≥ 1`` and ``rank_list_size ≥ 2``."""
     if n_positive < 1:
@@ -123,25 +161,25 @@ def check_group_sizes(n_positive: int, n_negative: int, rank_list_size: int) -> 
         raise ValueError(f"rank_list_size must be at least 2 (a ranking needs a pair), got {rank_list_size}")
 
 
-def render_probe(probe: dict[str, Any]) -> str:
-    """The probe's passage as the authors render it: ``"Title: … Content: …"``."""
-    ctx = probe["ctx"]
-    return format_passage(str(ctx.get("title", "")), str(ctx["text"]))
+def render_probe(probe: Probe) -> str:
+    """The probe's passage as the authors render it: ``"Title: … Content: …"`` (the on-disk form of a passage in
+    the reranker files)."""
+    return probe.render()
 
 
-def _delta(pref: dict[str, Any], probe: dict[str, Any]) -> float:
-    if "gain" in probe:
-        return float(probe["gain"])
-    return float(probe["f1"]) - float(pref["closed_book"]["f1"])
+def _delta(pref: Preference, probe: Probe) -> float:
+    if probe.gain is not None:
+        return float(probe.gain)
+    return float(probe.f1) - float(pref.closed_book.f1)
 
 
-def has_gains(prefs: list[dict[str, Any]]) -> bool:
+def has_gains(prefs: list[Preference]) -> bool:
     """Whether the preferences are graded (every probe has a ``gain``: ``mine --label-rule loglik``)."""
-    probes = [p for pref in prefs for p in pref["probes"]]
-    return bool(probes) and all("gain" in p for p in probes)
+    probes = [p for pref in prefs for p in pref.probes]
+    return bool(probes) and all(p.gain is not None for p in probes)
 
 
-def _distinct(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _distinct(probes: list[Probe]) -> list[Probe]:
     seen: set[str] = set()
     out = []
     for p in probes:
@@ -152,20 +190,20 @@ def _distinct(probes: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def graded_order(pref: dict[str, Any]) -> list[dict[str, Any]]:
+def graded_order(pref: Preference) -> list[Probe]:
     """All probes of a question, most preferred first (distinct passages; see the module docstring)."""
-    probes = pref["probes"]
-    if probes and all("gain" in p for p in probes):
-        return _distinct(sorted(probes, key=lambda p: (-float(p["gain"]), p["rank"])))
+    probes = pref.probes
+    if pref.graded:
+        return _distinct(sorted(probes, key=lambda p: (-float(p.gain), p.rank)))
 
-    def by(cat: str, key: Any) -> list[dict[str, Any]]:
-        return sorted((p for p in probes if p["category"] == cat), key=key)
+    def by(cat: str, key: Any) -> list[Probe]:
+        return sorted((p for p in probes if p.category == cat), key=key)
 
     ordered = (
-        by(ALIGNED, lambda p: (-_delta(pref, p), p["rank"]))
-        + by(BOTH_CORRECT, lambda p: p["rank"])
-        + by(BOTH_WRONG, lambda p: p["rank"])
-        + by(UNALIGNED, lambda p: (-_delta(pref, p), p["rank"]))
+        by(ALIGNED, lambda p: (-_delta(pref, p), p.rank))
+        + by(BOTH_CORRECT, lambda p: p.rank)
+        + by(BOTH_WRONG, lambda p: p.rank)
+        + by(UNALIGNED, lambda p: (-_delta(pref, p), p.rank))
     )
     return _distinct(ordered)
 
@@ -185,7 +223,7 @@ def _fill(pool: list[str], n: int) -> list[str]:
 
 
 def build_train_record(
-    pref: dict[str, Any],
+    pref: Preference,
     n_positive: int = 2,
     n_negative: int = 2,
     rank_list_size: int = 4,
@@ -204,23 +242,23 @@ def build_train_record(
     """
     check_group_sizes(n_positive, n_negative, rank_list_size)
     graded = graded_order(pref)
-    probes = pref["probes"]
-    aligned = sorted((p for p in probes if p["category"] == ALIGNED), key=lambda p: (-_delta(pref, p), p["rank"]))
-    unaligned = sorted((p for p in probes if p["category"] == UNALIGNED), key=lambda p: (_delta(pref, p), p["rank"]))
+    probes = pref.probes
+    aligned = sorted((p for p in probes if p.category == ALIGNED), key=lambda p: (-_delta(pref, p), p.rank))
+    unaligned = sorted((p for p in probes if p.category == UNALIGNED), key=lambda p: (_delta(pref, p), p.rank))
     pos = list(dict.fromkeys(render_probe(p) for p in aligned))  # largest F1 gain first
     neg_all = list(dict.fromkeys(render_probe(p) for p in unaligned))  # largest F1 loss first
     info: dict[str, Any] = {"borrowed_positive": False, "borrowed_negative": False}
     if pool == "graded":
         if not pos and neg_all:
-            pos = list(dict.fromkeys(render_probe(p) for p in graded if p["category"] == BOTH_CORRECT))
+            pos = list(dict.fromkeys(render_probe(p) for p in graded if p.category == BOTH_CORRECT))
             info["borrowed_positive"] = bool(pos)
         if not neg_all and pos:
-            neg_all = list(dict.fromkeys(render_probe(p) for p in graded if p["category"] == BOTH_WRONG))
+            neg_all = list(dict.fromkeys(render_probe(p) for p in graded if p.category == BOTH_WRONG))
             info["borrowed_negative"] = bool(neg_all)
     elif pool == "ranked":
-        if not all("gain" in p for p in probes):
-            raise ValueError(f"question {pref['id']}: pool 'ranked' needs graded preferences (mine with loglik)")
-        if len(graded) >= 2 and float(graded[0]["gain"]) > float(graded[-1]["gain"]):
+        if not all(p.gain is not None for p in probes):
+            raise ValueError(f"question {pref.id}: pool 'ranked' needs graded preferences (mine with loglik)")
+        if len(graded) >= 2 and float(graded[0].gain) > float(graded[-1].gain):
             if not pos:
                 pos = [render_probe(graded[0])]
                 info["borrowed_positive"] = True
@@ -240,14 +278,14 @@ def build_train_record(
     info["padded_negative"] = len(neg) < n_negative
     info["padded_rank_list"] = len(graded) < rank_list_size
     record = {
-        "query": pref["question"],
+        "query": pref.question,
         "rank_list": [render_probe(p) for p in spread(graded, rank_list_size)],
         "positive": _fill(pos, n_positive),
         "negative": _fill(neg, n_negative),
-        "id": pref["id"],
+        "id": pref.id,
     }
     if set(record["positive"]) & set(record["negative"]):  # cannot happen; guards future edits
-        raise AssertionError(f"question {pref['id']}: a passage is both positive and negative")
+        raise AssertionError(f"question {pref.id}: a passage is both positive and negative")
     return record, info
 
 
@@ -260,39 +298,40 @@ def assign_classification(records: list[dict[str, Any]], seed: int) -> None:
         rec["classification"] = {"text": text, "label": label}
 
 
-def build_pair_records(pref: dict[str, Any]) -> list[dict[str, Any]]:
+def build_pair_records(pref: Preference) -> list[dict[str, Any]]:
     """The valid/test pairs of a question: one per aligned (category 1) or unaligned (category 2) passage."""
     out, seen = [], set()
-    cb = pref["closed_book"]
-    for p in sorted(pref["probes"], key=lambda p: p["rank"]):
-        if p["category"] not in AUTHORS_CATEGORY:
+    cb = pref.closed_book
+    for p in sorted(pref.probes, key=lambda p: p.rank):
+        if p.category not in AUTHORS_CATEGORY:
             continue
         text = render_probe(p)
         if text in seen:
             continue
         seen.add(text)
-        rec: dict[str, Any] = {"question": pref["question"], "reference": list(pref["answers"]), "ctx": text}
-        if "answer" in cb and "answer" in p:
-            rec["before"] = {"answer": cb["answer"], "em": int(cb["hit"]), "f1": float(cb["f1"])}
-            rec["after"] = {"answer": p["answer"], "em": int(p["hit"]), "f1": float(p["f1"])}
-        rec.update({"category": AUTHORS_CATEGORY[p["category"]], "id": pref["id"], "rank": p["rank"]})
-        if "gain" in p:
-            rec["gain"] = float(p["gain"])
+        rec: dict[str, Any] = {"question": pref.question, "reference": list(pref.answers), "ctx": text}
+        if cb.answer is not None and p.answer is not None:
+            rec["before"] = {"answer": cb.answer, "em": int(cb.hit), "f1": float(cb.f1)}
+            rec["after"] = {"answer": p.answer, "em": int(p.hit), "f1": float(p.f1)}
+        rec.update({"category": AUTHORS_CATEGORY[p.category], "id": pref.id, "rank": p.rank})
+        if p.gain is not None:
+            rec["gain"] = float(p.gain)
         out.append(rec)
     return out
 
 
-def build_list_record(pref: dict[str, Any]) -> dict[str, Any] | None:
+def build_list_record(pref: Preference) -> dict[str, Any] | None:
     """A held-out question's probed passages with their gains (retriever order), or ``None`` without gains."""
-    probes = sorted(pref["probes"], key=lambda p: p["rank"])
-    if not probes or not all("gain" in p for p in probes) or len(_distinct(probes)) < 2:
+    probes = sorted(pref.probes, key=lambda p: p.rank)
+    if not pref.graded or len(_distinct(probes)) < 2:
         return None
     ctxs = []
     for p in _distinct(probes):
-        c = p["ctx"]
-        ctxs.append({"id": c.get("id"), "title": c.get("title", ""), "text": c["text"], "rank": p["rank"],
-                     "gain": float(p["gain"]), "category": p["category"], "has_answer": c.get("has_answer")})
-    return {"id": pref["id"], "question": pref["question"], "answers": list(pref["answers"]), "ctxs": ctxs}
+        c = p.ctx
+        ctxs.append({"id": c.id if "id" in c.model_fields_set else None, "title": c.title, "text": c.text,
+                     "rank": p.rank, "gain": float(p.gain), "category": p.category,
+                     "has_answer": c.has_answer})
+    return {"id": pref.id, "question": pref.question, "answers": list(pref.answers), "ctxs": ctxs}
 
 
 def _order_train(rec: dict[str, Any]) -> dict[str, Any]:
@@ -300,8 +339,8 @@ def _order_train(rec: dict[str, Any]) -> dict[str, Any]:
     return {k: rec[k] for k in keys}
 
 
-def run(cfg: RerankerDataConfig) -> Path:
-    """Build ``train.jsonl``, ``valid.jsonl``, ``test.jsonl``, ``splits.json`` and ``stats.json``; returns out_dir."""
+def run(cfg: RerankerDataConfig) -> RerankerDataOutputs:
+    """Build ``train.jsonl``, ``valid.jsonl``, ``test.jsonl``, ``splits.json`` and ``stats.json``."""
     check_group_sizes(cfg.n_positive, cfg.n_negative, cfg.rank_list_size)
     out_dir = Path(cfg.out_dir)
     pref_path = resolve_preferences(cfg.preferences)
@@ -313,7 +352,7 @@ def run(cfg: RerankerDataConfig) -> Path:
     if cfg.include_augmented is not None:
         augmented, orphans = inherit_augmented(prefs, load_augmented(cfg.include_augmented))
     everything = prefs + augmented
-    aug_ids = {a["id"] for a in augmented}
+    aug_ids = {a.id for a in augmented}
     fractions = [cfg.train_fraction, cfg.valid_fraction, cfg.test_fraction]
     parts = dict(zip(SPLITS, split_by_group(everything, fractions, cfg.seed), strict=True))
 
@@ -335,12 +374,12 @@ def run(cfg: RerankerDataConfig) -> Path:
 
     pairs: dict[str, list[dict[str, Any]]] = {}
     for split in ("valid", "test"):
-        chosen = [p for p in parts[split] if cfg.augmented_in_eval or p["id"] not in aug_ids]
+        chosen = [p for p in parts[split] if cfg.augmented_in_eval or p.id not in aug_ids]
         pairs[split] = [pair for p in chosen for pair in build_pair_records(p)]
 
     lists: dict[str, list[dict[str, Any]]] = {}
     for split in ("valid", "test"):
-        chosen = [p for p in parts[split] if p["id"] not in aug_ids]
+        chosen = [p for p in parts[split] if p.id not in aug_ids]
         lists[split] = [r for r in (build_list_record(p) for p in chosen) if r is not None]
 
     write_jsonl(out_dir / "train.jsonl", train)
@@ -367,7 +406,7 @@ def run(cfg: RerankerDataConfig) -> Path:
         {
             "seed": cfg.seed,
             "fractions": {"train": cfg.train_fraction, "valid": cfg.valid_fraction, "test": cfg.test_fraction},
-            **{s: [p["id"] for p in parts[s]] for s in SPLITS},
+            **{s: [p.id for p in parts[s]] for s in SPLITS},
         },
     )
     label_counts = Counter(r["classification"]["label"] for r in train)
@@ -412,4 +451,4 @@ def run(cfg: RerankerDataConfig) -> Path:
     )
     logger.info("reranker data: %d train records, %d/%d valid/test pairs → %s",
                 len(train), len(pairs["valid"]), len(pairs["test"]), out_dir)
-    return out_dir
+    return RerankerDataOutputs.at(out_dir)

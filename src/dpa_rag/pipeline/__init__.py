@@ -15,6 +15,9 @@ __all__ = ["SECTION_NAMES", "PipelineConfig", "Step", "StepResult", "demo_config
 
 logger = logging.getLogger(__name__)
 
+PIPELINE_CONFIG = "pipeline.yaml"  # the run's resolved pipeline config, in the run folder
+DEMO_CONFIG = "demo.yaml"  # the bundled demo config, in dpa_rag/configs
+
 
 def step_names(cfg: PipelineConfig) -> list[str]:
     """Names of the enabled steps, in order."""
@@ -32,15 +35,16 @@ def run_pipeline(
 ) -> Path:
     """Run (or resume) every enabled step; returns the report's path (or the run folder with ``until``)."""
     from dpa_rag.data.loaders import dedupe_ids
+    from dpa_rag.pipeline import report as report_stage
     from dpa_rag.pipeline.dpa import build_steps
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.out_dir / "pipeline.yaml")
+    save_config(cfg, cfg.out_dir / PIPELINE_CONFIG)
     steps = build_steps(cfg)
     # steps whose stage config has no dedupe_ids field (and launched steps, through the environment) follow this
     with dedupe_ids(True) if cfg.dedupe_ids else contextlib.nullcontext():
         run_steps(steps, cfg.out_dir, from_step=from_step, force=force, until=until, on_step=on_step)
-    report = cfg.out_dir / "report" / "report.md"
+    report = report_stage.Outputs.at(cfg.out_dir / "report").report
     return report if until is None and report.exists() else cfg.out_dir
 
 
@@ -48,4 +52,4 @@ def demo_config() -> Path:
     """The bundled demo config (bundled sample + bundled models); returns its path."""
     from importlib.resources import files
 
-    return Path(str(files("dpa_rag") / "configs" / "demo.yaml"))
+    return Path(str(files("dpa_rag") / "configs" / DEMO_CONFIG))

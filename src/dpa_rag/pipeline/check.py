@@ -2,14 +2,15 @@
 
 For every enabled step it builds the step's config (unknown keys and bad values fail here, naming the section) and
 checks each path the step reads: a path inside the run folder must be written by a step upstream of it (its
-dependency, transitively), and, where the writing step's outputs are known, be one of them (e.g. ``model/`` after
-full fine-tuning, ``merged/`` after a merged LoRA run); a path outside the run folder must exist. Nothing runs.
+dependency, transitively), and, where the writing step's outputs are known (its stage's ``Outputs.written``), be one
+of them (e.g. ``model/`` after full fine-tuning, ``merged/`` after a merged LoRA run); a path outside the run folder
+must exist. Nothing runs.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from dpa_rag.config import ConfigError
 from dpa_rag.pipeline.config import PipelineConfig
 from dpa_rag.pipeline.runner import Step
 
-__all__ = ["CheckReport", "check_pipeline", "check_steps", "step_outputs"]
+__all__ = ["CheckReport", "check_pipeline", "check_steps"]
 
 # config fields that a step writes or that are not files (never checked as inputs)
 _NOT_READ = {"out_dir", "cache_dir", "tensorboard_log_dir", "run_dir", "resume_from_checkpoint", "steps"}
@@ -29,38 +30,6 @@ _EXTERNAL_INPUTS = {
     "questions", "eval_questions", "corpus", "input", "retrieval", "train", "valid", "test", "data", "data_extra",
     "preferences", "warmup_retrieval", "eval_retrieval", "include_augmented", "index_dir", "init_adapter",
 }
-
-
-def _train_llm_outputs(cfg: Any) -> set[str]:
-    if cfg.method == "full":
-        return {"model"}
-    return {"adapter", "merged"} if cfg.merge else {"adapter"}
-
-
-# stage config class name → what the stage writes in its folder (first path component); None = anything
-_OUTPUTS: dict[str, Callable[[Any], set[str] | None]] = {
-    "SplitConfig": lambda c: {"train_questions.jsonl", "eval_questions.jsonl", "split.json"},
-    "IndexConfig": lambda c: None,
-    "RetrieveConfig": lambda c: {"retrieval.jsonl", "retrieval_metrics.json"},
-    "ImportRetrievalConfig": lambda c: {"retrieval.jsonl", "retrieval_metrics.json"},
-    "MineConfig": lambda c: None,
-    "AugmentConfig": lambda c: {"augmented.jsonl", "questions_augmented.jsonl"},
-    "FilterConfig": lambda c: {"augmented.jsonl", "questions_augmented.jsonl", "filter_report.json",
-                               "filter_report.md"},
-    "RerankerDataConfig": lambda c: {"train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json",
-                                     "valid_lists.jsonl", "test_lists.jsonl"},  # the lists: graded preferences
-    "TrainRerankerConfig": lambda c: None,
-    "RerankConfig": lambda c: {"reranked.jsonl"},
-    "LLMDataConfig": lambda c: None,
-    "TrainLLMConfig": _train_llm_outputs,
-    "AnswerConfig": lambda c: {"predictions.jsonl", "metrics.json"},
-}
-
-
-def step_outputs(stage_cfg: BaseModel) -> set[str] | None:
-    """The first path components a stage writes in its folder, or ``None`` when not declared."""
-    fn = _OUTPUTS.get(type(stage_cfg).__name__)
-    return fn(stage_cfg) if fn else None
 
 
 @dataclass
@@ -108,6 +77,7 @@ def check_steps(steps: Sequence[Step], run_dir: Path) -> CheckReport:
     folders = {s.name: Path(run_dir) / (s.folder or s.name) for s in steps}
     enabled = {s.name for s in steps if s.enabled}
     upstream = _upstream(steps)
+    by_name = {s.name: s for s in steps}
     configs: dict[str, BaseModel] = {}
     for step in steps:
         if not step.enabled:
@@ -132,7 +102,9 @@ def check_steps(steps: Sequence[Step], run_dir: Path) -> CheckReport:
                 if inside:
                     reads.append(text)
                     owner = next((n for p, n in owners if path == p or path.startswith(p + os.sep)), None)
-                    problem = _inside_problem(name, key, text, path, owner, folders, enabled, upstream, configs)
+                    problem = _inside_problem(
+                        name, key, text, path, owner, folders, enabled, upstream, configs, by_name
+                    )
                     if problem:
                         report.problems.append(problem)
                 elif key in _EXTERNAL_INPUTS:
@@ -145,7 +117,7 @@ def check_steps(steps: Sequence[Step], run_dir: Path) -> CheckReport:
 
 def _inside_problem(
     name: str, key: str, text: str, path: str, owner: str | None, folders: dict[str, Path], enabled: set[str],
-    upstream: dict[str, set[str]], configs: dict[str, BaseModel],
+    upstream: dict[str, set[str]], configs: dict[str, BaseModel], steps: dict[str, Step],
 ) -> str | None:
     """Why the in-run path ``text`` read by step ``name`` would not be there, or ``None``."""
     if owner is None:
@@ -157,7 +129,8 @@ def _inside_problem(
     if owner not in upstream.get(name, set()):
         return f"step '{name}': {key} = {text} is written by step '{owner}', which is not upstream of it"
     rel = Path(path).relative_to(_norm(folders[owner]))
-    outputs = step_outputs(configs[owner]) if owner in configs else None
+    written = steps[owner].outputs
+    outputs = written(configs[owner]) if owner in configs and written is not None else None
     if rel.parts and outputs is not None and rel.parts[0] not in outputs:
         return (
             f"step '{name}': {key} = {text}, but step '{owner}' writes only "

@@ -29,6 +29,7 @@ from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field
+from dpa_rag.generation.base import GeneratorOptions
 from dpa_rag.pipeline.launcher import LauncherConfig
 
 __all__ = ["SECTION_NAMES", "PipelineConfig"]
@@ -93,13 +94,14 @@ class PipelineConfig(StageConfig):
         description="Also answer with the top N passages (e.g. [1]) for the retriever, the compared retrievers and "
         "the aligned reranker: systems `<name>@N` in the report (one more reader pass each).",
     )
-    reader: dict[str, Any] = Field(
-        default_factory=dict, description="Reader generator options (backend, model, batch_size, dtype, …)."
+    reader: GeneratorOptions = Field(
+        default_factory=GeneratorOptions,
+        description="Reader generator options (backend, model, batch_size, dtype, …: `dpa-rag answer --help`).",
     )
-    rewriter: dict[str, Any] | None = Field(
+    rewriter: GeneratorOptions | None = Field(
         None, description="Generator options for query augmentation (default: the reader's)."
     )
-    aligned_reader: dict[str, Any] | None = Field(
+    aligned_reader: GeneratorOptions | None = Field(
         None,
         description="Generator options of the self-aligned reader (default: the reader's backend on the merged "
         "model folder; give a server here when the reader runs behind vLLM/OpenAI-compatible endpoints).",
@@ -155,3 +157,8 @@ class PipelineConfig(StageConfig):
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.sections.get(name) or {})
+
+    def generator(self, which: Literal["reader", "rewriter", "aligned_reader"]) -> dict[str, Any] | None:
+        """The options a generator section sets (unset fields stay the stage's defaults); ``None`` if not given."""
+        opts = getattr(self, which)
+        return None if opts is None else opts.model_dump(mode="json", exclude_unset=True)

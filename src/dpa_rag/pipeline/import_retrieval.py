@@ -21,9 +21,10 @@ from dpa_rag.data.loaders import dedupe_ids_field, load_questions, load_retrieva
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.eval.metrics import has_answer
 from dpa_rag.io import DataError, read_records, write_json, write_jsonl
+from dpa_rag.retrieval.retrieve import RetrieveOutputs, retrieval_metrics
 from dpa_rag.stage import stage_recorder
 
-__all__ = ["ImportRetrievalConfig", "import_retrieval", "run_import_retrieval"]
+__all__ = ["Config", "ImportRetrievalConfig", "Outputs", "import_retrieval", "run"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,18 +93,20 @@ def import_retrieval(
     return out
 
 
-def run_import_retrieval(cfg: ImportRetrievalConfig) -> Path:
-    """Stage entry point: write ``retrieval.jsonl`` and ``retrieval_metrics.json``; returns the retrieval file."""
-    from dpa_rag.retrieval.retrieve import METRICS_FILE, RETRIEVAL_FILE, retrieval_metrics
+Config = ImportRetrievalConfig
+Outputs = RetrieveOutputs  # the same files as `retrieve`, so every later step reads them unchanged
 
+
+def run(cfg: ImportRetrievalConfig) -> RetrieveOutputs:
+    """Stage entry point: write ``retrieval.jsonl`` and ``retrieval_metrics.json``."""
     rec = stage_recorder("import-retrieval", cfg, cfg.out_dir, [cfg.input, cfg.questions])
     with rec.timer("load"):
         records = import_retrieval(cfg.input, cfg.questions, cfg.top_k, dedupe_ids=cfg.dedupe_ids or None)
-    out = Path(cfg.out_dir) / RETRIEVAL_FILE
-    write_jsonl(out, records)
+    out = RetrieveOutputs.at(cfg.out_dir)
+    write_jsonl(out.retrieval, records)
     metrics = {"method": "file", "source": str(cfg.input), "top_k": cfg.top_k, **retrieval_metrics(records, cfg.top_k)}
-    write_json(Path(cfg.out_dir) / METRICS_FILE, metrics)
+    write_json(out.metrics, metrics)
     logger.info("retrieval from %s: %d questions, mrr %.3f", cfg.input, len(records), metrics["mrr"])
-    rec.finish(outputs=[RETRIEVAL_FILE, METRICS_FILE], questions=len(records))
+    rec.finish(outputs=list(RetrieveOutputs.FILES.values()), questions=len(records))
     return out
 

@@ -29,6 +29,8 @@ __all__ = ["LAUNCHED_COMMANDS", "LaunchError", "LauncherConfig", "launch_command
 
 logger = logging.getLogger(__name__)
 
+LAUNCH_CONFIG = "launch.yaml"  # the launched step's config, in its folder (the subprocess reads it)
+
 class LaunchError(RuntimeError):
     """A launched step failed (its process exited non-zero, or the launcher is not installed). The step's own
     error is in the output above; the message names the step and the command, for one ``error:`` line."""
@@ -124,7 +126,7 @@ def launched(
     def run_launched(stage_cfg: BaseModel) -> Path:
         folder = Path(out_dir(stage_cfg))
         folder.mkdir(parents=True, exist_ok=True)
-        config_yaml = save_config(stage_cfg, folder / "launch.yaml")
+        config_yaml = save_config(stage_cfg, folder / LAUNCH_CONFIG)
         argv = launch_command(launcher, command, config_yaml)
         logger.info("step %s: %s", step_name, shlex.join(argv))
         from dpa_rag.data.loaders import DEDUPE_ENV, _dedupe_enabled

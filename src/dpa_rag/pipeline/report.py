@@ -12,24 +12,39 @@ reader's closed-book answer with its answer given the top-k passages (hit rule):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import Field
 
+from dpa_rag.augment import filter as consistency_filter
 from dpa_rag.config import StageConfig
 from dpa_rag.eval.evaluate import evaluate_predictions, load_predictions
 from dpa_rag.eval.metrics import hit
 from dpa_rag.eval.report import bar_plot, write_report
 from dpa_rag.io import write_json
-from dpa_rag.stage import read_manifest, stage_recorder
+from dpa_rag.llm import train as llm_train
+from dpa_rag.mining import mine
+from dpa_rag.rag.answer import AnswerOutputs
+from dpa_rag.reranker import train as reranker_train
+from dpa_rag.reranker.metrics import utility_table
+from dpa_rag.retrieval import retrieve
+from dpa_rag.stage import StageOutputs, read_manifest, stage_recorder
 
-__all__ = ["OUTCOMES", "ReportConfig", "outcome_shares", "run_report"]
+__all__ = ["OUTCOMES", "Config", "Outputs", "ReportConfig", "ReportOutputs", "outcome_shares", "run"]
 
 logger = logging.getLogger(__name__)
+
+REPORT_MD = "report.md"
+METRICS_FILE = "metrics.json"
+SUMMARY_FILE = "summary.json"
+SYSTEMS_PLOT = "systems.png"
+OUTCOMES_PLOT = "outcomes.png"
+CURVES_PLOT = "training_curves.png"
 
 OUTCOMES = ("aligned", "unaligned", "both_correct", "both_wrong")
 DESCRIPTIONS = {
@@ -61,6 +76,20 @@ class ReportConfig(StageConfig):
     top_k: int = Field(3, description="Passages per question (for the table's caption).")
     retriever: str = Field("bm25", description="Retriever of the system (for the caption).")
     steps: list[str] = Field(default_factory=list, description="Enabled steps: only their folders are read.")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReportOutputs(StageOutputs):
+    """What the report step writes: report.md (with its plots), every system's metrics, the summary."""
+
+    FILES: ClassVar[dict[str, str]] = {"report": REPORT_MD, "metrics": METRICS_FILE, "summary": SUMMARY_FILE}
+    report: Path
+    metrics: Path
+    summary: Path
+
+
+Config = ReportConfig
+Outputs = ReportOutputs
 
 
 def outcome_shares(closed: list[dict[str, Any]], opened: list[dict[str, Any]]) -> dict[str, Any]:
@@ -129,7 +158,8 @@ def _outcome_plot(shift: dict[str, dict[str, Any]], path: Path) -> Path:
 
 def _curves(run_dir: Path, steps: set[str]) -> dict[str, list[tuple[float, float]]]:
     curves: dict[str, list[tuple[float, float]]] = {}
-    rr = _read_json(run_dir / "train-reranker" / "train_log.json") if "train-reranker" in steps else None
+    rr = _read_json(reranker_train.Outputs.at(run_dir / "train-reranker").train_log) if "train-reranker" in steps \
+        else None
     history = rr.get("log_history", rr.get("history", [])) if isinstance(rr, dict) else rr or []
     for entry in history if isinstance(history, list) else []:
         if isinstance(entry, dict) and "loss" in entry and "step" in entry:
@@ -140,7 +170,7 @@ def _curves(run_dir: Path, steps: set[str]) -> dict[str, list[tuple[float, float
     for stage in ("prealign", "sft"):
         if f"train-llm-{stage}" not in steps:
             continue
-        log = _read_json(run_dir / f"train-llm-{stage}" / "train_log.json")
+        log = _read_json(llm_train.Outputs.at(run_dir / f"train-llm-{stage}").train_log)
         history = log.get("log_history", []) if isinstance(log, dict) else log or []
         for entry in history if isinstance(history, list) else []:
             if isinstance(entry, dict) and "loss" in entry and "step" in entry:
@@ -198,26 +228,27 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
         # a folder left by an earlier run with other switches must not leak into this report
         return run_dir / step if step in steps else run_dir / f".not-enabled-{step}"
 
-    rm = _read_json(folder("retrieve-eval") / "retrieval_metrics.json")
+    rm = _read_json(retrieve.Outputs.at(folder("retrieve-eval")).metrics)
     if isinstance(rm, dict):
         summary["retrieval_eval"] = rm
         flat = {k: v for k, v in rm.items() if isinstance(v, (int, float))}
         if flat:
             cells = ", ".join(f"{k} {v:.3g}" for k, v in flat.items())
             sections.append(f"## Retrieval (evaluation questions)\n\n{cells}")
-    mine_summary = folder("mine") / "summary.md"
-    if mine_summary.exists():
-        text = mine_summary.read_text(encoding="utf-8").replace("# Preference mining summary", "").strip()
+    mined = mine.Outputs.at(folder("mine"))
+    if mined.summary.exists():
+        text = mined.summary.read_text(encoding="utf-8").replace("# Preference mining summary", "").strip()
         sections.append("## Preference knowledge mined from the reader (training questions)\n\n" + text)
-        summary["mining"] = _read_json(folder("mine") / "stats.json")
-    fr = folder("filter") / "filter_report.md"
+        summary["mining"] = _read_json(mined.stats)
+    fr = consistency_filter.Outputs.at(folder("filter")).report_md
     if fr.exists():
         body = fr.read_text(encoding="utf-8").split("\n", 1)[-1].strip()
         sections.append("## Query augmentation and consistency filter\n\n" + body)
-    for name in ("valid_metrics.json", "test_metrics.json", "retrieval_metrics.json", "utility_metrics.json"):
-        data = _read_json(folder("train-reranker") / name)
+    trained = reranker_train.Outputs.at(folder("train-reranker"))
+    for name in ("valid_metrics", "test_metrics", "retrieval_metrics", "utility_metrics"):
+        data = _read_json(getattr(trained, name))
         if data is not None:
-            summary[f"reranker_{name[:-5]}"] = data
+            summary[f"reranker_{name}"] = data
     rt = summary.get("reranker_test_metrics")
     if isinstance(rt, dict):
         flat = {k: v for k, v in rt.items() if isinstance(v, (int, float))}
@@ -230,8 +261,9 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
         rows = ["| ranking | MRR | hit@1 | hit@3 | questions |", "|---|---|---|---|---|"]
         for name, m in rq.items():
             if isinstance(m, dict):
-                rows.append(f"| {name} | {m.get('mrr', float('nan')):.3f} | {m.get('hit_at_1', float('nan')):.3f} "
-                            f"| {m.get('hit_at_3', float('nan')):.3f} | {int(m.get('n_questions', 0))} |")
+                h1, h3 = (m.get(f"hit@{k}", m.get(f"hit_at_{k}", float("nan"))) for k in (1, 3))  # or older files'
+                rows.append(f"| {name} | {m.get('mrr', float('nan')):.3f} | {h1:.3f} "
+                            f"| {h3:.3f} | {int(m.get('n_questions', 0))} |")
         sections.append(
             "## Reranker ranking quality (answer-bearing passages, held-out training questions)\n\n"
             "Training questions the reranker never trained on; the retriever-fusion weight is chosen here.\n\n"
@@ -239,8 +271,6 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
         )
     ru = summary.get("reranker_utility_metrics")
     if isinstance(ru, dict) and ru:
-        from dpa_rag.reranker.evaluation import utility_table
-
         sections.append(
             "## Reranker utility ranking (the reader's graded preferences, held-out training questions)\n\n"
             "Probed passages of training-split questions the reranker never trained on, ordered by the retriever, "
@@ -248,7 +278,7 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
             "reranker. nDCG uses max(gain, 0) as the graded relevance; MRR of aligned passages; mean gain (nats per "
             "answer token) of the top-1 passage.\n\n" + utility_table(ru)
         )
-    card = folder("train-reranker") / "model" / "README.md"
+    card = trained.model / reranker_train.MODEL_CARD
     if card.exists():
         sections.append(f"Model card (ranking quality vs the retriever order and the untrained backbone): `{card}`.")
     return sections, summary
@@ -280,10 +310,11 @@ def paired_section(preds: dict[str, list[dict[str, Any]]]) -> tuple[str | None, 
     return text, rows
 
 
-def run_report(cfg: ReportConfig) -> Path:
-    """Evaluate every system's predictions and write the report; returns ``report.md``'s path."""
-    rec = stage_recorder("report", cfg, cfg.out_dir, [Path(p) / "predictions.jsonl" for p in cfg.systems.values()])
-    preds = {name: load_predictions(Path(folder) / "predictions.jsonl") for name, folder in cfg.systems.items()}
+def run(cfg: ReportConfig) -> ReportOutputs:
+    """Evaluate every system's predictions and write the report."""
+    systems = {name: AnswerOutputs.at(folder).predictions for name, folder in cfg.systems.items()}
+    rec = stage_recorder("report", cfg, cfg.out_dir, list(systems.values()))
+    preds = {name: load_predictions(path) for name, path in systems.items()}
     results = {name: evaluate_predictions(records) for name, records in preds.items()}
 
     shift: dict[str, dict[str, Any]] = {}
@@ -313,28 +344,29 @@ def run_report(cfg: ReportConfig) -> Path:
             "| setting | n | aligned % | unaligned % | both-correct % | both-wrong % |\n"
             "|---|---:|---:|---:|---:|---:|\n"
             + rows
-            + "\n\n![outcomes](outcomes.png)"
+            + f"\n\n![outcomes]({OUTCOMES_PLOT})"
         )
-        _outcome_plot(shift, cfg.out_dir / "outcomes.png")
+        _outcome_plot(shift, cfg.out_dir / OUTCOMES_PLOT)
     paired_text, paired_rows = paired_section(preds)
     if paired_text:
         extra.append(paired_text)
     steps = set(cfg.steps)
     context, summary = _context_sections(cfg.run_dir, steps)
     extra.extend(context)
-    bar_plot(results, cfg.out_dir / "systems.png", title="Evaluation questions")
-    extra.insert(1, "![systems](systems.png)")
+    bar_plot(results, cfg.out_dir / SYSTEMS_PLOT, title="Evaluation questions")
+    extra.insert(1, f"![systems]({SYSTEMS_PLOT})")
     curves = _curves(cfg.run_dir, steps)
-    if _curves_plot(curves, cfg.out_dir / "training_curves.png"):
-        extra.append("## Training curves\n\n![training curves](training_curves.png)")
+    if _curves_plot(curves, cfg.out_dir / CURVES_PLOT):
+        extra.append(f"## Training curves\n\n![training curves]({CURVES_PLOT})")
     timings = _timings(cfg.run_dir, steps)
     if timings:
         extra.append(timings)
     path = write_report(table_names, cfg.out_dir, title="DPA-RAG run report", extra_sections=extra)
-    write_json(cfg.out_dir / "metrics.json", results)
-    write_json(cfg.out_dir / "summary.json", {"outcomes": shift, "paired": paired_rows, **summary})
-    outputs = ["report.md", "metrics.json", "summary.json", "systems.png"]
-    outputs += [p for p in ("outcomes.png", "training_curves.png") if (cfg.out_dir / p).exists()]
+    out = ReportOutputs.at(cfg.out_dir)
+    write_json(out.metrics, results)
+    write_json(out.summary, {"outcomes": shift, "paired": paired_rows, **summary})
+    outputs = [*ReportOutputs.FILES.values(), SYSTEMS_PLOT]
+    outputs += [p for p in (OUTCOMES_PLOT, CURVES_PLOT) if (cfg.out_dir / p).exists()]
     rec.finish(outputs=outputs, systems=len(results))
     logger.info("report: %s", path)
-    return path
+    return out

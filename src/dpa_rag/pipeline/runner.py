@@ -38,6 +38,8 @@ class Step:
         make_config: builds the stage config; receives the folders of all steps by name.
         run: runs the stage with its config.
         enabled: a disabled step is neither run nor required.
+        outputs: what the step writes in its folder for a config (first path components; ``None``: not declared),
+            for ``run --check``.
     """
 
     name: str
@@ -46,6 +48,7 @@ class Step:
     run: Callable[[BaseModel], Any]
     enabled: bool = True
     folder: str | None = None
+    outputs: Callable[[BaseModel], set[str] | None] | None = None
 
 
 @dataclass

@@ -6,8 +6,10 @@ The split is by question id with a seeded shuffle; with an explicit evaluation f
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
+from typing import ClassVar
 
 from pydantic import Field
 
@@ -16,9 +18,15 @@ from dpa_rag.data.loaders import dedupe_ids_field, load_questions
 from dpa_rag.data.schema import Question
 from dpa_rag.eval.metrics import normalize_answer
 from dpa_rag.io import write_json, write_jsonl
-from dpa_rag.stage import stage_recorder
+from dpa_rag.stage import StageOutputs, stage_recorder
 
-__all__ = ["SplitConfig", "run_split"]
+__all__ = [
+    "EVAL_QUESTIONS", "SPLIT_INFO", "TRAIN_QUESTIONS", "Config", "Outputs", "SplitConfig", "SplitOutputs", "run",
+]
+
+TRAIN_QUESTIONS = "train_questions.jsonl"
+EVAL_QUESTIONS = "eval_questions.jsonl"
+SPLIT_INFO = "split.json"
 
 
 class SplitConfig(StageConfig):
@@ -34,8 +42,24 @@ class SplitConfig(StageConfig):
     dedupe_ids: bool = dedupe_ids_field()
 
 
-def run_split(cfg: SplitConfig) -> Path:
-    """Write ``train_questions.jsonl``, ``eval_questions.jsonl`` and ``split.json``; returns the folder."""
+@dataclasses.dataclass(frozen=True)
+class SplitOutputs(StageOutputs):
+    """What the split writes: the training pool, the held-out questions and the counts."""
+
+    FILES: ClassVar[dict[str, str]] = {
+        "train_questions": TRAIN_QUESTIONS, "eval_questions": EVAL_QUESTIONS, "info": SPLIT_INFO,
+    }
+    train_questions: Path
+    eval_questions: Path
+    info: Path
+
+
+Config = SplitConfig
+Outputs = SplitOutputs
+
+
+def run(cfg: SplitConfig) -> SplitOutputs:
+    """Write ``train_questions.jsonl``, ``eval_questions.jsonl`` and ``split.json``."""
     rec = stage_recorder("split", cfg, cfg.out_dir, [cfg.questions, cfg.eval_questions])
     pool = load_questions(cfg.questions, dedupe_ids=cfg.dedupe_ids or None)
     if cfg.eval_questions is not None:
@@ -61,13 +85,9 @@ def run_split(cfg: SplitConfig) -> Path:
         held = held[: cfg.eval_limit]
     if not train or not held:
         raise ValueError(f"split left {len(train)} training and {len(held)} evaluation questions; need both > 0")
-    write_jsonl(cfg.out_dir / "train_questions.jsonl", train)
-    write_jsonl(cfg.out_dir / "eval_questions.jsonl", held)
-    write_json(
-        cfg.out_dir / "split.json",
-        {"train": len(train), "eval": len(held), "train_dropped_as_in_eval": dropped},
-    )
-    rec.finish(
-        outputs=["train_questions.jsonl", "eval_questions.jsonl", "split.json"], train=len(train), eval=len(held)
-    )
-    return cfg.out_dir
+    out = SplitOutputs.at(cfg.out_dir)
+    write_jsonl(out.train_questions, train)
+    write_jsonl(out.eval_questions, held)
+    write_json(out.info, {"train": len(train), "eval": len(held), "train_dropped_as_in_eval": dropped})
+    rec.finish(outputs=list(SplitOutputs.FILES.values()), train=len(train), eval=len(held))
+    return out

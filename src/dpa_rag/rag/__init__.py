@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from dpa_rag.rag.answer import AnswerConfig, answer_records, build_prompts, run_answer
+from dpa_rag.rag.answer import AnswerConfig, AnswerOutputs, answer_records, build_prompts
 
-__all__ = ["AnswerConfig", "answer_records", "build_prompts", "run_answer"]
+__all__ = ["AnswerConfig", "AnswerOutputs", "answer_records", "build_prompts"]

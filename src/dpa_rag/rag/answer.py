@@ -1,7 +1,7 @@
 """The reader stage: answer each question from its top-k passages (baseline RAG, method.md §8), or closed-book.
 
 * :func:`answer_records` — the core: records → prompts → generator (cached) → prediction dicts.
-* :func:`run_answer` — the ``dpa-rag answer`` stage: load a retrieval (or questions) file, optionally rerank, answer,
+* :func:`run` — the ``dpa-rag answer`` stage: load a retrieval (or questions) file, optionally rerank, answer,
   write ``predictions.jsonl`` and ``metrics.json``.
 
 Prediction record: ``{"id", "question", "answers", "prediction", "raw_output", "ctx_ids", "ctx_has_answer",
@@ -11,6 +11,7 @@ questions without gold answers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,11 +27,17 @@ from dpa_rag.eval.metrics import has_answer, score_answer
 from dpa_rag.generation import CachedGenerator, GenerationParams, Generator, GeneratorOptions, build_generator
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.prompts import DEFAULT_TEMPLATE, PromptTemplate, clean_answer, load_template
-from dpa_rag.stage import stage_recorder
+from dpa_rag.stage import StageOutputs, stage_recorder
 
-__all__ = ["AnswerConfig", "answer_records", "build_prompts", "run_answer"]
+__all__ = [
+    "METRICS_FILE", "PREDICTIONS_FILE", "AnswerConfig", "AnswerOutputs", "Config", "Outputs", "answer_records",
+    "build_prompts", "run",
+]
 
 logger = logging.getLogger(__name__)
+
+PREDICTIONS_FILE = "predictions.jsonl"
+METRICS_FILE = "metrics.json"
 
 
 class AnswerConfig(GeneratorOptions, StageConfig):
@@ -74,6 +81,19 @@ class AnswerConfig(GeneratorOptions, StageConfig):
         from dpa_rag.reranker.fusion import normalize_fusion
 
         return normalize_fusion(v)  # YAML reads `off` as False and `0.3` as a float
+
+
+@dataclasses.dataclass(frozen=True)
+class AnswerOutputs(StageOutputs):
+    """What ``answer`` writes: one prediction per question (answer, golds, passages shown) and the scores."""
+
+    FILES: ClassVar[dict[str, str]] = {"predictions": PREDICTIONS_FILE, "metrics": METRICS_FILE}
+    predictions: Path
+    metrics: Path
+
+
+Config = AnswerConfig
+Outputs = AnswerOutputs
 
 
 def build_prompts(
@@ -149,17 +169,13 @@ def _load_records(cfg: AnswerConfig) -> list[RetrievalRecord]:
     return [RetrievalRecord(**q.model_dump(exclude_none=True), ctxs=[]) for q in questions]
 
 
-# generator dtype names -> the reranker's
-_RERANKER_DTYPES = {"auto": "auto", "float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-
-
 def _rerank(cfg: AnswerConfig, records: list[RetrievalRecord]) -> list[RetrievalRecord]:
     from dpa_rag.reranker.rerank import Reranker
 
     reranker = Reranker(
         str(cfg.reranker),
         device=cfg.device,
-        dtype=_RERANKER_DTYPES[cfg.dtype],
+        dtype=cfg.dtype,
         batch_size=cfg.reranker_batch_size,
         max_length=cfg.reranker_max_length,
         fusion=cfg.reranker_fusion,
@@ -168,8 +184,8 @@ def _rerank(cfg: AnswerConfig, records: list[RetrievalRecord]) -> list[Retrieval
     return list(reranker.rerank(candidates, top_k=cfg.top_k))
 
 
-def run_answer(cfg: AnswerConfig, backend: Generator | None = None) -> Path:
-    """Run the answer stage; returns the path of ``predictions.jsonl``.
+def run(cfg: AnswerConfig, backend: Generator | None = None) -> AnswerOutputs:
+    """Run the answer stage.
 
     Args:
         cfg: the stage configuration.
@@ -191,9 +207,10 @@ def run_answer(cfg: AnswerConfig, backend: Generator | None = None) -> Path:
         predictions = answer_records(
             records, generator, template, cfg.top_k, cfg.generation_params(), chat=cfg.chat, desc="answer"
         )
-    write_jsonl(out_dir / "predictions.jsonl", predictions)
+    out = AnswerOutputs.at(out_dir)
+    write_jsonl(out.predictions, predictions)
     metrics = evaluate_predictions(predictions)
-    write_json(out_dir / "metrics.json", metrics)
+    write_json(out.metrics, metrics)
     logger.info(
         "answer: %d questions, Hits@1 %.2f, EM %.2f, F1 %.2f (%d generated, %d from cache)",
         len(predictions),
@@ -204,10 +221,10 @@ def run_answer(cfg: AnswerConfig, backend: Generator | None = None) -> Path:
         generator.hits,
     )
     rec.finish(
-        outputs=["predictions.jsonl", "metrics.json"],
+        outputs=list(AnswerOutputs.FILES.values()),
         questions=len(predictions),
         generated=generator.calls,
         cache_hits=generator.hits,
         template=template.name,
     )
-    return out_dir / "predictions.jsonl"
+    return out

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 
-from dpa_rag.config import StageConfig
+from dpa_rag.config import DeviceOption, Runtime, StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field
+from dpa_rag.models import DEFAULT_ENCODER
+from dpa_rag.reranker.loss_names import LOSS_NAMES
 
 __all__ = ["RerankConfig", "TrainRerankerConfig", "apply_gpu_flag", "parse_bool", "parse_loss_weights"]
 
@@ -47,10 +49,10 @@ def parse_loss_weights(text: str) -> dict[str, float]:
     return out
 
 
-class TrainRerankerConfig(StageConfig):
+class TrainRerankerConfig(DeviceOption, StageConfig):
     """``dpa-rag train-reranker``: align a cross-encoder with the reader's preferences (method.md §6)."""
 
-    result_neutral: ClassVar[frozenset[str]] = frozenset({"eval_batch_size", "gpu"})
+    result_neutral: ClassVar[frozenset[str]] = frozenset({"per_device_eval_batch_size", "gpu"})
 
     train: str | None = Field(
         None, description="Training file (authors' format: query, classification, rank_list, positive, negative).",
@@ -82,7 +84,7 @@ class TrainRerankerConfig(StageConfig):
     weighting: Literal["mgda", "mgda-ub", "equal", "fixed"] = Field("mgda", description="Loss weighting strategy.")
     loss_weights: str | None = Field(None, description="Weights for --weighting fixed, e.g. point=1,pair=0.5.")
     backbone: str = Field(
-        "minilm", description="Encoder: bundled alias, hub id or folder.",
+        DEFAULT_ENCODER, description="Encoder: bundled alias, hub id or folder.",
         json_schema_extra={"cli": ["--pretrained_model_path"]},
     )
     kind: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
@@ -100,18 +102,30 @@ class TrainRerankerConfig(StageConfig):
         "pairs", description="Contrastive anchors: every pair representation (authors' code) or the query alone."
     )
     temperature: float = Field(0.07, gt=0, description="Contrastive temperature τ (= τ_base).")
-    epochs: float = Field(10.0, gt=0, description="Training epochs.")
-    batch_size: int = Field(4, ge=1, description="Training records per step (per device).")
+    num_train_epochs: float = Field(
+        10.0, gt=0, description="Training epochs.", validation_alias=AliasChoices("num_train_epochs", "epochs"),
+        json_schema_extra={"cli": ["--epochs"]},
+    )
+    per_device_train_batch_size: int = Field(
+        4, ge=1, description="Training records per step (per device).",
+        validation_alias=AliasChoices("per_device_train_batch_size", "batch_size"),
+        json_schema_extra={"cli": ["--batch-size"]},
+    )
     gradient_accumulation_steps: int = Field(1, ge=1, description="Steps to accumulate before an optimiser step.")
-    lr: float = Field(1e-5, gt=0, description="Learning rate (AdamW, eps 1e-6, weight decay 0).")
-    scheduler: str = Field("constant", description="LR scheduler (HF name: constant, linear, cosine, ...).")
+    learning_rate: float = Field(
+        1e-5, gt=0, description="Learning rate (AdamW, eps 1e-6, weight decay 0).",
+        validation_alias=AliasChoices("learning_rate", "lr"), json_schema_extra={"cli": ["--lr"]},
+    )
+    lr_scheduler_type: str = Field(
+        "constant", description="LR scheduler (HF name: constant, linear, cosine, ...).",
+        validation_alias=AliasChoices("lr_scheduler_type", "scheduler"), json_schema_extra={"cli": ["--scheduler"]},
+    )
     warmup_steps: int = Field(0, ge=0, description="LR warm-up steps.", json_schema_extra={"cli": ["--warmup"]})
     max_grad_norm: float = Field(0.0, ge=0, description="Gradient clipping norm (0 = off, like the authors).")
     max_length: int = Field(512, ge=8, description="Max tokens of a (query, passage) pair.")
     max_steps: int | None = Field(None, description="Stop after this many optimiser steps (quick runs).")
     bf16: bool = Field(False, description="bf16 mixed precision.")
     seed: int = Field(42, description="Random seed.")
-    device: str = Field("auto", description="auto, cpu, cuda, mps.")
     gpu: int | None = Field(
         None, ge=0,
         description="Authors' flag: train on GPU N (the process sees only that GPU); without it, a warning and CPU.",
@@ -121,8 +135,10 @@ class TrainRerankerConfig(StageConfig):
     metric_for_best_model: str = Field("f1", description="Validation metric that picks the best checkpoint.")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept (the best one is always kept).")
     logging_steps: int = Field(1, ge=1, description="Log loss, per-loss values and weights every N steps.")
-    eval_batch_size: int | None = Field(
-        None, ge=1, description="Pairs per forward in evaluation (default: 16 on CPU, 64 on GPUs)."
+    per_device_eval_batch_size: int | None = Field(
+        None, ge=1, description="Pairs per forward in evaluation (default: 16 on CPU, 64 on GPUs).",
+        validation_alias=AliasChoices("per_device_eval_batch_size", "eval_batch_size"),
+        json_schema_extra={"cli": ["--eval-batch-size"]},
     )
     forward_chunk_size: int | None = Field(
         None,
@@ -196,9 +212,9 @@ class TrainRerankerConfig(StageConfig):
             out: list[str] = []
             for item in v:
                 out += [x for x in str(item).replace(",", " ").split() if x]
-            bad = [x for x in out if x not in ("point", "pair", "contrastive")]
+            bad = [x for x in out if x not in LOSS_NAMES]
             if bad:
-                raise ValueError(f"unknown loss(es) {bad}; choose from point, pair, contrastive")
+                raise ValueError(f"unknown loss(es) {bad}; choose from {', '.join(LOSS_NAMES)}")
             return list(dict.fromkeys(out))
         return v
 
@@ -236,8 +252,7 @@ class TrainRerankerConfig(StageConfig):
                 chosen.append(name)
             elif not parse_bool(flag) and name in chosen:
                 chosen.remove(name)
-        order = ("point", "pair", "contrastive")
-        chosen = [x for x in order if x in chosen]
+        chosen = [x for x in LOSS_NAMES if x in chosen]
         if not chosen:
             raise ValueError("no loss enabled (check --losses and --cls_loss/--rank_loss/--scl_loss)")
         return chosen
@@ -269,7 +284,7 @@ def apply_gpu_flag(cfg: TrainRerankerConfig) -> TrainRerankerConfig:
     return cfg.model_copy(update={"device": "cpu"})
 
 
-class RerankConfig(StageConfig):
+class RerankConfig(Runtime, StageConfig):
     """``dpa-rag rerank``: rescore a retrieval file with a reranker and keep the top-k."""
 
     result_neutral: ClassVar[frozenset[str]] = frozenset({"batch_size"})
@@ -280,8 +295,6 @@ class RerankConfig(StageConfig):
     top_k: int = Field(3, ge=1, description="Passages kept per question.")
     batch_size: int | None = Field(None, ge=1, description="Pairs per forward (default: 16 on CPU, 64 on GPUs).")
     max_length: int = Field(512, ge=8, description="Max tokens of a pair.")
-    device: str = Field("auto", description="auto, cpu, cuda, mps.")
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="Inference dtype.")
     score: Literal["prob", "z1"] | None = Field(None, description="Two-class score (default: saved with the model).")
     fusion: str = Field(
         "saved",

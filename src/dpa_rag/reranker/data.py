@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 
 from dpa_rag.data.authors import RerankerTrainRecord
 from dpa_rag.io import DataError
+from dpa_rag.reranker.losses import LOSS_NAMES
 
 __all__ = ["FusedCollator", "RerankerTrainDataset", "check_train_records"]
 
@@ -114,9 +115,9 @@ class FusedCollator:
         dedupe: bool = True,
         pad_to_multiple_of: int | None = None,
     ) -> None:
-        unknown = set(losses) - {"point", "pair", "contrastive"}
+        unknown = set(losses) - set(LOSS_NAMES)
         if unknown or not losses:
-            raise ValueError(f"losses must be a non-empty subset of point, pair, contrastive; got {list(losses)}")
+            raise ValueError(f"losses must be a non-empty subset of {', '.join(LOSS_NAMES)}; got {list(losses)}")
         self.tokenizer = tokenizer
         self.losses = tuple(losses)
         self.max_length = max_length

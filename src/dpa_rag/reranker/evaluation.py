@@ -5,12 +5,13 @@
 
 * ``precision``/``recall``/``f1``/``accuracy`` of the aligned class (prediction: argmax for the two-class head,
   ``sigmoid(logit) ≥ 0.5`` for the 1-logit head; 0 instead of a division by zero);
-* ``mrr``, ``ndcg_at_k``, ``hit_at_k`` over per-question lists (pairs grouped by question, sorted by score, ties in
-  file order; relevant = aligned), on the questions with ≥ 2 pairs and ≥ 1 aligned one (``n_ranked_questions``;
-  absent when there are none, as in the authors' example files with one pair per question).
+* ``mrr``, ``ndcg@k``, ``hit@k`` over per-question lists (pairs grouped by question, sorted by score, ties in
+  file order; relevant = aligned), on the questions with ≥ 2 pairs and ≥ 1 aligned one (``n_questions``;
+  absent when there are none, as in the authors' example files with one pair per question):
+  :func:`dpa_rag.eval.ranking.ranking_metrics`, the one ranking function and key scheme of every stage.
 
-:func:`retrieval_metrics` gives MRR / hit@1 / hit@3 of answer-bearing (``has_answer``) passages in a retrieval
-file's order or in a reranker's order (the "never worse than BM25" report).
+:func:`answer_ranking_metrics` gives ``mrr``/``hit@1``/``hit@3`` of answer-bearing (``has_answer``) passages in a
+retrieval file's order or in a reranker's order (the "never worse than BM25" report).
 
 The metric functions live in :mod:`dpa_rag.reranker.metrics` (pure, no torch; re-exported here), the scoring in
 :mod:`dpa_rag.reranker.inference`.
@@ -33,11 +34,11 @@ import torch
 from torch import nn
 
 from dpa_rag.data.authors import RerankerPairRecord
-from dpa_rag.reranker.inference import predict_logits
+from dpa_rag.eval.ranking import ranking_metrics
+from dpa_rag.reranker.inference import predict_logits, score_lists
 from dpa_rag.reranker.metrics import (
+    answer_ranking_metrics,
     classification_metrics,
-    ranking_metrics,
-    retrieval_metrics,
     utility_metrics,
     utility_table,
 )
@@ -45,10 +46,11 @@ from dpa_rag.reranker.model import inference_scores
 
 __all__ = [
     "PairEvaluator",
+    "answer_ranking_metrics",
     "classification_metrics",
     "load_utility_lists",
-    "ranking_metrics",
-    "retrieval_metrics",
+    "score_utility_lists",
+    "utility_lists",
     "utility_metrics",
     "utility_table",
 ]
@@ -73,12 +75,19 @@ def load_utility_lists(path: str) -> list[dict[str, Any]]:
     return out
 
 
-def utility_pairs(lists: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
-    """All ``(question, rendered passage)`` pairs of the lists, list by list."""
+def utility_lists(lists: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """Each utility list's question with its rendered passages (for :func:`dpa_rag.reranker.inference.score_lists`)."""
     from dpa_rag.data.schema import format_passage
 
-    return [(r["question"], format_passage(str(c.get("title") or ""), str(c["text"])))
-            for r in lists for c in r["ctxs"]]
+    return [(r["question"], [format_passage(str(c.get("title") or ""), str(c["text"])) for c in r["ctxs"]])
+            for r in lists]
+
+
+def score_utility_lists(model: nn.Module, tokenizer: Any, lists: Sequence[dict[str, Any]],
+                        batch_size: int | None = None, max_length: int = 512,
+                        score: str = "prob") -> list[list[float]]:
+    """The model's score of every passage of every utility list (the ``scores`` of :func:`utility_metrics`)."""
+    return score_lists(model, tokenizer, utility_lists(lists), batch_size, max_length, score)
 
 
 class PairEvaluator:
@@ -113,13 +122,7 @@ class PairEvaluator:
     def __call__(self, model: nn.Module, tokenizer: Any) -> dict[str, float]:
         metrics: dict[str, float] = {}
         if self.lists:
-            pairs = utility_pairs(self.lists)
-            flat = inference_scores(predict_logits(model, tokenizer, pairs, batch_size=self.batch_size,
-                                                   max_length=self.max_length), self.score).tolist()
-            per, pos = [], 0
-            for r in self.lists:
-                per.append(flat[pos : pos + len(r["ctxs"])])
-                pos += len(r["ctxs"])
+            per = score_utility_lists(model, tokenizer, self.lists, self.batch_size, self.max_length, self.score)
             metrics.update({f"utility_{k}": v for k, v in utility_metrics(self.lists, per, self.k_values).items()})
         if not self.records:
             return metrics
@@ -137,7 +140,7 @@ class PairEvaluator:
             by_question.setdefault(r.question, []).append((s, g))
         groups = [v for v in by_question.values() if len(v) >= 2 and any(g for _, g in v)]
         if groups:
-            metrics.update(ranking_metrics(groups, self.k_values))
-            metrics["n_ranked_questions"] = float(len(groups))
+            metrics.update(ranking_metrics([[g for _, g in v] for v in groups], [[s for s, _ in v] for v in groups],
+                                           ks=self.k_values, ndcg=True))
         metrics["n_pairs"] = float(len(self.records))
         return metrics

@@ -20,7 +20,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from dpa_rag.data.schema import RetrievalRecord
-from dpa_rag.reranker.metrics import retrieval_metrics
+from dpa_rag.eval.ranking import canonical_metric
+from dpa_rag.reranker.metrics import answer_ranking_metrics
 
 __all__ = ["DEFAULT_GRID", "fuse", "normalize_fusion", "resolve_alpha", "select_alpha", "safe_ranks"]
 
@@ -66,18 +67,20 @@ def select_alpha(
     grid: Sequence[float] = DEFAULT_GRID,
     metric: str = "mrr",
 ) -> tuple[float | None, dict[str, dict[str, float]]]:
-    """The grid alpha with the best ``metric`` of answer-bearing passages on ``records`` (file order = retriever rank).
+    """The grid alpha with the best ``metric`` (a key of :func:`~dpa_rag.reranker.metrics.answer_ranking_metrics`:
+    ``mrr``, ``hit@1``, ``hit@3``) of answer-bearing passages on ``records`` (file order = retriever rank).
 
     Ties go to the larger alpha (the more of the reranker). Returns ``(alpha, {str(alpha): metrics})``; alpha is
     ``None`` when no record has an answer-bearing passage (nothing to choose on).
     """
     if len(records) != len(scores):
         raise ValueError(f"{len(scores)} score lists for {len(records)} records")
+    metric = canonical_metric(metric)  # hit_at_1 → hit@1
     table: dict[str, dict[str, float]] = {}
     best: tuple[float, float] | None = None
     for alpha in sorted(grid):
         fused = [fuse(s, list(range(1, len(s) + 1)), alpha) for s in scores]
-        m = retrieval_metrics(records, fused)
+        m = answer_ranking_metrics(records, fused)
         table[str(alpha)] = m
         if not m.get("n_questions"):
             return None, table

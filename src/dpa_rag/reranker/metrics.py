@@ -2,14 +2,15 @@
 
 * :func:`classification_metrics`: precision/recall/F1 of the aligned class and accuracy (0 instead of a division by
   zero);
-* :func:`ranking_metrics`: ``mrr``, ``ndcg_at_k``, ``hit_at_k`` over per-question lists of ``(score, relevant)``;
-* :func:`retrieval_metrics`: MRR / hit@1 / hit@3 of answer-bearing (``has_answer``) passages in a retrieval file's
-  order or in a reranker's order (the "never worse than BM25" report; :func:`dpa_rag.reranker.fusion.select_alpha`
-  chooses its weight with it);
+* :func:`answer_ranking_metrics`: ``mrr``, ``hit@1``, ``hit@3``, ``n_questions`` of answer-bearing (``has_answer``)
+  passages in a retrieval file's order or in a reranker's order (the "never worse than BM25" report;
+  :func:`dpa_rag.reranker.fusion.select_alpha` chooses its weight with it);
 * :func:`utility_metrics` / :func:`utility_table`: held-out probed lists (``build-reranker-data``'s
-  ``*_lists.jsonl``, graded ``loglik`` preferences) ranked against the reader's own gains.
+  ``*_lists.jsonl``, graded ``loglik`` preferences) ranked against the reader's own gains (``ndcg@k``, ...).
 
-:mod:`dpa_rag.reranker.evaluation` re-exports them next to :class:`~dpa_rag.reranker.evaluation.PairEvaluator`.
+The means over questions (and the key scheme ``hit@k``, ``ndcg@k``, ``mrr``, ``n_questions``) are
+:func:`dpa_rag.eval.ranking.ranking_metrics`'s. :mod:`dpa_rag.reranker.evaluation` re-exports these functions next to
+:class:`~dpa_rag.reranker.evaluation.PairEvaluator`.
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from collections.abc import Sequence
 from typing import Any
 
 from dpa_rag.data.schema import RetrievalRecord
-from dpa_rag.eval.metrics import hit_at_k, mrr, ndcg_at_k
+from dpa_rag.eval.ranking import canonical_metric, rank_order, ranking_metrics
 
-__all__ = ["classification_metrics", "ranking_metrics", "retrieval_metrics", "utility_metrics", "utility_table"]
+__all__ = ["answer_ranking_metrics", "classification_metrics", "utility_metrics", "utility_table"]
 
 
 def classification_metrics(predicted: Sequence[bool], gold: Sequence[bool]) -> dict[str, float]:
@@ -35,23 +36,6 @@ def classification_metrics(predicted: Sequence[bool], gold: Sequence[bool]) -> d
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     accuracy = sum(p == g for p, g in zip(predicted, gold, strict=False)) / len(gold) if gold else 0.0
     return {"precision": precision, "recall": recall, "f1": f1, "accuracy": accuracy}
-
-
-def ranking_metrics(
-    groups: Sequence[Sequence[tuple[float, bool]]], k_values: Sequence[int] = (1, 3, 5)
-) -> dict[str, float]:
-    """Mean MRR, nDCG@k and hit@k over lists of ``(score, relevant)`` (each list sorted here by score, stable)."""
-    rows = []
-    for items in groups:
-        order = sorted(range(len(items)), key=lambda i: -items[i][0])
-        rows.append([int(items[i][1]) for i in order])
-    if not rows:
-        return {}
-    out = {"mrr": sum(mrr(r) for r in rows) / len(rows)}
-    for k in k_values:
-        out[f"ndcg_at_{k}"] = sum(ndcg_at_k(r, k) for r in rows) / len(rows)
-        out[f"hit_at_{k}"] = sum(hit_at_k(r, k) for r in rows) / len(rows)
-    return out
 
 
 def utility_metrics(
@@ -70,17 +54,14 @@ def utility_metrics(
         else:
             by_id = dict(zip([id(c) for c in rec["ctxs"]], scores[i], strict=True))
             key = [by_id[id(c)] for c in ctxs]
-        order = sorted(range(len(ctxs)), key=lambda j: -key[j])
-        rows.append([ctxs[j] for j in order])
+        rows.append([ctxs[j] for j in rank_order(key)])
     if not rows:
         return {"n_questions": 0.0}
     n = len(rows)
-    out: dict[str, float] = {}
-    for k in k_values:
-        out[f"ndcg_at_{k}"] = sum(ndcg_at_k([max(float(c["gain"]), 0.0) for c in r], k) for r in rows) / n
+    graded = ranking_metrics([[max(float(c["gain"]), 0.0) for c in r] for r in rows], ks=k_values, ndcg=True)
+    out: dict[str, float] = {f"ndcg@{k}": graded[f"ndcg@{k}"] for k in k_values}
     with_aligned = [r for r in rows if any(c.get("category") == "aligned" for c in r)]
-    out["mrr_aligned"] = (sum(mrr([c.get("category") == "aligned" for c in r]) for r in with_aligned)
-                          / len(with_aligned)) if with_aligned else 0.0
+    out["mrr_aligned"] = ranking_metrics([[c.get("category") == "aligned" for c in r] for r in with_aligned])["mrr"]
     out["top1_gain"] = sum(float(r[0]["gain"]) for r in rows) / n
     known = [r for r in rows if r[0].get("has_answer") is not None]
     if known:
@@ -91,8 +72,10 @@ def utility_metrics(
 
 
 def utility_table(report: dict[str, dict[str, float]]) -> str:
-    """A markdown table of :func:`utility_metrics` rows (``{row name: metrics}``)."""
-    cols = [c for c in ("ndcg_at_1", "ndcg_at_3", "ndcg_at_5", "mrr_aligned", "top1_gain", "top1_has_answer")
+    """A markdown table of :func:`utility_metrics` rows (``{row name: metrics}``; older files' ``ndcg_at_k`` keys are
+    read as ``ndcg@k``)."""
+    report = {name: {canonical_metric(k): v for k, v in m.items()} for name, m in report.items()}
+    cols = [c for c in ("ndcg@1", "ndcg@3", "ndcg@5", "mrr_aligned", "top1_gain", "top1_has_answer")
             if any(c in m for m in report.values())]
     lines = ["| order | " + " | ".join(cols) + " | questions |", "|---|" + "---:|" * (len(cols) + 1)]
     for name, m in report.items():
@@ -101,27 +84,17 @@ def utility_table(report: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def retrieval_metrics(
+def answer_ranking_metrics(
     records: Sequence[RetrievalRecord], scores: Sequence[Sequence[float]] | None = None
 ) -> dict[str, float]:
-    """MRR, hit@1, hit@3 of answer-bearing passages, in file order (``scores=None``) or sorted by ``scores``.
+    """``mrr``, ``hit@1``, ``hit@3`` of answer-bearing passages, in file order (``scores=None``) or sorted by
+    ``scores`` (per record, one per ctx; ties keep file order).
 
-    Questions without any ``has_answer`` passage are skipped (``n_questions`` counts the rest); ties keep file order.
+    Questions without any ``has_answer`` passage are skipped (``n_questions`` counts the rest); with none left the
+    result is ``{"n_questions": 0.0}`` (nothing to rank).
     """
-    rows = []
-    for i, rec in enumerate(records):
-        rel = [bool(c.has_answer) for c in rec.ctxs]
-        if not any(rel):
-            continue
-        if scores is not None:
-            order = sorted(range(len(rel)), key=lambda j: -scores[i][j])
-            rel = [rel[j] for j in order]
-        rows.append(rel)
-    if not rows:
+    keep = [i for i, rec in enumerate(records) if any(bool(c.has_answer) for c in rec.ctxs)]
+    if not keep:
         return {"n_questions": 0.0}
-    return {
-        "mrr": sum(mrr(r) for r in rows) / len(rows),
-        "hit_at_1": sum(hit_at_k(r, 1) for r in rows) / len(rows),
-        "hit_at_3": sum(hit_at_k(r, 3) for r in rows) / len(rows),
-        "n_questions": float(len(rows)),
-    }
+    relevance = [[bool(c.has_answer) for c in records[i].ctxs] for i in keep]
+    return ranking_metrics(relevance, None if scores is None else [scores[i] for i in keep], ks=(1, 3))

@@ -18,7 +18,7 @@ def _table(metrics: dict[str, Any]) -> str:
 
 
 def _retrieval_table(report: dict[str, dict[str, float]]) -> str:
-    keys = ["mrr", "hit_at_1", "hit_at_3", "n_questions"]
+    keys = ["mrr", "hit@1", "hit@3", "n_questions"]  # dpa_rag.eval.ranking's key scheme
     rows = ["| ranking | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for name, m in report.items():
         rows.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in keys) + " |")

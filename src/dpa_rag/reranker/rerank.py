@@ -13,21 +13,29 @@ the fused score and ``reranker_score`` the model's own.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 
+from dpa_rag.data.loaders import load_retrieval
 from dpa_rag.data.schema import RetrievalRecord
+from dpa_rag.reranker.config import RerankConfig
 from dpa_rag.reranker.fusion import fuse, resolve_alpha, safe_ranks
 from dpa_rag.reranker.inference import (
     CPU_BATCH_SIZE,
     GPU_BATCH_SIZE,
     predict_logits,
+    record_lists,
     resolve_batch_size,
     resolve_dtype,
+    score_pairs,
+    split_scores,
 )
+from dpa_rag.stage import ChunkLog, StageOutputs, resume_state, stage_recorder
 
 __all__ = [
     "CPU_BATCH_SIZE",
@@ -36,7 +44,11 @@ __all__ = [
     "predict_logits",
     "resolve_batch_size",
     "resolve_dtype",
-    "run_rerank",
+    "run",
+    "Config",
+    "Outputs",
+    "RERANKED_FILE",
+    "RerankOutputs",
 ]
 
 logger = logging.getLogger(__name__)
@@ -112,15 +124,7 @@ class Reranker:
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Scores of ``(query, passage)`` pairs, in input order (a bi-encoder's: the cosine similarity)."""
-        from dpa_rag.reranker.model import inference_scores
-
-        if self.kind == "bi-encoder":
-            from dpa_rag.reranker.biencoder import score_bi
-
-            return score_bi(self.model, pairs, self.batch_size, self.max_length, cosine=True).tolist()
-
-        logits = predict_logits(self.model, self.tokenizer, pairs, self.batch_size, self.max_length)
-        return inference_scores(logits, self.score_mode).tolist()
+        return score_pairs(self.model, self.tokenizer, pairs, self.batch_size, self.max_length, self.score_mode)
 
     def score(self, query: str, docs: Sequence[str]) -> list[float]:
         """Scores of ``docs`` (rendered passages) for ``query``, in input order."""
@@ -128,13 +132,12 @@ class Reranker:
 
     def rerank(self, records: Sequence[RetrievalRecord], top_k: int | None = None) -> list[RetrievalRecord]:
         """Rerank each record's ``ctxs`` (all records' pairs are scored together) and keep the ``top_k`` best."""
-        pairs = [(r.question, c.render()) for r in records for c in r.ctxs]
-        scores = self.score_pairs(pairs)
-        out, pos = [], 0
-        for rec in records:
+        lists = record_lists(records)
+        per = split_scores(self.score_pairs([(q, p) for q, passages in lists for p in passages]),
+                           [len(passages) for _, passages in lists])
+        out = []
+        for rec, s in zip(records, per, strict=True):
             n = len(rec.ctxs)
-            s = scores[pos : pos + n]
-            pos += n
             given = [(c.model_extra or {}).get("retriever_rank", i + 1) for i, c in enumerate(rec.ctxs)]
             key = s if self.fusion_alpha is None else fuse(s, safe_ranks(given), self.fusion_alpha)
             order = sorted(range(n), key=lambda i: -key[i])  # stable: ties keep retriever order
@@ -154,19 +157,29 @@ class Reranker:
         return out
 
 
-def run_rerank(cfg: Any) -> Any:
-    """``dpa-rag rerank``: rerank ``cfg.input`` with ``cfg.model`` into ``out_dir/reranked.jsonl`` (returned)."""
-    from pathlib import Path
+RERANKED_FILE = "reranked.jsonl"
 
-    from dpa_rag.data.loaders import load_retrieval
-    from dpa_rag.stage import ChunkLog, resume_state, stage_recorder
 
+@dataclasses.dataclass(frozen=True)
+class RerankOutputs(StageOutputs):
+    """What ``rerank`` writes: the retrieval records re-sorted by the reranker, cut to ``top_k`` (DPR layout)."""
+
+    FILES: ClassVar[dict[str, str]] = {"reranked": RERANKED_FILE}
+    reranked: Path
+
+
+Config = RerankConfig
+Outputs = RerankOutputs
+
+
+def run(cfg: RerankConfig) -> RerankOutputs:
+    """``dpa-rag rerank``: rerank ``cfg.input`` with ``cfg.model`` into ``out_dir/reranked.jsonl``."""
     out_dir = Path(cfg.out_dir)
     rec = stage_recorder("rerank", cfg, out_dir, [cfg.input])
     records = load_retrieval(cfg.input, limit=cfg.limit, dedupe_ids=cfg.dedupe_ids or None)
     reranker = Reranker(cfg.model, cfg.device, cfg.dtype, cfg.batch_size, cfg.max_length, cfg.score, cfg.fusion,
-                        kind=getattr(cfg, "kind", "auto"))
-    out = out_dir / "reranked.jsonl"
+                        kind=cfg.kind)
+    out = RerankOutputs.at(out_dir)
     n_pairs = sum(len(r.ctxs) for r in records)
     # finished chunks go to reranked.partial.jsonl: a killed run resumes at its first unfinished chunk
     state = resume_state(cfg, [cfg.input, cfg.model])
@@ -175,6 +188,6 @@ def run_rerank(cfg: Any) -> Any:
         for start in range(log.start, len(records), per):
             log.append(reranker.rerank(records[start : start + per], cfg.top_k))
             logger.info("reranked %d/%d questions", min(start + per, len(records)), len(records))
-    log.finish(rename_to=out)
-    rec.finish(outputs=["reranked.jsonl"], questions=len(records), pairs=n_pairs)
+    log.finish(rename_to=out.reranked)
+    rec.finish(outputs=list(RerankOutputs.FILES.values()), questions=len(records), pairs=n_pairs)
     return out

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from dpa_rag.reranker.losses import ContrastiveLoss, PairwiseLoss, PointwiseLoss
+from dpa_rag.reranker.losses import LOSS_NAMES, ContrastiveLoss, PairwiseLoss, PointwiseLoss
 from dpa_rag.reranker.model import EncodeOutput, encode_pairs
 
 __all__ = ["build_losses", "compute_losses", "losses_from_outputs"]
@@ -27,9 +27,9 @@ def build_losses(
     contrastive_anchor: str = "pairs",
     pair_margin: float = 0.0,
 ) -> dict[str, nn.Module]:
-    """Loss modules by name, in the canonical order point, pair, contrastive."""
+    """Loss modules by name, in the canonical order point, pair, contrastive (:data:`LOSS_NAMES`)."""
     out: dict[str, nn.Module] = {}
-    for name in ("point", "pair", "contrastive"):
+    for name in LOSS_NAMES:
         if name not in losses:
             continue
         if name == "point":
@@ -40,7 +40,7 @@ def build_losses(
             out[name] = ContrastiveLoss(temperature, base_temperature, anchor=contrastive_anchor)  # type: ignore[arg-type]
     unknown = set(losses) - set(out)
     if unknown or not out:
-        raise ValueError(f"losses must be a non-empty subset of point, pair, contrastive; got {list(losses)}")
+        raise ValueError(f"losses must be a non-empty subset of {', '.join(LOSS_NAMES)}; got {list(losses)}")
     return out
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from dpa_rag.eval.ranking import canonical_metric
 from dpa_rag.reranker.evaluation import PairEvaluator
 from dpa_rag.reranker.model import shared_parameters
 from dpa_rag.reranker.step import compute_losses
@@ -110,10 +111,10 @@ def check_weighting_supported(weighting: Weighting, n_losses: int, accelerator: 
 def make_training_args(
     output_dir: str,
     *,
-    epochs: float = 10.0,
-    batch_size: int = 4,
-    lr: float = 1e-5,
-    scheduler: str = "constant",
+    num_train_epochs: float = 10.0,
+    per_device_train_batch_size: int = 4,
+    learning_rate: float = 1e-5,
+    lr_scheduler_type: str = "constant",
     warmup_steps: int = 0,
     gradient_accumulation_steps: int = 1,
     max_steps: int | None = None,
@@ -128,18 +129,30 @@ def make_training_args(
     logging_steps: int = 1,
     tensorboard: bool = True,
     max_grad_norm: float = 0.0,
+    save: bool = True,
+    seed_data: bool = True,
 ) -> TrainingArguments:
     """``TrainingArguments`` with the authors' optimiser (AdamW, eps 1e-6, weight decay 0, no clipping; §6.4), run by
-    torch's fused AdamW kernel (the same update; transformers' default on torch >= 2.8)."""
+    torch's fused AdamW kernel (the same update; transformers' default on torch >= 2.8). The one builder of the
+    reranker's runs: the preference alignment and the relevance warm-up (``evaluate=False, save=False,
+    tensorboard=False, seed_data=False``).
+
+    Args:
+        metric_for_best_model: a validation metric (``f1``, ``hit@1``, ``utility_ndcg@3``, ...; older spellings such
+            as ``hit_at_1`` are mapped by :func:`dpa_rag.eval.ranking.canonical_metric`).
+        save: checkpoint on ``eval_strategy``'s schedule (``False``: never).
+        seed_data: shuffle the data with ``data_seed=seed`` (``False``: leave ``data_seed`` unset).
+    """
+    metric_for_best_model = canonical_metric(metric_for_best_model)
     greater = not any(x in metric_for_best_model for x in ("loss", "error"))
     return TrainingArguments(
         output_dir=output_dir,
-        num_train_epochs=epochs,
+        num_train_epochs=num_train_epochs,
         max_steps=max_steps if max_steps else -1,
-        per_device_train_batch_size=batch_size,
+        per_device_train_batch_size=per_device_train_batch_size,
         gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=lr,
-        lr_scheduler_type=scheduler,
+        learning_rate=learning_rate,
+        lr_scheduler_type=lr_scheduler_type,
         warmup_steps=warmup_steps,
         optim="adamw_torch_fused",
         adam_epsilon=1e-6,
@@ -147,11 +160,11 @@ def make_training_args(
         max_grad_norm=max_grad_norm,
         bf16=bf16,
         seed=seed,
-        data_seed=seed,
+        data_seed=seed if seed_data else None,
         use_cpu=use_cpu,
         eval_strategy=eval_strategy if evaluate else "no",
         eval_steps=eval_steps,
-        save_strategy=eval_strategy,
+        save_strategy=eval_strategy if save else "no",
         save_steps=eval_steps,
         save_total_limit=save_total_limit,
         load_best_model_at_end=evaluate,
@@ -254,7 +267,7 @@ class RerankerTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        separate = self.weighting.needs == "parameters" and bool(inputs.get("grouped", False))
+        separate = self.weighting.grouped_batches and bool(inputs.get("grouped", False))
         losses, out = compute_losses(
             model, inputs, self.loss_modules, chunk_size=self.forward_chunk_size, separate=separate
         )

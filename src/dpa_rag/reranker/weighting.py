@@ -212,10 +212,19 @@ class Weighting:
     Attributes:
         name: the strategy's name.
         needs: what :meth:`weights` differentiates against: ``None``, ``"parameters"`` or ``"representation"``.
+            The batches follow from it (:attr:`grouped_batches`), never from the strategy's name.
     """
 
     name = "base"
     needs: str | None = None
+
+    @property
+    def grouped_batches(self) -> bool:
+        """Whether a step needs each loss's rows kept apart (``needs == "parameters"``): the collators then keep the
+        groups unsorted and unduplicated (``FusedCollator(sort=False, dedupe=False)``, ``BiEncoderCollator(
+        grouped=True)``) and each group gets its own forward, so a loss's parameter gradient only traverses its own
+        rows. A strategy that needs nothing, or the shared representation, takes one fused, deduplicated batch."""
+        return self.needs == "parameters"
 
     def weights(
         self,

@@ -14,33 +14,38 @@ Because the folder carries its own passages, an index can't be paired with the w
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from dpa_rag.config import StageConfig
+from dpa_rag.config import Runtime, StageConfig
 from dpa_rag.data.loaders import load_corpus
 from dpa_rag.data.schema import Passage
 from dpa_rag.io import DataError, iter_jsonl, write_json, write_jsonl
+from dpa_rag.models import DEFAULT_ENCODER
 from dpa_rag.retrieval.base import Retriever
 from dpa_rag.retrieval.bm25 import BM25Retriever
 from dpa_rag.retrieval.dense import DenseRetriever
 from dpa_rag.retrieval.hybrid import HybridRetriever
-from dpa_rag.stage import stage_recorder
+from dpa_rag.stage import StageOutputs, stage_recorder
 
 __all__ = [
     "INDEX_INFO",
     "PASSAGES",
     "Index",
+    "Config",
     "IndexConfig",
+    "IndexOutputs",
+    "Outputs",
     "build_index",
     "load_index",
     "load_retriever",
-    "run_index",
+    "run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,7 +55,7 @@ INDEX_INFO = "index.json"
 Method = Literal["bm25", "dense", "hybrid"]
 
 
-class IndexConfig(StageConfig):
+class IndexConfig(Runtime, StageConfig):
     """Configuration of ``dpa-rag index``."""
 
     corpus: list[Path] = Field(
@@ -60,7 +65,7 @@ class IndexConfig(StageConfig):
     out_dir: Path = Field(Path("runs/index"), description="Index folder to write.")
     kind: Literal["bm25", "dense", "both"] = Field("both", description="Which indexes to build.")
     dedup: bool = Field(True, description="Drop passages whose (title, text) repeats an earlier one.")
-    encoder: str = Field("minilm", description="Dense encoder: bundled alias, hub id, or local folder.")
+    encoder: str = Field(DEFAULT_ENCODER, description="Dense encoder: bundled alias, hub id, or local folder.")
     query_encoder: str | None = Field(
         None,
         description="Separate dense query encoder (e.g. DPR's question encoder, with --encoder its context encoder); "
@@ -71,9 +76,8 @@ class IndexConfig(StageConfig):
         description="Sentence vector: auto (a sentence-transformers model's own; DPR: pooler output; plain HF "
         "folder: mean), cls, mean (e.g. facebook/contriever) or pooler (the model's pooler_output).",
     )
-    batch_size: int = Field(64, ge=1, description="Encoding batch size.")
-    device: str = Field("auto", description="Encoding device: auto, cpu, cuda, cuda:N, mps.")
-    dtype: str = Field("auto", description="Encoder dtype: auto, float32, bfloat16, float16 (faiss gets fp32).")
+    batch_size: int = Field(64, ge=1, description="Passages per encoding batch (the encoder's device and dtype: "
+                            "--device, --dtype; faiss gets fp32).")
     normalize: bool = Field(True, description="L2-normalise embeddings (inner product = cosine).")
     max_seq_length: int | None = Field(None, ge=8, description="Truncate passages to this many tokens.")
     query_prompt: str | None = Field(None, description="Prefix for queries (e.g. 'query: ' for E5).")
@@ -89,6 +93,20 @@ class IndexConfig(StageConfig):
     stopwords: str | None = Field("en", description="BM25 stop-word list (bm25s name, e.g. en) or none.")
     stemmer: str | None = Field(None, description="BM25 stemmer language (needs PyStemmer), e.g. english.")
     progress: bool = Field(True, description="Show progress bars.")
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexOutputs(StageOutputs):
+    """What ``index`` writes: the folder is the index (``load_index``); its passages and parts list."""
+
+    FILES: ClassVar[dict[str, str]] = {"passages": PASSAGES, "info": INDEX_INFO}
+    OPEN: ClassVar[bool] = True  # also the bm25/ and dense/ parts
+    passages: Path
+    info: Path
+
+
+Config = IndexConfig
+Outputs = IndexOutputs
 
 
 def build_index(cfg: IndexConfig, passages: list[Passage] | None = None) -> dict[str, Any]:
@@ -122,8 +140,8 @@ def build_index(cfg: IndexConfig, passages: list[Passage] | None = None) -> dict
     return info
 
 
-def run_index(cfg: IndexConfig) -> Path:
-    """Stage entry point: build the index folder, record config and manifest; returns the folder."""
+def run(cfg: IndexConfig) -> IndexOutputs:
+    """Stage entry point: build the index folder, record config and manifest."""
     rec = stage_recorder("index", cfg, cfg.out_dir, cfg.corpus)
     with rec.timer("load_corpus"):
         passages = load_corpus(cfg.corpus, dedup=cfg.dedup)
@@ -136,7 +154,7 @@ def run_index(cfg: IndexConfig) -> Path:
         outputs += ["dense/index.faiss", "dense/meta.json"]
     rec.finish(outputs=outputs, passages=len(passages), kinds=info["kinds"])
     logger.info("index: %d passages (%s) in %s", len(passages), ", ".join(info["kinds"]), cfg.out_dir)
-    return Path(cfg.out_dir)
+    return IndexOutputs.at(cfg.out_dir)
 
 
 class Index:

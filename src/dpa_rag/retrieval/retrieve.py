@@ -8,30 +8,35 @@ MRR over the questions that have gold answers.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from dpa_rag.config import StageConfig
+from dpa_rag.config import Runtime, StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field, load_questions
 from dpa_rag.data.schema import Ctx, Passage, Question, RetrievalRecord
-from dpa_rag.eval.metrics import hit_at_k, mrr, normalize_answer
+from dpa_rag.eval.metrics import normalize_answer
+from dpa_rag.eval.ranking import ranking_metrics
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.retrieval.base import Hit, Retriever
 from dpa_rag.retrieval.index import load_index
-from dpa_rag.stage import stage_recorder
+from dpa_rag.stage import StageOutputs, stage_recorder
 
 __all__ = [
     "METRICS_FILE",
     "RETRIEVAL_FILE",
     "AnswerMatcher",
+    "Config",
+    "Outputs",
     "RetrieveConfig",
+    "RetrieveOutputs",
     "retrieval_metrics",
     "retrieve_questions",
-    "run_retrieve",
+    "run",
 ]
 
 logger = logging.getLogger(__name__)
@@ -41,7 +46,7 @@ METRICS_FILE = "retrieval_metrics.json"
 HIT_KS = (1, 3, 5, 10, 20, 50, 100)
 
 
-class RetrieveConfig(StageConfig):
+class RetrieveConfig(Runtime, StageConfig):
     """Configuration of ``dpa-rag retrieve``."""
 
     index_dir: Path = Field(description="Index folder written by `dpa-rag index`.")
@@ -53,9 +58,8 @@ class RetrieveConfig(StageConfig):
     top_k: int = Field(100, ge=1, description="Passages kept per question.")
     rrf_k: int = Field(60, ge=0, description="Reciprocal-rank-fusion constant (hybrid).")
     fusion_depth: int = Field(100, ge=1, description="Candidates each side contributes to the fusion (hybrid).")
-    batch_size: int = Field(64, ge=1, description="Questions per search batch (and query encoding batch).")
-    device: str = Field("auto", description="Query encoder device (dense/hybrid).")
-    dtype: str = Field("auto", description="Query encoder dtype; auto = the dtype the passages were encoded with.")
+    batch_size: int = Field(64, ge=1, description="Questions per search batch (and query encoding batch; the query "
+                            "encoder's --device and --dtype: auto = the dtype the passages were encoded with).")
     ef_search: int = Field(128, ge=1, description="HNSW search depth (hnsw indexes only).")
     query_encoder: str | None = Field(
         None, description="Dense query encoder instead of the one recorded in the index (default: the recorded one)."
@@ -63,6 +67,19 @@ class RetrieveConfig(StageConfig):
     limit: int | None = Field(None, ge=1, description="Only the first N questions.")
     dedupe_ids: bool = dedupe_ids_field()
     progress: bool = Field(True, description="Show progress bars.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RetrieveOutputs(StageOutputs):
+    """What ``retrieve`` writes: DPR-style records and their answer hit@k / MRR."""
+
+    FILES: ClassVar[dict[str, str]] = {"retrieval": RETRIEVAL_FILE, "metrics": METRICS_FILE}
+    retrieval: Path
+    metrics: Path
+
+
+Config = RetrieveConfig
+Outputs = RetrieveOutputs
 
 
 class AnswerMatcher:
@@ -114,7 +131,8 @@ def retrieve_questions(
 
 
 def retrieval_metrics(records: Sequence[RetrievalRecord], top_k: int | None = None) -> dict[str, Any]:
-    """Answer hit@k (k in 1, 3, 5, 10, 20, 50, 100 up to ``top_k``) and MRR, over questions with gold answers.
+    """Answer ``hit@k`` (k in 1, 3, 5, 10, 20, 50, 100 up to ``top_k``) and ``mrr``, over questions with gold answers
+    (:func:`dpa_rag.eval.ranking.ranking_metrics`, the key scheme of every ranking metric).
 
     Args:
         records: retrieval records whose ctxs carry ``has_answer``.
@@ -125,16 +143,16 @@ def retrieval_metrics(records: Sequence[RetrievalRecord], top_k: int | None = No
     ks = [k for k in HIT_KS if k <= depth]
     if depth and depth not in ks and depth < HIT_KS[-1]:
         ks.append(depth)
+    ranked = ranking_metrics([[bool(c.has_answer) for c in r.ctxs] for r in scored], ks=ks)
+    # n_questions counts every record here; the means are over the n_with_answers ones
     metrics: dict[str, Any] = {"n_questions": len(records), "n_with_answers": len(scored)}
-    rel = [[bool(c.has_answer) for c in r.ctxs] for r in scored]
-    for k in ks:
-        metrics[f"hit@{k}"] = sum(hit_at_k(x, k) for x in rel) / len(rel) if rel else 0.0
-    metrics["mrr"] = sum(mrr(x) for x in rel) / len(rel) if rel else 0.0
+    metrics.update({f"hit@{k}": ranked[f"hit@{k}"] for k in ks})
+    metrics["mrr"] = ranked["mrr"]
     return metrics
 
 
-def run_retrieve(cfg: RetrieveConfig) -> Path:
-    """Stage entry point: write ``retrieval.jsonl`` and ``retrieval_metrics.json``; returns the retrieval file."""
+def run(cfg: RetrieveConfig) -> RetrieveOutputs:
+    """Stage entry point: write ``retrieval.jsonl`` and ``retrieval_metrics.json``."""
     rec = stage_recorder("retrieve", cfg, cfg.out_dir, [cfg.questions, cfg.index_dir])
     with rec.timer("load"):
         questions = load_questions(
@@ -148,10 +166,10 @@ def run_retrieve(cfg: RetrieveConfig) -> Path:
         )
     with rec.timer("search"):
         records = retrieve_questions(retriever, questions, cfg.top_k, cfg.batch_size, cfg.progress)
-    out = Path(cfg.out_dir) / RETRIEVAL_FILE
-    write_jsonl(out, records)
+    out = RetrieveOutputs.at(cfg.out_dir)
+    write_jsonl(out.retrieval, records)
     metrics = {"method": cfg.method, "top_k": cfg.top_k, **retrieval_metrics(records, cfg.top_k)}
-    write_json(Path(cfg.out_dir) / METRICS_FILE, metrics)
+    write_json(out.metrics, metrics)
     logger.info(
         "retrieve (%s): %s",
         cfg.method,

@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from dpa_rag.config import StageConfig
+from dpa_rag.config import Dtype, StageConfig
 
 __all__ = ["ServeConfig"]
 
@@ -42,7 +42,7 @@ class ServeConfig(StageConfig):
     )
     base_url: str | None = Field(None, description="OpenAI-compatible server URL of the readers (backend openai).")
     device: str | None = Field(None, description="Device of the models: auto, cpu, cuda, cuda:N, mps.")
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] | None = Field(
+    dtype: Dtype | None = Field(
         None, description="Weights/compute dtype of the reranker and readers; default: the run's, else auto."
     )
     top_k: int | None = Field(None, ge=1, le=100, description="Passages the reader sees; default: the run's, else 3.")

@@ -16,6 +16,7 @@ from typing import Any
 
 from dpa_rag.config import ConfigError, load_yaml
 from dpa_rag.generation import GeneratorOptions
+from dpa_rag.models import DEFAULT_ENCODER, DEFAULT_READER
 from dpa_rag.serve.config import ServeConfig
 from dpa_rag.stage import read_manifest
 
@@ -23,8 +24,7 @@ __all__ = ["ServePlan", "make_plan", "sample_index"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_RERANKER = "minilm"
-DEFAULT_READER = "smollm2-135m"
+DEFAULT_RERANKER = DEFAULT_ENCODER
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dpa_rag.cli.builder import add_stage_command
-from dpa_rag.rag.answer import AnswerConfig, run_answer
+from dpa_rag.rag import answer
 
 __all__ = ["register"]
 
@@ -18,4 +18,4 @@ HELP = (
 
 def register(app: typer.Typer) -> None:
     """Add the ``answer`` command to ``app``."""
-    add_stage_command(app, "answer", AnswerConfig, run_answer, help=HELP, rich_help_panel="Inference")
+    add_stage_command(app, "answer", answer.Config, answer.run, help=HELP, rich_help_panel="Inference")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 
 from dpa_rag.cli.builder import add_stage_command
-from dpa_rag.eval.evaluate import EvaluateConfig, run_evaluate
+from dpa_rag.eval import evaluate
 
 __all__ = ["register"]
 
@@ -19,4 +19,4 @@ HELP = (
 
 def register(app: typer.Typer) -> None:
     """Add the ``evaluate`` command to ``app``."""
-    add_stage_command(app, "evaluate", EvaluateConfig, run_evaluate, help=HELP, rich_help_panel="Inference")
+    add_stage_command(app, "evaluate", evaluate.Config, evaluate.run, help=HELP, rich_help_panel="Inference")

@@ -14,15 +14,15 @@ PANEL = "Reranker"
 
 def _train(cfg: TrainRerankerConfig):
     from dpa_rag.reranker.config import apply_gpu_flag
-    from dpa_rag.reranker.train import train_reranker
+    from dpa_rag.reranker.train import run
 
-    return train_reranker(apply_gpu_flag(cfg))
+    return run(apply_gpu_flag(cfg))
 
 
 def _rerank(cfg: RerankConfig):
-    from dpa_rag.reranker.rerank import run_rerank
+    from dpa_rag.reranker.rerank import run
 
-    return run_rerank(cfg)
+    return run(cfg)
 
 
 def register(app: typer.Typer) -> None:

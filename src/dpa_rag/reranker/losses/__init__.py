@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
+from dpa_rag.reranker.loss_names import LOSS_NAMES
 from dpa_rag.reranker.losses.contrastive import ContrastiveLoss
 from dpa_rag.reranker.losses.pairwise import PairwiseLoss
 from dpa_rag.reranker.losses.pointwise import PointwiseLoss
 
 __all__ = ["LOSS_NAMES", "ContrastiveLoss", "PairwiseLoss", "PointwiseLoss"]
-
-# Loss names as used on the command line, in the authors' order (cls, rank, scl).
-LOSS_NAMES = ("point", "pair", "contrastive")
