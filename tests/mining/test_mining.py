@@ -24,6 +24,7 @@ from dpa_rag.mining.labels import (
 from dpa_rag.mining.mine import MineConfig, probe_ranks, run
 from dpa_rag.mining.prompts import clean_answer, qa_prompt
 from dpa_rag.prompts import load_template
+from toys import NAMES, city_retrieval
 
 # ---------------------------------------------------------------- category rules (hand-made cases)
 
@@ -107,26 +108,6 @@ def test_qa_prompt_and_clean_answer() -> None:
 
 # ---------------------------------------------------------------- a synthetic retrieval file and a scripted reader
 
-NAMES = ["Paris", "London", "Berlin", "Rome", "Madrid", "Tokyo", "Cairo", "Lima", "Oslo", "Vienna", "Dublin", "Prague"]
-
-
-def _question(i: int) -> str:
-    return f"what is city number {i}"
-
-
-def make_retrieval(path: Path, n: int = 10) -> Path:
-    """Question i: gold NAMES[i]; 4 ctxs alternating gold/wrong passages (order depends on i)."""
-    records = []
-    for i in range(n):
-        gold, wrong = NAMES[i % len(NAMES)], NAMES[(i + 1) % len(NAMES)]
-        good = [{"title": f"Doc {i} {j}", "text": f"{gold} is the city you want, note {j}."} for j in range(2)]
-        bad = [{"title": f"Other {i} {j}", "text": f"{wrong} is a different city, note {j}."} for j in range(2)]
-        ctxs = [good[0], bad[0], good[1], bad[1]] if i % 3 else [bad[0], good[0], bad[1], good[1]]
-        records.append({"id": f"q{i}", "question": _question(i), "answers": [gold], "ctxs": ctxs})
-    write_jsonl(path, records)
-    return path
-
-
 def scripted_reader(text: str) -> str:
     """Closed-book: right for even question numbers, 'unknown' for odd; with a passage: copy its first name."""
     if "Passages:" in text:
@@ -159,7 +140,7 @@ def _read(path: Path) -> list[dict]:
 
 
 def test_mine_outputs_categories_and_batching(run_dir: Path) -> None:
-    retrieval = make_retrieval(run_dir / "ret.jsonl", n=10)
+    retrieval = city_retrieval(run_dir / "ret.jsonl", n=10)
     reader = FlakyReader()
     path = run(_cfg(run_dir, retrieval, "mine"), backend=reader)
     prefs = _read(path)
@@ -189,13 +170,13 @@ def test_mine_outputs_categories_and_batching(run_dir: Path) -> None:
 
 
 def test_short_lists_probe_nearest_ranks(run_dir: Path) -> None:
-    retrieval = make_retrieval(run_dir / "ret.jsonl", n=2)
+    retrieval = city_retrieval(run_dir / "ret.jsonl", n=2)
     path = run(_cfg(run_dir, retrieval, "mine", ranks=[1, 25, 50, 100]), backend=FlakyReader())
     assert [p["rank"] for p in _read(path)[0]["probes"]] == [1, 4]
 
 
 def test_kill_and_resume_matches_clean_run(run_dir: Path) -> None:
-    retrieval = make_retrieval(run_dir / "ret.jsonl", n=10)
+    retrieval = city_retrieval(run_dir / "ret.jsonl", n=10)
     clean_reader = FlakyReader()
     clean = run(_cfg(run_dir, retrieval, "clean", cache="cache-clean"), backend=clean_reader)
 
@@ -220,7 +201,7 @@ def test_kill_and_resume_matches_clean_run(run_dir: Path) -> None:
 
 
 def test_rerun_is_instant_and_config_change_starts_over(run_dir: Path) -> None:
-    retrieval = make_retrieval(run_dir / "ret.jsonl", n=6)
+    retrieval = city_retrieval(run_dir / "ret.jsonl", n=6)
     first = run(_cfg(run_dir, retrieval, "mine"), backend=FlakyReader())
     before = first.preferences.read_bytes()
     dead = FlakyReader(die_at=1)  # any reader call would raise
@@ -247,7 +228,7 @@ def test_mine_then_builders(run_dir: Path) -> None:
     from dpa_rag.mining.reranker_data import RerankerDataConfig
     from dpa_rag.mining.reranker_data import run as run_reranker
 
-    retrieval = make_retrieval(run_dir / "ret.jsonl", n=10)
+    retrieval = city_retrieval(run_dir / "ret.jsonl", n=10)
     run(_cfg(run_dir, retrieval, "mine"), backend=FlakyReader())
     split = {"train_fraction": 1.0, "valid_fraction": 0.0, "test_fraction": 0.0}
     strict = run_reranker(RerankerDataConfig(preferences=run_dir / "mine", out_dir=run_dir / "strict", **split))
@@ -270,7 +251,7 @@ def test_cli_mine(run_dir: Path) -> None:
 
     from dpa_rag.cli.main import app
 
-    retrieval = make_retrieval(run_dir / "ret.jsonl", n=4)
+    retrieval = city_retrieval(run_dir / "ret.jsonl", n=4)
     out = run_dir / "cli-mine"
     result = CliRunner().invoke(
         app,

@@ -14,7 +14,7 @@ from dpa_rag.pipeline import PipelineConfig, demo_config
 from dpa_rag.pipeline.check import check_pipeline
 from dpa_rag.sample import sample_path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PAPER = ["nq", "triviaqa", "hotpotqa", "webqsp"]
 
 

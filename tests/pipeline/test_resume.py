@@ -3,7 +3,7 @@ nothing finished is computed again (backend calls and scorer calls counted).
 
 A kill is simulated in-process by a backend (or scorer) that raises ``KeyboardInterrupt`` at its n-th batch, like a
 Ctrl-C, and for real by ``SIGKILL`` of a subprocess once its first chunk is on disk (no ``finally`` runs). Mining's
-kill tests are in tests/test_mining.py and tests/test_loglik.py.
+kill tests are in tests/mining/test_mining.py and tests/mining/test_loglik.py.
 """
 
 from __future__ import annotations

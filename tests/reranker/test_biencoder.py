@@ -9,29 +9,13 @@ import pytest
 import torch
 
 from dpa_rag.data.authors import RerankerTrainRecord, load_reranker_train
-from dpa_rag.io import write_jsonl
 from dpa_rag.reranker.biencoder import BiEncoderCollator, load_biencoder, resolve_kind, score_bi
 from dpa_rag.reranker.step import build_losses, compute_losses
-
-LOSSES = ["point", "pair", "contrastive"]
-
-
-def _records(n: int = 6) -> list[dict]:
-    """Separable toy: the positive passage repeats the question's city word, negatives talk about other things."""
-    cities = ["paris", "london", "berlin", "rome", "madrid", "tokyo", "oslo", "lima"]
-    out = []
-    for i in range(n):
-        c, o = cities[i % len(cities)], cities[(i + 3) % len(cities)]
-        pos = [f"Title: {c} Content: {c} is the capital city of the country {c}", f"Title: {c} Content: the {c} city"]
-        neg = [f"Title: {o} Content: the {o} river and the king", "Title: moon Content: the moon and the sun"]
-        out.append({"query": f"what is the capital city {c}", "classification": {"text": pos[0], "label": 1},
-                    "rank_list": [pos[0], pos[1], neg[0], neg[1]], "positive": pos, "negative": neg})
-    return out
+from toys import LOSSES, authors_train_records, write_rows
 
 
 def _train_file(path: Path, n: int = 6) -> Path:
-    write_jsonl(path, _records(n))
-    return path
+    return write_rows(path, authors_train_records(n))
 
 
 @pytest.fixture()
@@ -56,7 +40,7 @@ def test_kind_detection(tiny_bert_dir: Path, tmp_path: Path, tiny_bi) -> None:  
 @pytest.mark.parametrize("anchor", ["pairs", "query"])
 def test_losses_fused_equal_per_group_and_scores_are_scaled_cosine(tiny_bi, grouped, anchor) -> None:  # type: ignore[no-untyped-def]
     tiny_bi.eval()
-    records = [RerankerTrainRecord.model_validate(r) for r in _records(3)]
+    records = [RerankerTrainRecord.model_validate(r) for r in authors_train_records(3)]
     collate = BiEncoderCollator(tiny_bi.tokenizer, LOSSES, 64, query_anchor=anchor == "query", grouped=grouped)
     batch = collate(records)
     modules = build_losses(LOSSES, 1, contrastive_anchor=anchor)
@@ -78,7 +62,7 @@ def test_losses_fused_equal_per_group_and_scores_are_scaled_cosine(tiny_bi, grou
 
 
 def test_pairwise_loss_falls_on_separable_toy(tiny_bi) -> None:  # type: ignore[no-untyped-def]
-    records = [RerankerTrainRecord.model_validate(r) for r in _records(6)]
+    records = [RerankerTrainRecord.model_validate(r) for r in authors_train_records(6)]
     batch = BiEncoderCollator(tiny_bi.tokenizer, ["pair"], 64)(records)
     modules = build_losses(["pair"], 1)
     opt = torch.optim.AdamW(tiny_bi.parameters(), lr=3e-3)
@@ -119,7 +103,7 @@ def test_train_bi_encoder_each_weighting_and_sentence_transformers_loads_it(
     rr = Reranker(str(model_dir), device="cpu", dtype="fp32", fusion="off")
     assert rr.kind == "bi-encoder"
     query = "what is the capital city paris"
-    docs = [r for r in _records(2)[0]["rank_list"]]
+    docs = [r for r in authors_train_records(2)[0]["rank_list"]]
     ours = rr.score(query, docs)
     theirs = st.similarity(st.encode([query], convert_to_tensor=True), st.encode(docs, convert_to_tensor=True))[0]
     assert ours == pytest.approx(theirs.tolist(), abs=1e-5)

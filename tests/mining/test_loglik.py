@@ -13,6 +13,7 @@ from dpa_rag.io import write_jsonl
 from dpa_rag.mining.labels import ALIGNED, NEUTRAL, UNALIGNED, categorize, categorize_gain
 from dpa_rag.mining.mine import MineConfig, run, scoring_golds
 from dpa_rag.mining.prompts import qa_prompt
+from toys import city_retrieval
 
 
 def _manual_loglik(gen, prompt, continuation: str) -> float:  # type: ignore[no-untyped-def]
@@ -101,18 +102,6 @@ def test_gain_thresholds_and_categorize() -> None:
         categorize_gain(0.0, positive=-1)
 
 
-def _fake_retrieval(path: Path, n: int = 8) -> Path:
-    names = ["Paris", "London", "Berlin", "Rome", "Madrid", "Tokyo", "Cairo", "Lima", "Oslo", "Vienna"]
-    records = []
-    for i in range(n):
-        gold, wrong = names[i % len(names)], names[(i + 1) % len(names)]
-        ctxs = [{"title": f"T{i}{j}", "text": f"{gold if j % 2 == i % 2 else wrong} is the city, note {j}.",
-                 "has_answer": j % 2 == i % 2} for j in range(4)]
-        records.append({"id": f"q{i}", "question": f"what is city number {i}", "answers": [gold], "ctxs": ctxs})
-    write_jsonl(path, records)
-    return path
-
-
 class KilledScorer(FakeGenerator):
     """The fake backend, killed when asked for its ``die_at``-th loglik batch."""
 
@@ -129,9 +118,9 @@ class KilledScorer(FakeGenerator):
 
 
 def _cfg(run_dir: Path, out: str, cache: str, **kw: object) -> MineConfig:
-    base = {"retrieval": _fake_retrieval(run_dir / "ret.jsonl"), "out_dir": run_dir / out, "backend": "fake",
-            "cache_dir": run_dir / cache, "label_rule": "loglik", "ranks": [1], "probe_top": 4, "batch_size": 4,
-            "chunk_size": 3, "progress": False, "agreement_questions": 4}
+    base = {"retrieval": city_retrieval(run_dir / "ret.jsonl", n=8, has_answer=True), "out_dir": run_dir / out,
+            "backend": "fake", "cache_dir": run_dir / cache, "label_rule": "loglik", "ranks": [1], "probe_top": 4,
+            "batch_size": 4, "chunk_size": 3, "progress": False, "agreement_questions": 4}
     return MineConfig(**{**base, **kw})
 
 
@@ -203,7 +192,7 @@ def test_graded_preferences_build_ranked_data_and_utility_report(run_dir: Path, 
     from dpa_rag.reranker.config import TrainRerankerConfig
     from dpa_rag.reranker.train import run as train_reranker
 
-    retrieval = _fake_retrieval(run_dir / "ret.jsonl", n=10)
+    retrieval = city_retrieval(run_dir / "ret.jsonl", n=10, has_answer=True)
     prefs = run(MineConfig(retrieval=retrieval, out_dir=run_dir / "mine", backend="fake", label_rule="loglik",
                            probe_top=4, agreement_questions=0, progress=False, cache_dir=run_dir / "cache"))
     data = build(RerankerDataConfig(preferences=prefs.preferences, out_dir=run_dir / "data", train_fraction=0.6,

@@ -32,7 +32,7 @@ STAGES = [
     "dpa_rag.pipeline.report",
     "dpa_rag.eval.evaluate",
 ]
-PIPELINE = Path(__file__).resolve().parents[1] / "src" / "dpa_rag" / "pipeline"
+PIPELINE = Path(__file__).resolve().parents[2] / "src" / "dpa_rag" / "pipeline"
 
 
 @pytest.mark.parametrize("name", STAGES)
@@ -117,7 +117,7 @@ def test_shared_options_declared_once() -> None:
     assert issubclass(TrainRerankerConfig, DeviceOption) and issubclass(TrainLLMConfig, DeviceOption)
     assert GeneratorOptions().model == TrainLLMConfig(data=["x"]).model == DEFAULT_READER
     assert TrainRerankerConfig().backbone == DEFAULT_ENCODER
-    src = Path(__file__).resolve().parents[1] / "src" / "dpa_rag"
+    src = Path(__file__).resolve().parents[2] / "src" / "dpa_rag"
     literal = [str(p.relative_to(src)) for p in src.rglob("*.py") if p.name != "models.py"
                and re.search(r'Field\(\s*"(smollm2-135m|minilm)"', p.read_text())]
     assert not literal, f"model defaults written out instead of DEFAULT_READER/DEFAULT_ENCODER: {literal}"

@@ -21,32 +21,28 @@ from typing import Any
 import pytest
 import torch
 
+from dpa_rag.reranker.loss_names import LOSS_NAMES
+
 HERE = Path(__file__).resolve()
-LOSSES = ["point", "pair", "contrastive"]
+LOSSES = list(LOSS_NAMES)
 
 
 def _records(n: int = 4) -> list[dict]:
-    """Separable toy in the authors' training format (as tests/test_biencoder.py)."""
-    cities = ["paris", "london", "berlin", "rome", "madrid", "tokyo", "oslo", "lima"]
-    out = []
-    for i in range(n):
-        c, o = cities[i % len(cities)], cities[(i + 3) % len(cities)]
-        pos = [f"Title: {c} Content: {c} is the capital city of the country {c}", f"Title: {c} Content: the {c} city"]
-        neg = [f"Title: {o} Content: the {o} river and the king", "Title: moon Content: the moon and the sun"]
-        out.append({"query": f"what is the capital city {c}", "classification": {"text": pos[0], "label": 1},
-                    "rank_list": [pos[0], pos[1], neg[0], neg[1]], "positive": pos, "negative": neg})
-    return out
+    from toys import authors_train_records  # not at the top: the torchrun workers run this file as a script
+
+    return authors_train_records(n)
 
 
 def _valid(n: int = 4) -> list[dict]:
-    cities = ["paris", "london", "berlin", "rome"]
-    return [{"question": f"what is the capital city {c}", "reference": [c], "category": 1 + i % 2,
-             "ctx": f"Title: {c} Content: {c} is the capital city"} for i, c in enumerate(cities[:n])]
+    from toys import authors_valid_pairs
+
+    return authors_valid_pairs(n)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    return path
+    from toys import write_rows
+
+    return write_rows(path, rows)
 
 
 @pytest.fixture(scope="module")

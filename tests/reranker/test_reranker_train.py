@@ -13,8 +13,7 @@ from dpa_rag.data.authors import load_reranker_train
 from dpa_rag.reranker.data import FusedCollator
 from dpa_rag.reranker.model import load_reranker_model
 from dpa_rag.reranker.step import build_losses, compute_losses
-
-LOSSES = ["point", "pair", "contrastive"]
+from toys import LOSSES
 
 
 @pytest.fixture(scope="module")
