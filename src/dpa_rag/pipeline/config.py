@@ -13,7 +13,7 @@ A pipeline YAML looks like::
     train_llm: true
     sections:
       mine: {ranks: [1, 5, 10, 20]}
-      train_reranker: {epochs: 3, losses: [point, pair, contrastive], weighting: mgda}
+      train_reranker: {num_train_epochs: 3, losses: [point, pair, contrastive], weighting: mgda}
       train_llm_sft: {max_steps: 40}
 
 A section holds any option of that stage's own command (``dpa-rag <stage> --help``), except the input/output paths,
