@@ -78,8 +78,8 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
     scl_loss: str | None = Field(None, description="Authors' flag (bare or True/False) switches the contrastive loss.",
                                  json_schema_extra={"cli": ["--scl_loss"], "flag_value": "True"})
     losses: list[str] = Field(
-        default_factory=lambda: ["point", "pair", "contrastive"],
-        description="Losses: point, pair, contrastive (comma-separated or repeated).",
+        default_factory=lambda: list(LOSS_NAMES),
+        description=f"Losses: {', '.join(LOSS_NAMES)} (comma-separated or repeated).",
     )
     weighting: Literal["mgda", "mgda-ub", "equal", "fixed"] = Field("mgda", description="Loss weighting strategy.")
     loss_weights: str | None = Field(None, description="Weights for --weighting fixed, e.g. point=1,pair=0.5.")
@@ -189,7 +189,7 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
     utility_valid: str | None = Field(
         None,
         description="Held-out lists with the reader's gains (build-reranker-data valid_lists.jsonl): scored at every "
-        "evaluation (utility_ndcg_at_k, utility_mrr_aligned, utility_top1_gain; pick one with "
+        "evaluation (utility_ndcg@k, utility_mrr_aligned, utility_top1_gain; pick one with "
         "--metric-for-best-model).",
     )
     utility_test: str | None = Field(

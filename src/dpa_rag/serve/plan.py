@@ -16,7 +16,11 @@ from typing import Any
 
 from dpa_rag.config import ConfigError, load_yaml
 from dpa_rag.generation import GeneratorOptions
+from dpa_rag.llm import train as llm_train
 from dpa_rag.models import DEFAULT_ENCODER, DEFAULT_READER
+from dpa_rag.pipeline import PIPELINE_CONFIG
+from dpa_rag.reranker import train as reranker_train
+from dpa_rag.retrieval.index import INDEX_INFO
 from dpa_rag.serve.config import ServeConfig
 from dpa_rag.stage import read_manifest
 
@@ -85,9 +89,10 @@ def sample_index(cache_dir: Path | None = None) -> Path:
 
 def _from_run(run: Path) -> dict[str, Any]:
     """The parts a finished pipeline run provides (keys of :class:`ServePlan`)."""
-    pipeline_file = run / "pipeline.yaml"
+    pipeline_file = run / PIPELINE_CONFIG
     if not pipeline_file.exists():
-        raise ConfigError(f"{run}: not a pipeline run folder (pipeline.yaml missing; create it with `dpa-rag run`)")
+        raise ConfigError(f"{run}: not a pipeline run folder ({PIPELINE_CONFIG} missing; create it with "
+                          "`dpa-rag run`)")
     pipe = load_yaml(pipeline_file)
     out: dict[str, Any] = {"source": f"run {run}"}
     if not _complete(run / "index"):
@@ -103,7 +108,7 @@ def _from_run(run: Path) -> dict[str, Any]:
         out["template"] = base.get("template", "qa")
         out["chat"] = bool(base.get("chat", True))
     out["base_reader"] = GeneratorOptions.model_validate(reader_opts)
-    model_dir = run / "train-reranker" / "model"
+    model_dir = reranker_train.Outputs.at(run / "train-reranker").model
     if _complete(run / "train-reranker") and (model_dir / "config.json").exists():
         rerank_cfg = _step_config(run / "rerank-eval") or {}
         out["reranker"] = {
@@ -120,9 +125,9 @@ def _from_run(run: Path) -> dict[str, Any]:
             out["aligned_reader"] = GeneratorOptions.model_validate(_generator_options(aligned))
             break
     else:
-        sft = run / "train-llm-sft"
-        model = sft / "model" if (sft / "model" / "config.json").exists() else sft / "merged"
-        if _complete(sft) and (model / "config.json").exists():
+        sft = llm_train.Outputs.at(run / "train-llm-sft")
+        model = sft.model if (sft.model / "config.json").exists() else sft.merged
+        if _complete(sft.out_dir) and (model / "config.json").exists():
             out["aligned_reader"] = GeneratorOptions.model_validate({**reader_opts, "model": str(model)})
         else:
             logger.warning("%s: no finished self-aligned reader; model dpa-rag uses the base reader", run)
@@ -172,7 +177,7 @@ def make_plan(cfg: ServeConfig) -> ServePlan:
             parts[key] = getattr(cfg, key)
     parts["candidates"] = max(parts.get("candidates", 20), parts.get("top_k", 3))
     plan = ServePlan(**parts)
-    if not (plan.index_dir / "index.json").exists():
-        raise FileNotFoundError(f"{plan.index_dir}: not an index folder (index.json missing; build it with "
+    if not (plan.index_dir / INDEX_INFO).exists():
+        raise FileNotFoundError(f"{plan.index_dir}: not an index folder ({INDEX_INFO} missing; build it with "
                                 "`dpa-rag index`)")
     return plan
