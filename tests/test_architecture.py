@@ -280,3 +280,14 @@ def test_no_upward_imports() -> None:
     _, full = _graphs()
     upward = [f"{m} -> {x}" for m in sorted(full) for x in sorted(full[m]) if _layer(x) > _layer(m)]
     assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+def test_cli_import_stays_light() -> None:
+    """``dpa-rag --help`` must not pay for torch/transformers: the CLI imports stage modules only when a command
+    runs (a fresh interpreter, so other tests' imports don't count)."""
+    import subprocess
+    import sys
+
+    code = "import sys, dpa_rag.cli.main; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "[]", f"importing dpa_rag.cli.main loads {out}"

@@ -108,7 +108,9 @@ class StageOutputs:
         return str(self.main)
 
     def __str__(self) -> str:
-        return f"{self.out_dir} ({', '.join(self.FILES.values())})"
+        """The folder and the named outputs that exist in it (``wrote runs/x (a.jsonl, b.json)``)."""
+        present = [name for name in self.FILES.values() if (Path(self.out_dir) / name).exists()]
+        return f"{self.out_dir} ({', '.join(present)})" if present else str(self.out_dir)
 
 
 def _neutral(cfg: BaseModel) -> set[str]:

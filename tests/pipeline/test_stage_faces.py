@@ -133,3 +133,29 @@ def test_pipeline_generator_sections_are_typed(tmp_path: Path) -> None:
     assert cfg.generator("rewriter") is None
     with pytest.raises(ValueError, match="reader.template"):
         PipelineConfig(questions=q, corpus=[q], reader={"template": "dpa"})
+
+
+def test_saved_pipeline_yaml_builds_the_same_steps(tmp_path: Path) -> None:
+    """pipeline.yaml keeps only what the generator sections set: re-running from it wires the same stage configs
+    (augment keeps its own temperature, every stage the run's cache folder)."""
+    from dpa_rag.config import save_config
+    from dpa_rag.pipeline.config import PipelineConfig
+    from dpa_rag.pipeline.dpa import build_steps
+
+    q = tmp_path / "q.jsonl"
+    q.write_text('{"id": "1", "question": "q?", "answers": ["a"]}\n')
+    cfg = PipelineConfig(out_dir=tmp_path / "run", questions=q, corpus=[q],
+                         reader={"backend": "fake", "batch_size": 4})
+    again = load_config(PipelineConfig, save_config(cfg, tmp_path / "pipeline.yaml"))
+    assert again.generator("reader") == {"backend": "fake", "batch_size": 4}
+
+    def configs(c: PipelineConfig) -> dict[str, dict]:
+        steps = build_steps(c)
+        folders = {s.name: c.out_dir / s.name for s in steps}
+        return {s.name: s.make_config(folders).model_dump(mode="json") for s in steps}
+
+    before, after = configs(cfg), configs(again)
+    assert before == after
+    assert before["augment"]["temperature"] == 0.7
+    assert before["augment"]["cache_dir"] == str(tmp_path / "run" / "cache")
+    assert "report" in before["report"]["steps"]

@@ -94,7 +94,8 @@ def test_mgda_direct_gradients_equal_weighted_backward(tiny_bert_dir, authors):
     model.zero_grad(set_to_none=True)
     losses, _ = compute_losses(model, batch, modules, separate=True)
     w = mgda_direct_gradients(model, losses, MGDAWeighting(), scale=0.5)
-    assert w == pytest.approx(w_ref, abs=1e-6)  # same solver on the same gradients; fp32 reduction order varies
+    # same solver on the same gradients; the two passes differ in the last bits (seen 1.4e-9 under load), so 1e-6
+    assert w == pytest.approx(w_ref, abs=1e-6)
     assert len(w) == 3 and sum(w.values()) == pytest.approx(1.0)
     got = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(got) == set(ref)

@@ -25,7 +25,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_serializer, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field
@@ -158,7 +158,17 @@ class PipelineConfig(StageConfig):
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.sections.get(name) or {})
 
+    @field_serializer("reader", "rewriter", "aligned_reader")
+    def _only_set(self, opts: GeneratorOptions | dict[str, Any] | None) -> dict[str, Any] | None:
+        """A saved ``pipeline.yaml`` keeps only what each generator section set, so loading it back gives the same
+        stage configs (the stages' own defaults, e.g. augment's temperature, stay in force)."""
+        if opts is None or isinstance(opts, dict):
+            return opts
+        return opts.model_dump(mode="json", exclude_unset=True)
+
     def generator(self, which: Literal["reader", "rewriter", "aligned_reader"]) -> dict[str, Any] | None:
         """The options a generator section sets (unset fields stay the stage's defaults); ``None`` if not given."""
         opts = getattr(self, which)
+        if isinstance(opts, dict):  # set by model_copy(update=...), which does not validate
+            opts = GeneratorOptions.model_validate(opts)
         return None if opts is None else opts.model_dump(mode="json", exclude_unset=True)

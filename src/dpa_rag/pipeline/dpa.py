@@ -374,7 +374,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     """The ordered steps of a run (disabled ones included, marked ``enabled=False``)."""
     w = _Wiring(cfg)
     steps = [_step(cfg, d) for d in _table(cfg, w)]
-    enabled = [s.name for s in steps if s.enabled]
+    enabled = [*(s.name for s in steps if s.enabled), "report"]
     steps.append(_step(cfg, Decl("report", report, ("report",), tuple(system_steps(cfg).values()),
                                  lambda f: w.report(f, enabled))))
     return steps

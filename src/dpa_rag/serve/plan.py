@@ -16,10 +16,8 @@ from typing import Any
 
 from dpa_rag.config import ConfigError, load_yaml
 from dpa_rag.generation import GeneratorOptions
-from dpa_rag.llm import train as llm_train
 from dpa_rag.models import DEFAULT_ENCODER, DEFAULT_READER
 from dpa_rag.pipeline import PIPELINE_CONFIG
-from dpa_rag.reranker import train as reranker_train
 from dpa_rag.retrieval.index import INDEX_INFO
 from dpa_rag.serve.config import ServeConfig
 from dpa_rag.stage import read_manifest
@@ -89,6 +87,10 @@ def sample_index(cache_dir: Path | None = None) -> Path:
 
 def _from_run(run: Path) -> dict[str, Any]:
     """The parts a finished pipeline run provides (keys of :class:`ServePlan`)."""
+    # the training stages' modules import torch: here, not at the top, so `dpa-rag --help` stays cheap
+    from dpa_rag.llm import train as llm_train
+    from dpa_rag.reranker import train as reranker_train
+
     pipeline_file = run / PIPELINE_CONFIG
     if not pipeline_file.exists():
         raise ConfigError(f"{run}: not a pipeline run folder ({PIPELINE_CONFIG} missing; create it with "

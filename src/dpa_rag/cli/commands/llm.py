@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import inspect
-from pathlib import Path
 from typing import Any
 
 import typer
 
 from dpa_rag.cli.builder import add_stage_command, fail
 from dpa_rag.config import ConfigError
+from dpa_rag.stage import StageOutputs
 
 __all__ = ["register"]
 
@@ -22,7 +22,7 @@ HELP = (
 )
 
 
-def _run(cfg: Any) -> Path:
+def _run(cfg: Any) -> StageOutputs:
     from dpa_rag.llm.train import run
 
     return run(cfg)

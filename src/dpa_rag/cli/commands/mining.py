@@ -2,30 +2,29 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import typer
 
 from dpa_rag.cli.builder import add_stage_command
+from dpa_rag.stage import StageOutputs
 
 __all__ = ["register"]
 
 PANEL = "Preference data"
 
 
-def _mine(cfg: object) -> Path:
+def _mine(cfg: object) -> StageOutputs:
     from dpa_rag.mining.mine import run
 
     return run(cfg)  # type: ignore[arg-type]
 
 
-def _reranker_data(cfg: object) -> Path:
+def _reranker_data(cfg: object) -> StageOutputs:
     from dpa_rag.mining.reranker_data import run
 
     return run(cfg)  # type: ignore[arg-type]
 
 
-def _llm_data(cfg: object) -> Path:
+def _llm_data(cfg: object) -> StageOutputs:
     from dpa_rag.mining.llm_data import run
 
     return run(cfg)  # type: ignore[arg-type]
