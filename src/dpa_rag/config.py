@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -107,13 +107,28 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _owner(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The model that holds the last key of ``loc`` (nested sections such as ``reader.template``), if it is one."""
+    for part in loc[:-1]:
+        field = cls.model_fields.get(str(part))
+        if field is None:
+            return None
+        nested = [a for a in (field.annotation, *get_args(field.annotation))
+                  if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not nested:
+            return None
+        cls = nested[0]
+    return cls
+
+
 def _explain(exc: ValidationError, cls: type[BaseModel], source: str) -> str:
     lines = []
     for e in exc.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(root)"
         if e["type"] == "extra_forbidden":
-            known = ", ".join(sorted(cls.model_fields))
-            lines.append(f"unknown key '{key}' (known keys: {known})")
+            owner = _owner(cls, tuple(e["loc"]))
+            known = f" (known keys: {', '.join(sorted(owner.model_fields))})" if owner is not None else ""
+            lines.append(f"unknown key '{key}'{known}")
         else:
             lines.append(f"'{key}': {e['msg']}")
     return f"{source}: invalid {cls.__name__}: " + "; ".join(lines)

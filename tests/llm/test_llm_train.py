@@ -24,6 +24,7 @@ from dpa_rag.llm import (
     resolve_chat_template,
     run,
 )
+from toys import write_rows
 
 QA = [
     ("who wrote the song yesterday", "the beatles"),
@@ -43,14 +44,9 @@ def _messages(q: str, a: str, system: str = "answer the question") -> dict:
     }
 
 
-def _write_jsonl(path: Path, records: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    return path
-
-
 @pytest.fixture()
 def qa_file(run_dir: Path) -> Path:
-    return _write_jsonl(run_dir / "sft.jsonl", [_messages(q, a) for q, a in QA])
+    return write_rows(run_dir / "sft.jsonl", [_messages(q, a) for q, a in QA])
 
 
 def _cfg(tiny_llm_dir: Path, data: list[Path] | Path, out_dir: Path, **kw) -> TrainLLMConfig:
@@ -72,7 +68,7 @@ def test_alpaca_and_messages_are_converted(run_dir: Path) -> None:
         {"instruction": "answer", "input": "question: who wrote hamlet", "output": "shakespeare", "system": "sys"},
         {"instruction": "what is the capital of italy", "input": "", "output": "rome"},
     ]))
-    msgs = _write_jsonl(run_dir / "m.jsonl", [_messages("q1", "a1")])
+    msgs = write_rows(run_dir / "m.jsonl", [_messages("q1", "a1")])
     examples, report = load_examples([alpaca, msgs])
     assert report.records == 3 and len(examples) == 3
     assert examples[0].prompt == [
@@ -94,7 +90,7 @@ def test_alpaca_and_messages_are_converted(run_dir: Path) -> None:
     ],
 )
 def test_bad_record_names_file_and_line(run_dir: Path, bad: dict, needle: str) -> None:
-    path = _write_jsonl(run_dir / "bad.jsonl", [_messages("q", "a"), bad])
+    path = write_rows(run_dir / "bad.jsonl", [_messages("q", "a"), bad])
     with pytest.raises(DataError, match=needle) as err:
         load_examples([path])
     assert f"{path}:2" in str(err.value)
@@ -111,7 +107,7 @@ def test_empty_and_overlength_are_counted_warned_and_dropped(
         _messages(*QA[0]), _messages("q", "  "), _messages("q", long_text), _messages(*QA[1]),
         _messages(long_text, "a"),
     ]
-    path = _write_jsonl(run_dir / "d.jsonl", records)
+    path = write_rows(run_dir / "d.jsonl", records)
     with caplog.at_level(logging.WARNING, logger="dpa_rag.llm.data"):
         examples, report = load_examples([path])
         kept = check_lengths(examples, tok, 64, "drop", report)
@@ -175,7 +171,7 @@ def test_full_finetuning_overfits_four_examples(run_dir: Path, tiny_llm_dir: Pat
     records = [_messages(q, a) for q, a in QA]
     records.insert(1, _messages("q", ""))  # empty answer: dropped, reported
     records.append(_messages(" ".join(["who was the king of england"] * 40), "x"))  # over the cutoff: dropped
-    data = _write_jsonl(run_dir / "sft.jsonl", records)
+    data = write_rows(run_dir / "sft.jsonl", records)
     out = run(_cfg(tiny_llm_dir, data, run_dir / "full", method="full", learning_rate=3e-3, max_steps=30,
                    lr_scheduler_type="constant"))
     log = json.loads(out.train_log.read_text())
@@ -283,7 +279,7 @@ def test_cli_two_stage_chain_and_recipes(run_dir: Path, tiny_llm_dir: Path, qa_f
 
 
 def test_mixed_stage_concatenates_and_shuffles(run_dir: Path, tiny_llm_dir: Path, qa_file: Path) -> None:
-    pre = _write_jsonl(
+    pre = write_rows(
         run_dir / "prealign.jsonl", [_messages(f"is document {i} positive", "Positive") for i in range(4)]
     )
     trainer, report = build_trainer(_cfg(tiny_llm_dir, qa_file, run_dir / "mixed", stage="mixed", data_extra=pre))

@@ -133,6 +133,10 @@ def test_pipeline_generator_sections_are_typed(tmp_path: Path) -> None:
     assert cfg.generator("rewriter") is None
     with pytest.raises(ValueError, match="reader.template"):
         PipelineConfig(questions=q, corpus=[q], reader={"template": "dpa"})
+    with pytest.raises(ConfigError) as err:  # the CLI's message lists the section's own keys
+        load_config(PipelineConfig, overrides={"questions": q, "corpus": [q], "reader": {"template": "dpa"}})
+    assert "unknown key 'reader.template' (known keys: api_key_env, backend," in str(err.value)
+    assert "compare_retrievers" not in str(err.value)
 
 
 def test_saved_pipeline_yaml_builds_the_same_steps(tmp_path: Path) -> None:
