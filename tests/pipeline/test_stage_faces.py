@@ -28,6 +28,7 @@ STAGES = [
     "dpa_rag.reranker.rerank",
     "dpa_rag.mining.llm_data",
     "dpa_rag.llm.train",
+    "dpa_rag.pipeline.promote",
     "dpa_rag.rag.answer",
     "dpa_rag.pipeline.report",
     "dpa_rag.eval.evaluate",

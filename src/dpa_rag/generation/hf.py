@@ -87,6 +87,24 @@ class HFGenerator:
         if isinstance(template, str):  # the template shapes every chat prompt; the weights fingerprint misses it
             self.model_id += ":chat-" + hashlib.sha1(template.encode("utf-8")).hexdigest()[:8]
         self._eos_ids = self._collect_eos_ids()
+        self._setup_forward()
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, batch_size: int = 16, model_id: str = "in-memory") -> HFGenerator:
+        """A generator over an already loaded ``model`` and ``tokenizer`` (e.g. a model being trained), decoding
+        exactly as a loaded one does; the model is used as it is (put it in eval mode first)."""
+        self = cls.__new__(cls)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        self.path, self.tokenizer, self.model, self.model_id = "in-memory", tokenizer, model, model_id
+        self.device = str(next(model.parameters()).device)
+        self.dtype = next(model.parameters()).dtype
+        self.batch_size = batch_size
+        self._eos_ids = self._collect_eos_ids()
+        self._setup_forward()
+        return self
+
+    def _setup_forward(self) -> None:
         import inspect
 
         params = inspect.signature(self.model.forward).parameters

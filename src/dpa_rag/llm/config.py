@@ -80,6 +80,32 @@ class TrainLLMConfig(DeviceOption, StageConfig):
         None, description="DeepSpeed JSON file or shipped name (zero3); not needed under an accelerate DS config."
     )
 
+    # Held-out validation and the checkpoint kept (dpa_rag.llm.validation)
+    valid: Path | None = Field(
+        None,
+        description="Held-out training-split questions with passages (a retrieval file; build-llm-data's valid.jsonl) "
+        "answered with the reader being trained and the base reader, the answer step's way; the kept weights are "
+        "chosen by --select.",
+    )
+    eval_steps: int = Field(
+        0, ge=0, description="Validate every N optimizer steps (also at step 0 and at the end). [default: 0 = about "
+        "four times per run]"
+    )
+    select: Literal["f1-no-hit-loss", "hits", "final"] = Field(
+        "f1-no-hit-loss",
+        description="Which validated weights to keep: f1-no-hit-loss (highest F1 among steps whose Hits@1 is not "
+        "below the base reader's minus --hit-tolerance; none: the starting weights), hits, or final.",
+    )
+    hit_tolerance: float = Field(
+        0.0, ge=0.0, description="Hits@1 points a kept step may lose against the base reader (f1-no-hit-loss)."
+    )
+    valid_top_k: int = Field(3, ge=0, description="Passages per validation prompt (the answer step's top_k).")
+    valid_template: str = Field("qa", description="Validation prompt template (the answer step's).")
+    valid_chat: bool = Field(True, description="Validation prompts as chat messages (the answer step's --chat).")
+    valid_max_new_tokens: int = Field(32, ge=1, description="Validation decoding budget (greedy; the answer step's).")
+    valid_limit: int | None = Field(None, ge=1, description="Validate on the first N questions only.")
+    valid_batch_size: int = Field(16, ge=1, description="Validation prompts per generation batch.")
+
     # Logging and saving
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
     save_steps: int = Field(0, ge=0, description="Checkpoint every N steps under out_dir/checkpoints (0: off).")

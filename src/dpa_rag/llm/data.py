@@ -5,7 +5,9 @@ Accepted inputs (``.jsonl``, ``.json``, gzipped or not):
 * chat messages: ``{"messages": [{"role": "system"|"user"|"assistant", "content": "…"}, …]}``, the last message
   is the assistant target (what ``dpa-rag build-llm-data`` writes as ``prealign.jsonl`` / ``sft.jsonl``);
 * alpaca (LLaMA-Factory): ``{"instruction", "input", "output", "system", "history"}``; the user turn is
-  ``instruction + "\\n\\n" + input`` (just ``instruction`` when ``input`` is empty).
+  ``instruction + "\\n\\n" + input`` (just ``instruction`` when ``input`` is empty);
+* plain text: ``{"prompt": "…", "completion": "…"}`` strings (``build-llm-data --no-chat``: a reader answered
+  without a chat template is trained on the same plain prompts; TRL appends EOS to the completion).
 
 Each record becomes ``{"prompt": [messages…without the last], "completion": [last assistant message]}``, so the
 loss covers the answer tokens only (``completion_only_loss``). A malformed record raises :class:`DataError` naming
@@ -39,11 +41,21 @@ MAX_POSITIONS = 5
 
 @dataclass
 class LLMExample:
-    """One training example: the prompt turns, the assistant answer, and where it came from (``file:line``)."""
+    """One training example: the prompt turns, the assistant answer, and where it came from (``file:line``); a
+    plain-text example (``{"prompt", "completion"}`` strings, for readers answered without a chat template) holds
+    strings instead of messages."""
 
-    prompt: list[dict[str, str]]
-    completion: list[dict[str, str]]
+    prompt: list[dict[str, str]] | str
+    completion: list[dict[str, str]] | str
     position: str
+
+    @property
+    def chat(self) -> bool:
+        return not isinstance(self.prompt, str)
+
+    @property
+    def answer(self) -> str:
+        return self.completion if isinstance(self.completion, str) else self.completion[-1]["content"]
 
     def to_row(self) -> dict[str, Any]:
         return {"prompt": self.prompt, "completion": self.completion}
@@ -147,8 +159,18 @@ def record_to_messages(rec: dict[str, Any], where: str) -> list[dict[str, str]]:
     )
 
 
+def _text_record(rec: dict[str, Any], where: str) -> LLMExample:
+    """A plain-text ``{"prompt", "completion"}`` record (no chat template at training or answer time)."""
+    return LLMExample(prompt=_text(rec, "prompt", where, required=True),
+                      completion=_text(rec, "completion", where, required=True), position=where)
+
+
 def load_examples(paths: list[Path], report: DataReport | None = None) -> tuple[list[LLMExample], DataReport]:
-    """Read and validate every record of ``paths``; empty answers are counted, warned about and dropped."""
+    """Read and validate every record of ``paths``; empty answers are counted, warned about and dropped.
+
+    Raises:
+        DataError: a malformed record (``file:line``), or chat and plain-text records mixed in one run.
+    """
     report = report or DataReport()
     examples: list[LLMExample] = []
     for path in paths:
@@ -157,13 +179,21 @@ def load_examples(paths: list[Path], report: DataReport | None = None) -> tuple[
         n_before = report.records
         for pos, rec in read_records(path):
             where = _where(path, pos)
-            msgs = record_to_messages(rec, where)
+            if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and "messages" not in rec:
+                example = _text_record(rec, where)
+            else:
+                msgs = record_to_messages(rec, where)
+                example = LLMExample(prompt=msgs[:-1], completion=msgs[-1:], position=where)
             report.records += 1
-            if not msgs[-1]["content"].strip():
+            if not example.answer.strip():
                 report.empty_answers += 1
                 report.note("empty_answers", where)
                 continue
-            examples.append(LLMExample(prompt=msgs[:-1], completion=msgs[-1:], position=where))
+            if examples and examples[0].chat != example.chat:
+                kinds = ("chat" if example.chat else "plain-text", "chat" if examples[0].chat else "plain-text")
+                raise DataError(f"{where}: a {kinds[0]} record among {kinds[1]} ones (first at "
+                                f"{examples[0].position}); train one kind at a time")
+            examples.append(example)
         if report.records == n_before:
             raise DataError(f"{path}: no records")
     if report.empty_answers:
@@ -205,9 +235,13 @@ def check_lengths(
     report.max_length = max_length
     report.on_overlength = on_overlength
     kept: list[LLMExample] = []
-    prompt_counts = _token_counts(tokenizer, [ex.prompt for ex in examples], add_generation_prompt=True)
-    full = [ex.prompt + ex.completion for ex in examples]
-    total_counts = _token_counts(tokenizer, full, add_generation_prompt=False)
+    if examples and not examples[0].chat:
+        prompt_counts = [len(tokenizer(ex.prompt)["input_ids"]) for ex in examples]
+        total_counts = [len(tokenizer(ex.prompt + ex.completion)["input_ids"]) + 1 for ex in examples]  # + EOS
+    else:
+        prompt_counts = _token_counts(tokenizer, [ex.prompt for ex in examples], add_generation_prompt=True)
+        full = [ex.prompt + ex.completion for ex in examples]
+        total_counts = _token_counts(tokenizer, full, add_generation_prompt=False)
     for ex, n_prompt, n_total in zip(examples, prompt_counts, total_counts, strict=True):
         report.longest_tokens = max(report.longest_tokens, n_total)
         if n_total <= max_length:

@@ -28,6 +28,15 @@ from dpa_rag.llm.merge import TRAIN_INFO, merge_adapter
 from dpa_rag.llm.plot import plot_loss
 from dpa_rag.llm.recipes import deepspeed_config_path
 from dpa_rag.llm.templates import apply_chat_template_option
+from dpa_rag.llm.validation import (
+    METRICS,
+    ValidationResult,
+    Validator,
+    compare_to_base,
+    select_step,
+    write_model_card_section,
+    write_validation,
+)
 from dpa_rag.models import pick_device, pick_dtype, resolve_llm
 from dpa_rag.stage import StageOutputs, stage_recorder
 
@@ -43,6 +52,7 @@ DATA_REPORT = "data_report.json"
 MODEL_DIR = "model"  # full fine-tuning: the trained model
 ADAPTER_DIR = "adapter"  # LoRA/QLoRA: the adapter
 MERGED_DIR = "merged"  # LoRA/QLoRA with merge: the base model with the adapter merged in
+VALIDATION = "validation.json"  # with --valid: the held-out validation curve and the kept step (llm/validation.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +62,7 @@ class TrainLLMOutputs(StageOutputs):
 
     FILES: ClassVar[dict[str, str]] = {
         "info": TRAIN_INFO, "train_log": TRAIN_LOG, "data_report": DATA_REPORT, "model": MODEL_DIR,
-        "adapter": ADAPTER_DIR, "merged": MERGED_DIR,
+        "adapter": ADAPTER_DIR, "merged": MERGED_DIR, "validation": VALIDATION,
     }
     info: Path
     train_log: Path
@@ -60,13 +70,15 @@ class TrainLLMOutputs(StageOutputs):
     model: Path
     adapter: Path
     merged: Path
+    validation: Path
 
     @classmethod
     def written(cls, cfg: Any) -> set[str] | None:
         """The files plus only the weights folders ``cfg``'s method writes (``run --check`` catches a reader of
         ``merged/`` after full fine-tuning)."""
         weights = {MODEL_DIR} if cfg.method == "full" else {ADAPTER_DIR, MERGED_DIR} if cfg.merge else {ADAPTER_DIR}
-        return {TRAIN_INFO, TRAIN_LOG, DATA_REPORT, "loss.png", "checkpoints", *weights}
+        validation = {VALIDATION, "validation.md", "validation.png", "valid_predictions.jsonl"} if cfg.valid else set()
+        return {TRAIN_INFO, TRAIN_LOG, DATA_REPORT, "loss.png", "checkpoints", *weights, *validation}
 
     def weights(self, method: str, merged: bool) -> Path:
         """The loadable model of a run with ``method``: ``model/`` (full), else ``merged/`` or ``adapter/``."""
@@ -267,7 +279,124 @@ def build_trainer(cfg: TrainLLMConfig) -> tuple[Any, DataReport]:
     trainer = SFTTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
+    if cfg.valid is not None:
+        trainer.add_callback(ValidationCallback(cfg, _validator(cfg, tokenizer)).hooks)
     return trainer, report
+
+
+def _validator(cfg: TrainLLMConfig, tokenizer) -> Validator:
+    from dpa_rag.data.loaders import load_retrieval
+
+    records = load_retrieval(cfg.valid, limit=cfg.valid_limit)
+    return Validator(
+        records, tokenizer, top_k=cfg.valid_top_k, template=cfg.valid_template, chat=cfg.valid_chat,
+        max_new_tokens=cfg.valid_max_new_tokens, batch_size=cfg.valid_batch_size,
+    )
+
+
+class ValidationCallback:
+    """Validates the reader at step 0, every ``eval_steps`` and at the end (:mod:`dpa_rag.llm.validation`), keeps
+    an in-memory copy of the weights the selection rule prefers so far, and evaluates the base reader once.
+
+    Every process validates (ZeRO-3 generation needs all ranks); only rank 0 writes the files. ``hooks`` is the
+    ``TrainerCallback`` to give the trainer (made here, so importing this module does not import transformers).
+    """
+
+    def __init__(self, cfg: TrainLLMConfig, validator: Validator) -> None:
+        from transformers import TrainerCallback
+
+        # a TrainerCallback subclass made here keeps transformers out of this module's import
+        class _Hooks(TrainerCallback):
+            def on_train_begin(hooks, args, state, control, model=None, **kw):  # noqa: N805
+                self._begin(state, model)
+
+            def on_step_end(hooks, args, state, control, model=None, **kw):  # noqa: N805
+                if state.global_step % self.every == 0:
+                    self._validate(state.global_step, model)
+
+            def on_train_end(hooks, args, state, control, model=None, **kw):  # noqa: N805
+                if not self.result.steps or self.result.steps[-1]["step"] != state.global_step:
+                    self._validate(state.global_step, model)
+
+        self.hooks = _Hooks()
+        self.hooks.owner = self
+        self.cfg = cfg
+        self.validator = validator
+        self.every = cfg.eval_steps or 1
+        self.result = ValidationResult(
+            rule=cfg.select, hit_tolerance=cfg.hit_tolerance, n_questions=len(validator.records),
+            top_k=validator.top_k,
+        )
+        self.predictions: dict[str, list[dict[str, Any]]] = {}
+        self.snapshot: dict[str, Any] | None = None
+        self.snapshot_step: int | None = None
+
+    def _begin(self, state, model) -> None:
+        if not self.cfg.eval_steps:
+            self.every = max(1, -(-state.max_steps // 4))
+        self.predictions["base"] = self._base_predictions(model)
+        self.result.base = Validator.metrics(self.predictions["base"])
+        logger.info("validation: base reader %s", _fmt(self.result.base))
+        self._validate(state.global_step, model)
+
+    def _base_predictions(self, model) -> list[dict[str, Any]]:
+        if hasattr(model, "disable_adapter"):  # LoRA: the base model is the same model with the adapter off
+            with model.disable_adapter():
+                return self.validator.predict(model)
+        if self.cfg.init_model is None:  # full fine-tuning from the base: step 0 is the base
+            return self.validator.predict(model)
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(resolve_llm(self.cfg.model), dtype=next(model.parameters()).dtype)
+        base.to(next(model.parameters()).device)
+        try:
+            return self.validator.predict(base)
+        finally:
+            del base
+
+    def _validate(self, step: int, model) -> None:
+        preds = self.validator.predict(model)
+        row = {"step": step, **Validator.metrics(preds)}
+        self.result.steps.append(row)
+        logger.info("validation at step %d: %s", step, _fmt(row))
+        chosen = select_step(self.result.steps, self.result.base, self.cfg.select, self.cfg.hit_tolerance)
+        if chosen == step:
+            self.predictions["kept"] = preds
+            self.snapshot_step = step
+            if self.cfg.select != "final":
+                self.snapshot = _weights_snapshot(model)
+
+    def finish(self, model, deepspeed: bool) -> bool:
+        """Put the chosen weights back into ``model`` (unless they are the last ones) and fill in the comparison
+        with the base reader; returns whether the model's weights were replaced."""
+        chosen = select_step(self.result.steps, self.result.base, self.cfg.select, self.cfg.hit_tolerance)
+        self.result.selected_step = chosen
+        self.result.selected = next(r for r in self.result.steps if r["step"] == chosen)
+        self.result.selected = {k: v for k, v in self.result.selected.items() if k != "step"}
+        self.result.versus_base = compare_to_base(self.predictions["base"], self.predictions["kept"])
+        last = self.result.steps[-1]["step"]
+        if chosen == last:
+            return False
+        if deepspeed or self.snapshot is None:
+            logger.warning("validation prefers step %d, but the weights of step %d are kept (no in-memory copy under "
+                           "DeepSpeed)", chosen, last)
+            self.result.selected_step = last
+            return False
+        logger.info("validation: keeping the weights of step %d (rule %s), not those of step %d", chosen,
+                    self.cfg.select, last)
+        params = dict(model.named_parameters())
+        for name, value in self.snapshot.items():
+            params[name].data.copy_(value)
+        return True
+
+
+def _weights_snapshot(model) -> dict[str, Any]:
+    """A CPU copy of the trainable weights (LoRA: the adapter's; full fine-tuning: all)."""
+    return {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _fmt(m: dict[str, Any]) -> str:
+    return ", ".join(f"{k} {m[k]:.1f}" for k in METRICS)
 
 
 def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:
@@ -290,6 +419,9 @@ def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:
             logger.warning("no checkpoint in %s; starting from scratch", out_dir / "checkpoints")
     logger.info("training %s (%s) on %d examples", cfg.stage, cfg.method, report.kept)
     result = trainer.train(resume_from_checkpoint=resume)
+    validation = next((c.owner for c in trainer.callback_handler.callbacks if hasattr(c, "owner")), None)
+    if validation is not None:
+        validation.finish(trainer.model, deepspeed=trainer.is_deepspeed_enabled)
     peft = hasattr(trainer.model, "peft_config")
     weights_dir = out.adapter if peft else out.model
     if main:  # outputs of an earlier run in this folder would be stale now (load_for_inference prefers merged/)
@@ -306,6 +438,9 @@ def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:
     history = trainer.state.log_history
     write_json(out.train_log, history)
     outputs = [weights_dir.name, TRAIN_LOG, DATA_REPORT, TRAIN_INFO]
+    if validation is not None:
+        outputs += write_validation(out_dir, validation.result, validation.predictions)
+        write_model_card_section(weights_dir, validation.result.to_dict())
     if plot_loss(history, out_dir / "loss.png", title=f"train-llm {cfg.stage} ({cfg.method})"):
         outputs.append("loss.png")
     base = _base_name(cfg)
@@ -313,11 +448,17 @@ def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:
         "stage": cfg.stage, "method": cfg.method, "base_model": base, "weights": weights_dir.name,
         "init_adapter": str(cfg.init_adapter) if cfg.init_adapter else None, "init_model": cfg.init_model,
     }
+    if validation is not None:
+        v = validation.result
+        info["validation"] = {"selected_step": v.selected_step, "final_step": trainer.state.global_step,
+                              "base": v.base, "selected": v.selected, "versus_base": v.versus_base, "rule": v.rule}
     write_json(out.info, info)
     if cfg.merge:
         if peft:
             with rec.timer("merge"):
                 merge_adapter(weights_dir, out.merged, base_model=base)
+            if validation is not None:
+                write_model_card_section(out.merged, validation.result.to_dict())
             outputs.append(MERGED_DIR)
         else:
             logger.info("full fine-tuning: %s is already a plain model; --merge has nothing to do", weights_dir)

@@ -28,6 +28,7 @@ from pydantic import Field, field_validator
 from dpa_rag.config import StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field, load_retrieval
 from dpa_rag.data.schema import Ctx, Passage, Preference, Question, RetrievalRecord
+from dpa_rag.eval.metrics import has_answer
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.mining.common import (
     inherit_augmented,
@@ -39,16 +40,18 @@ from dpa_rag.mining.common import (
 )
 from dpa_rag.mining.labels import ALIGNED, AUTHORS_CATEGORY, normalize_rule
 from dpa_rag.mining.prompts import judge_prompt, judge_target, qa_prompt
+from dpa_rag.prompts import DEFAULT_TEMPLATE
 from dpa_rag.stage import StageOutputs, stage_recorder
 
 __all__ = [
-    "DATASET_INFO", "PREALIGN_ALPACA", "PREALIGN_FILE", "SFT_ALPACA", "SFT_FILE", "STATS_FILE", "Config",
-    "LLMDataConfig", "LLMDataOutputs", "Outputs", "dataset_info", "prealign_example", "run", "sft_example",
-    "to_alpaca",
+    "DATASET_INFO", "PREALIGN_ALPACA", "PREALIGN_FILE", "SFT_ALPACA", "SFT_FILE", "STATS_FILE", "VALID_FILE",
+    "Config", "LLMDataConfig", "LLMDataOutputs", "Outputs", "dataset_info", "held_out_ids", "prealign_example", "run",
+    "sft_example", "to_alpaca",
 ]
 
 logger = logging.getLogger(__name__)
 PREALIGN_FILE = "prealign.jsonl"  # chat messages (train-llm --stage prealign)
+VALID_FILE = "valid.jsonl"  # held-out training-split questions with their passages (train-llm --valid)
 PREALIGN_ALPACA = "prealign.json"  # the same examples, LLaMA-Factory alpaca JSON
 SFT_FILE = "sft.jsonl"
 SFT_ALPACA = "sft.json"
@@ -81,6 +84,22 @@ class LLMDataConfig(StageConfig):
         "original's passages, categories and golds.",
     )
     dataset_prefix: str = Field("dpa_rag", description="Prefix of the dataset names in dataset_info.json.")
+    valid_fraction: float = Field(
+        0.0, ge=0.0, lt=1.0,
+        description="Hold out this share of the questions (seeded by question id; their rewrites go with them) from "
+        "both sets and write them with their passages to valid.jsonl, for train-llm's held-out validation.",
+    )
+    valid_max: int | None = Field(None, ge=1, description="At most this many held-out validation questions.")
+    template: str = Field(
+        DEFAULT_TEMPLATE, description="The answer step's prompt template (qa, dpa, plain or a YAML file): the SFT "
+        "prompts are the prompts the reader will answer."
+    )
+    chat: bool = Field(True, description="Chat messages (the answer step's --chat); --no-chat: plain-text prompts.")
+    sft_filter: Literal["all", "has-answer"] = Field(
+        "all",
+        description="SFT questions to keep: all, or has-answer (only those whose first k passages contain a gold "
+        "answer: a target the passages do not support teaches the reader to guess).",
+    )
     dedupe_ids: bool = dedupe_ids_field()
 
     @field_validator("label_rule", mode="before")
@@ -100,6 +119,7 @@ class LLMDataOutputs(StageOutputs):
         "sft_alpaca": SFT_ALPACA,
         "dataset_info": DATASET_INFO,
         "stats": STATS_FILE,
+        "valid": VALID_FILE,
     }
     prealign: Path
     prealign_alpaca: Path
@@ -107,10 +127,21 @@ class LLMDataOutputs(StageOutputs):
     sft_alpaca: Path
     dataset_info: Path
     stats: Path
+    valid: Path
+
+    @classmethod
+    def written(cls, cfg: Any) -> set[str] | None:
+        """``valid.jsonl`` only when questions are held out."""
+        names = set(cls.FILES.values())
+        return names if cfg.valid_fraction > 0 else names - {VALID_FILE}
 
 
 Config = LLMDataConfig
 Outputs = LLMDataOutputs
+
+
+def _has_answer(ctx: Ctx, answers: Sequence[str]) -> bool:
+    return bool(ctx.has_answer) if ctx.has_answer is not None else has_answer(ctx.render(), answers)
 
 
 def _rng(seed: int, qid: str) -> random.Random:
@@ -122,10 +153,21 @@ def _key(p: Ctx | Passage | str) -> str:
     return p if isinstance(p, str) else p.render()
 
 
+def _as_record(messages: list[dict[str, str]], chat: bool) -> dict[str, Any]:
+    """A training record: chat messages, or (``chat=False``) the plain-text prompt the answer step sends a model
+    without a chat template (system, blank line, user; :meth:`PromptTemplate.render_text`) and its completion."""
+    if chat:
+        return {"messages": messages}
+    *prompt, answer = messages
+    text = "\n\n".join(m["content"] for m in prompt if m["content"])
+    return {"prompt": text, "completion": answer["content"]}
+
+
 def prealign_example(
-    pref: Preference, others: Sequence[Ctx | Passage | str], k: int, seed: int
+    pref: Preference, others: Sequence[Ctx | Passage | str], k: int, seed: int, chat: bool = True
 ) -> tuple[dict[str, Any] | None, dict[str, Any]]:
-    """One pre-aligned example ``{"messages", "positive", "index"}`` for a question, or ``None``.
+    """One pre-aligned example ``{"messages", "positive", "index"}`` (``chat=False``: ``{"prompt", "completion",
+    …}``) for a question, or ``None``.
 
     Args:
         pref: the question's preference record.
@@ -162,26 +204,32 @@ def prealign_example(
     positive = star.category == ALIGNED
     messages = judge_prompt(pref.question, passages, index)
     messages.append({"role": "assistant", "content": judge_target(index, positive)})
-    return {"messages": messages, "positive": positive, "index": index}, {"short": len(chosen) < k - 1}
+    return {**_as_record(messages, chat), "positive": positive, "index": index}, {"short": len(chosen) < k - 1}
 
 
 def sft_example(
-    question: str, passages: Sequence[Ctx | Passage | str], answers: list[str], answer_mode: str = "first"
+    question: str, passages: Sequence[Ctx | Passage | str], answers: list[str], answer_mode: str = "first",
+    template: str = DEFAULT_TEMPLATE, chat: bool = True,
 ) -> dict[str, Any]:
-    """One SFT example: the QA prompt over ``passages`` (objects; a string is read as ``"Title: … Content: …"``)
-    → the first gold (or all golds joined with ``", "``)."""
+    """One SFT example: the answer step's prompt (``template``, chat messages or plain text) over ``passages``
+    (objects; a string is read as ``"Title: … Content: …"``) → the first gold (or all golds joined with ``", "``)."""
     if not answers:
         raise ValueError(f"no gold answer for question {question!r}")
     target = answers[0] if answer_mode == "first" else ", ".join(answers)
-    messages = qa_prompt(question, passages)
+    messages = qa_prompt(question, passages, template)
     messages.append({"role": "assistant", "content": target})
-    return {"messages": messages}
+    return _as_record(messages, chat)
 
 
-def to_alpaca(messages: list[dict[str, str]]) -> dict[str, str]:
-    """A ``[system, user, assistant]`` chat as a LLaMA-Factory alpaca record."""
+def to_alpaca(record: dict[str, Any] | list[dict[str, str]]) -> dict[str, str]:
+    """A ``[system, user, assistant]`` chat (or a plain ``{"prompt", "completion"}`` record) as a LLaMA-Factory
+    alpaca record."""
+    if isinstance(record, dict) and "prompt" in record:
+        return {"instruction": record["prompt"], "input": "", "output": record["completion"], "system": ""}
+    messages = record["messages"] if isinstance(record, dict) else record
     by_role = {m["role"]: m["content"] for m in messages}
-    return {"instruction": by_role["user"], "input": "", "output": by_role["assistant"], "system": by_role["system"]}
+    return {"instruction": by_role["user"], "input": "", "output": by_role["assistant"],
+            "system": by_role.get("system", "")}
 
 
 def dataset_info(prefix: str) -> dict[str, Any]:
@@ -191,6 +239,26 @@ def dataset_info(prefix: str) -> dict[str, Any]:
         f"{prefix}_prealign": {"file_name": "prealign.json", "formatting": "alpaca", "columns": columns},
         f"{prefix}_sft": {"file_name": "sft.json", "formatting": "alpaca", "columns": columns},
     }
+
+
+def held_out_ids(ids: Sequence[str], fraction: float, seed: int, at_most: int | None = None) -> set[str]:
+    """The question ids held out for validation: the ``round(fraction · n)`` (at most ``at_most``) ids that come first
+    when sorted by a seeded hash of the id, so the choice does not depend on the file's order.
+
+    Example:
+        >>> held_out_ids(["a", "b", "c", "d"], 0.5, seed=0) == held_out_ids(["d", "c", "b", "a"], 0.5, seed=0)
+        True
+    """
+    import hashlib
+
+    unique = list(dict.fromkeys(ids))
+    n = round(fraction * len(unique))
+    if at_most is not None:
+        n = min(n, at_most)
+    if fraction > 0 and len(unique) > 1:
+        n = min(max(n, 1), len(unique) - 1)  # at least one held out, at least one to train on
+    order = sorted(unique, key=lambda i: hashlib.sha1(f"{seed}:{i}".encode()).hexdigest())
+    return set(order[:n])
 
 
 def _with_augmented_retrieval(records: list[RetrievalRecord], augmented: list[Question]) -> list[RetrievalRecord]:
@@ -219,37 +287,55 @@ def run(cfg: LLMDataConfig) -> LLMDataOutputs:
     aug_prefs, orphans = inherit_augmented(prefs, aug_raw)
     aug_retrieval = _with_augmented_retrieval(retrieval, aug_raw)
 
+    held = held_out_ids([r.id for r in retrieval], cfg.valid_fraction, cfg.seed, cfg.valid_max)
+    valid = [r for r in retrieval if r.id in held]
     ctx_lists: dict[str, list[Ctx]] = {r.id: list(r.ctxs) for r in retrieval}
     counts: Counter[str] = Counter()
     prealign: list[dict[str, Any]] = []
     for pref in prefs + aug_prefs:
         source = pref.origin_id or pref.id
+        if source in held or pref.id in held:
+            counts["prealign_held_out"] += 1
+            continue
         others = ctx_lists.get(source) or ctx_lists.get(pref.id)
         if others is None:
             counts["prealign_others_from_probes"] += 1
             others = [p.ctx for p in sorted(pref.probes, key=lambda p: p.rank)]
-        example, info = prealign_example(pref, others, cfg.k, cfg.seed)
+        example, info = prealign_example(pref, others, cfg.k, cfg.seed, chat=cfg.chat)
         if example is None:
             counts[f"prealign_skipped_{info['skip']}"] += 1
             continue
         counts["prealign_short"] += int(info["short"])
         counts["prealign_positive" if example["positive"] else "prealign_negative"] += 1
-        prealign.append({"messages": example["messages"]})
+        prealign.append({k: v for k, v in example.items() if k in ("messages", "prompt", "completion")})
 
     sft: list[dict[str, Any]] = []
     for r in retrieval + aug_retrieval:
+        if r.id in held or (r.origin_id is not None and str(r.origin_id) in held):
+            counts["sft_held_out"] += 1
+            continue
         if not r.answers:
             counts["sft_skipped_no_answer"] += 1
             continue
         passages = r.ctxs[: cfg.k]
+        if cfg.sft_filter == "has-answer" and not any(_has_answer(c, r.answers) for c in passages):
+            counts["sft_skipped_answer_not_in_passages"] += 1
+            continue
         counts["sft_short"] += int(len(passages) < cfg.k)
-        sft.append(sft_example(r.question, passages, r.answers, cfg.sft_answer))
+        sft.append(sft_example(r.question, passages, r.answers, cfg.sft_answer, cfg.template, cfg.chat))
 
-    write_json(out_dir / "prealign.json", [to_alpaca(e["messages"]) for e in prealign])
-    write_jsonl(out_dir / "prealign.jsonl", prealign)
-    write_json(out_dir / "sft.json", [to_alpaca(e["messages"]) for e in sft])
-    write_jsonl(out_dir / "sft.jsonl", sft)
-    write_json(out_dir / "dataset_info.json", dataset_info(cfg.dataset_prefix))
+    out = LLMDataOutputs.at(out_dir)
+    write_json(out.prealign_alpaca, [to_alpaca(e) for e in prealign])
+    write_jsonl(out.prealign, prealign)
+    write_json(out.sft_alpaca, [to_alpaca(e) for e in sft])
+    write_jsonl(out.sft, sft)
+    write_json(out.dataset_info, dataset_info(cfg.dataset_prefix))
+    outputs = list(OUTPUTS)
+    if valid:
+        write_jsonl(out.valid, [r.model_dump(mode="json", exclude_none=True) for r in valid])
+        outputs.append(VALID_FILE)
+    elif out.valid.exists():  # an earlier run's held-out questions would be stale now
+        out.valid.unlink()
     stats = {
         "k": cfg.k,
         "label_rule": cfg.label_rule,
@@ -269,10 +355,16 @@ def run(cfg: LLMDataConfig) -> LLMDataOutputs:
             "examples": len(sft),
             "augmented": len(aug_retrieval),
             "skipped_no_answer": counts["sft_skipped_no_answer"],
+            "skipped_answer_not_in_passages": counts["sft_skipped_answer_not_in_passages"],
+            "held_out": counts["sft_held_out"],
             "fewer_than_k_passages": counts["sft_short"],
+            "filter": cfg.sft_filter,
         },
+        "valid": {"questions": len(valid), "fraction": cfg.valid_fraction, "prealign_held_out":
+                  counts["prealign_held_out"]},
     }
-    write_json(out_dir / "stats.json", stats)
-    rec.finish(outputs=OUTPUTS, prealign=len(prealign), sft=len(sft))
-    logger.info("LLM data: %d pre-aligned, %d SFT examples → %s", len(prealign), len(sft), out_dir)
-    return LLMDataOutputs.at(out_dir)
+    write_json(out.stats, stats)
+    rec.finish(outputs=outputs, prealign=len(prealign), sft=len(sft), valid=len(valid))
+    logger.info("LLM data: %d pre-aligned, %d SFT examples, %d held-out validation questions → %s", len(prealign),
+                len(sft), len(valid), out_dir)
+    return out

@@ -3,7 +3,8 @@
 * :func:`qa_prompt` — the §2 QA prompt: the passages (if any), an instruction to answer briefly from the given
   information or the model's own knowledge without naming the source, then the question. Closed-book = no passages.
 * :func:`judge_prompt` / :func:`judge_target` — the pre-aligned task (method.md §7): the same passages and question,
-  then a judgement slot asking whether passage *i* is Positive or Negative knowledge for the question.
+  then a judgement slot asking whether passage *i* is Positive or Negative knowledge for the question, under its
+  own system prompt (:data:`JUDGE_SYSTEM`), so the judgement task does not answer the QA system prompt.
 
 The QA prompt and answer clean-up are :mod:`dpa_rag.prompts`' (one prompt for mining, training and answering).
 Passages are given as objects (:class:`~dpa_rag.data.schema.Ctx` or :class:`~dpa_rag.data.schema.Passage`); a string
@@ -19,6 +20,7 @@ from dpa_rag.prompts import BUILTIN_TEMPLATES, DEFAULT_TEMPLATE, clean_answer, l
 
 __all__ = [
     "JUDGE_INSTRUCTION",
+    "JUDGE_SYSTEM",
     "QA_SYSTEM",
     "clean_answer",
     "judge_prompt",
@@ -28,6 +30,11 @@ __all__ = [
 ]
 
 QA_SYSTEM = BUILTIN_TEMPLATES[DEFAULT_TEMPLATE].system
+
+JUDGE_SYSTEM = (
+    "Judge whether a passage is useful for answering the question: Positive if it helps you answer correctly, "
+    "Negative if it misleads you."
+)
 
 JUDGE_INSTRUCTION = (
     "Is passage [{i}] positive knowledge (it helps you answer the question correctly) or negative knowledge "
@@ -73,7 +80,7 @@ def judge_prompt(question: str, passages: Sequence[Ctx | Passage | str], index: 
         raise ValueError(f"passage index {index} is outside 1..{len(passages)}")
     block = "Passages:\n" + "\n".join(f"[{i}] {_rendered(p)}" for i, p in enumerate(passages, start=1))
     user = f"{block}\n\nQuestion: {question.strip()}\n\n{JUDGE_INSTRUCTION.format(i=index)}"
-    return [{"role": "system", "content": QA_SYSTEM}, {"role": "user", "content": user}]
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": user}]
 
 
 def judge_target(index: int, positive: bool) -> str:

@@ -48,6 +48,7 @@ SECTION_NAMES = (
     "train_llm",
     "train_llm_prealign",
     "train_llm_sft",
+    "promote",
     "answer",
     "report",
 )
@@ -111,6 +112,14 @@ class PipelineConfig(StageConfig):
     reranker: bool = Field(True, description="Ablation: train and use the preference-aligned reranker.")
     train_llm: bool = Field(True, description="Ablation: self-align the reader (LoRA SFT).")
     prealign: bool = Field(True, description="Ablation: run the pre-aligned stage before SFT.")
+    promote: Literal["auto", "always", "never"] | dict[Literal["reader", "reranker"], Literal[
+        "auto", "always", "never"]] = Field(
+        "auto",
+        description="Promotion gate of the aligned components into the full system (DPA-RAG row, `serve --run`): "
+        "auto (only a component not worse than its baseline on held-out training-split questions: the reader vs "
+        "the base reader, the reranker vs the retriever's order), always, never; or per component, e.g. "
+        "{reader: auto, reranker: always}.",
+    )
     skip_systems: list[Literal["closed_book", "reranker", "aligned_reader", "closed_book_aligned", "full"]] = Field(
         default_factory=list,
         description="Report systems not to answer (saves reader time: each is one pass over the evaluation "
@@ -154,6 +163,10 @@ class PipelineConfig(StageConfig):
             raise ValueError("give `corpus` (needed to build the index" + (
                 " of the compared retrievers)" if self.retrieval_file is not None else ")"))
         return self
+
+    def promote_policy(self, component: Literal["reader", "reranker"]) -> str:
+        """The promotion policy of ``component`` (``auto``, ``always`` or ``never``)."""
+        return self.promote if isinstance(self.promote, str) else self.promote.get(component, "auto")
 
     def section(self, name: str) -> dict[str, Any]:
         return dict(self.sections.get(name) or {})

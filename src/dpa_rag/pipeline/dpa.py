@@ -1,7 +1,8 @@
 """The DPA-RAG pipeline as a graph of steps over the stage modules.
 
 split → index → retrieve (train/eval, + baseline retrievers) → mine → augment → filter → reranker-data →
-train-reranker → rerank (train/eval) → llm-data → train-llm (prealign → sft) → answer (every system) → report.
+train-reranker → rerank (train/eval) → llm-data → train-llm (prealign → sft) → promote → answer (every system) →
+report.
 
 Every stage module has the same face: ``Config`` (its pydantic config), ``run(cfg) -> Outputs`` and ``Outputs``
 (its files; ``Outputs.at(folder)`` names them). :func:`build_steps` is a table of step declarations: the stage, the
@@ -27,7 +28,7 @@ from dpa_rag.llm import train as llm_train
 from dpa_rag.llm.merge import init_args_from
 from dpa_rag.mining import llm_data, mine, reranker_data
 from dpa_rag.mining.labels import normalize_rule
-from dpa_rag.pipeline import import_retrieval, report, split
+from dpa_rag.pipeline import import_retrieval, promote, report, split
 from dpa_rag.pipeline.config import PipelineConfig
 from dpa_rag.pipeline.launcher import launched
 from dpa_rag.pipeline.runner import Step
@@ -49,6 +50,7 @@ SYSTEMS = {
 }
 
 Folders = dict[str, Path]  # step name → its folder
+LLM_VALID_FRACTION = 0.2  # share of the training-split questions held out for the reader's validation
 
 
 def main_retriever(cfg: PipelineConfig) -> str:
@@ -272,12 +274,46 @@ class _Wiring:
             "seed": self.cfg.seed,
         }
 
+    def llm_data_defaults(self, f: Folders) -> dict[str, Any]:
+        # hold out a fifth of the training-split questions for the reader's validation and the promotion gate
+        return {"valid_fraction": LLM_VALID_FRACTION}
+
+    def llm_valid_fraction(self) -> float:
+        return float(self.cfg.section("llm_data").get("valid_fraction", LLM_VALID_FRACTION))
+
+    def train_llm_defaults(self, f: Folders) -> dict[str, Any]:
+        """The seed, and validation answered the answer step's way (passages, template, chat, decoding budget)."""
+        c, answer_section = self.cfg, self.cfg.section("answer")
+        return {
+            "seed": c.seed, "valid_top_k": c.top_k, "valid_template": answer_section.get("template", "qa"),
+            "valid_chat": answer_section.get("chat", True),
+            "valid_max_new_tokens": c.reader.max_new_tokens, "valid_batch_size": c.reader.batch_size,
+        }
+
     def train_llm(self, f: Folders, stage: str) -> dict[str, Any]:
         data = llm_data.Outputs.at(f["llm-data"])
-        out = {"model": self.cfg.reader.model, "stage": stage, "out_dir": f[f"train-llm-{stage}"]}
+        out: dict[str, Any] = {"model": self.cfg.reader.model, "stage": stage, "out_dir": f[f"train-llm-{stage}"]}
+        if self.llm_valid_fraction() > 0:
+            out["valid"] = data.valid
         if stage == "prealign":
             return {**out, "data": [data.prealign]}
         return {**out, "data": [data.sft], "merge": True, **(self.prealign_start(f) if self.cfg.prealign else {})}
+
+    def promote(self, f: Folders) -> dict[str, Any]:
+        c = self.cfg
+        out: dict[str, Any] = {"out_dir": f["promote"], "reader": c.promote_policy("reader"),
+                               "reranker": c.promote_policy("reranker")}
+        if c.train_llm:
+            out["reader_validation"] = llm_train.Outputs.at(f["train-llm-sft"]).validation
+        if c.reranker:
+            out["reranker_dir"] = f["train-reranker"]
+        return out
+
+    def promoted(self, f: Folders) -> dict[str, bool]:
+        """Which aligned components the full system uses (all, before the gate has run: configs are also built up
+        front to validate them)."""
+        decisions = promote.read_promotion(f["promote"]) or {}
+        return {comp: bool(decisions.get(comp, {}).get("promoted", True)) for comp in ("reader", "reranker")}
 
     def answer_steps(self) -> list[Decl]:
         """One answer step per system of the report (disabled where the system is not wanted)."""
@@ -293,8 +329,7 @@ class _Wiring:
                                       lambda f: {**eval_retrieval(f), **self.aligned_reader(f)}, c.train_llm),
             "answer-closed-book-aligned": (("split", "train-llm-sft"),
                                            lambda f: {**closed(f), **self.aligned_reader(f)}, c.train_llm),
-            "answer-full": (("rerank-eval", "train-llm-sft"), lambda f: {**reranked(f), **self.aligned_reader(f)},
-                            c.reranker and c.train_llm),
+            "answer-full": (("rerank-eval", "train-llm-sft", "promote"), self.full_system, c.reranker and c.train_llm),
         }
         for method in self.methods:
             if method != main:
@@ -312,6 +347,13 @@ class _Wiring:
             for name, (deps, wired, enabled) in answers.items()
         ]
 
+    def full_system(self, f: Folders) -> dict[str, Any]:
+        """DPA-RAG as promoted: the reranked passages if the reranker passed the gate (else the retriever's), the
+        self-aligned reader if it passed (else the base reader)."""
+        ok = self.promoted(f)
+        passages = {"retrieval": self.reranked(f, "eval") if ok["reranker"] else self.retrieval(f, "retrieve-eval")}
+        return {**passages, **(self.aligned_reader(f) if ok["reader"] else {})}
+
     def report(self, f: Folders, enabled_steps: list[str]) -> dict[str, Any]:
         c = self.cfg
         return {
@@ -319,6 +361,7 @@ class _Wiring:
             "systems": {k: str(f[v]) for k, v in system_steps(c).items()},
             "top_k": c.top_k, "retriever": self.main if self.main != "file" else f"given file ({c.retrieval_file})",
             "steps": enabled_steps,
+            **({"promotion": promote.Outputs.at(f["promote"]).promotion} if c.train_llm or c.reranker else {}),
         }
 
 
@@ -340,13 +383,17 @@ def _table(cfg: PipelineConfig, w: _Wiring) -> list[Decl]:
         *[Decl(f"rerank-{part}", rerank, ("rerank",), ("train-reranker", f"retrieve-{part}"),
                lambda f, part=part: w.rerank(f, part), enabled=cfg.reranker and (part == "eval" or cfg.train_llm))
           for part in ("train", "eval")],
-        Decl("llm-data", llm_data, ("llm_data",), ("mine", sft_source, *aug), w.llm_data, enabled=cfg.train_llm),
+        Decl("llm-data", llm_data, ("llm_data",), ("mine", sft_source, *aug), w.llm_data, enabled=cfg.train_llm,
+             defaults=w.llm_data_defaults),
         Decl("train-llm-prealign", llm_train, ("train_llm", "train_llm_prealign"), ("llm-data",),
-             lambda f: w.train_llm(f, "prealign"), enabled=cfg.train_llm and cfg.prealign, defaults=w.seed,
-             launch=True),
+             lambda f: w.train_llm(f, "prealign"), enabled=cfg.train_llm and cfg.prealign,
+             defaults=w.train_llm_defaults, launch=True),
         Decl("train-llm-sft", llm_train, ("train_llm", "train_llm_sft"),
              ("llm-data", *(("train-llm-prealign",) if cfg.prealign else ())), lambda f: w.train_llm(f, "sft"),
-             enabled=cfg.train_llm, defaults=w.seed, launch=True),
+             enabled=cfg.train_llm, defaults=w.train_llm_defaults, launch=True),
+        Decl("promote", promote, ("promote",),
+             (*(("train-llm-sft",) if cfg.train_llm else ()), *(("train-reranker",) if cfg.reranker else ())),
+             w.promote, enabled=cfg.train_llm or cfg.reranker),
         *w.answer_steps(),
     ]
 

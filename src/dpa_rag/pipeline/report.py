@@ -76,6 +76,7 @@ class ReportConfig(StageConfig):
     top_k: int = Field(3, description="Passages per question (for the table's caption).")
     retriever: str = Field("bm25", description="Retriever of the system (for the caption).")
     steps: list[str] = Field(default_factory=list, description="Enabled steps: only their folders are read.")
+    promotion: Path | None = Field(None, description="The promotion gate's promotion.json (the full system's parts).")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,6 +279,14 @@ def _context_sections(run_dir: Path, steps: set[str]) -> tuple[list[str], dict[s
             "reranker. nDCG uses max(gain, 0) as the graded relevance; MRR of aligned passages; mean gain (nats per "
             "answer token) of the top-1 passage.\n\n" + utility_table(ru)
         )
+    for stage in ("prealign", "sft"):
+        validation = _read_json(llm_train.Outputs.at(folder(f"train-llm-{stage}")).validation)
+        if isinstance(validation, dict) and validation.get("steps"):
+            from dpa_rag.llm.validation import validation_markdown
+
+            summary[f"reader_validation_{stage}"] = validation
+            sections.append(f"## Reader self-alignment, {stage} stage: held-out validation\n\n"
+                            + validation_markdown(validation).strip())
     card = trained.model / reranker_train.MODEL_CARD
     if card.exists():
         sections.append(f"Model card (ranking quality vs the retriever order and the untrained backbone): `{card}`.")
@@ -347,6 +356,18 @@ def run(cfg: ReportConfig) -> ReportOutputs:
             + f"\n\n![outcomes]({OUTCOMES_PLOT})"
         )
         _outcome_plot(shift, cfg.out_dir / OUTCOMES_PLOT)
+    promotion = _read_json(cfg.promotion) if cfg.promotion is not None else None
+    if isinstance(promotion, dict) and promotion:
+        from dpa_rag.pipeline.promote import PROMOTION_MD
+
+        md = Path(cfg.promotion).with_name(PROMOTION_MD)
+        body = md.read_text(encoding="utf-8").strip() if md.exists() else json.dumps(promotion, indent=2)
+        extra.append(
+            "## Promotion gate (what the full DPA-RAG system uses)\n\n"
+            "An aligned component enters the full system only if it did no worse than its baseline on held-out "
+            "training-split questions (never the evaluation questions); the other rows still measure every trained "
+            "component as it came out of training.\n\n" + body
+        )
     paired_text, paired_rows = paired_section(preds)
     if paired_text:
         extra.append(paired_text)
@@ -364,7 +385,7 @@ def run(cfg: ReportConfig) -> ReportOutputs:
     path = write_report(table_names, cfg.out_dir, title="DPA-RAG run report", extra_sections=extra)
     out = ReportOutputs.at(cfg.out_dir)
     write_json(out.metrics, results)
-    write_json(out.summary, {"outcomes": shift, "paired": paired_rows, **summary})
+    write_json(out.summary, {"outcomes": shift, "paired": paired_rows, "promotion": promotion, **summary})
     outputs = [*ReportOutputs.FILES.values(), SYSTEMS_PLOT]
     outputs += [p for p in (OUTCOMES_PLOT, CURVES_PLOT) if (cfg.out_dir / p).exists()]
     rec.finish(outputs=outputs, systems=len(results))
