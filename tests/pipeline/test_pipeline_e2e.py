@@ -63,6 +63,12 @@ def test_every_step_ran_and_report_written(pipeline_run):
         manifest = json.loads((cfg.out_dir / name / "manifest.json").read_text())
         assert manifest["status"] == "complete" and manifest["run_id"]
     assert (report.parent / "systems.png").exists() and (report.parent / "outcomes.png").exists()
+    # the promotion gate ran on the held-out validation of the reader and the reranker's held-out lists
+    decisions = json.loads((cfg.out_dir / "promote" / "promotion.json").read_text())
+    assert set(decisions) == {"reader", "reranker"} and "Promotion gate" in text
+    validation = json.loads((cfg.out_dir / "train-llm-sft" / "validation.json").read_text())
+    assert validation["n_questions"] > 0 and validation["steps"][0]["step"] == 0
+    assert "held-out validation" in text
 
 
 def test_rerun_skips_everything(pipeline_run):
@@ -80,7 +86,7 @@ def test_rerun_skips_everything(pipeline_run):
 def test_changed_option_reruns_downstream_only(pipeline_run, tiny_bert_dir, tiny_llm_dir):
     cfg, _ = pipeline_run
     cfg2 = _config(cfg.out_dir, tiny_bert_dir, tiny_llm_dir)
-    cfg2.sections["answer"] = {"max_new_tokens": 16}
+    cfg2.sections["answer"] = {"rerank_depth": 50}  # (its decoding options would re-run train-llm's validation)
     seen = []
     run_pipeline(cfg2, on_step=seen.append)
     ran = [r.name for r in seen if r.status == "ran"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
@@ -15,6 +15,9 @@ __all__ = ["TrainLLMConfig"]
 
 class TrainLLMConfig(DeviceOption, StageConfig):
     """LLM self-alignment: the pre-aligned stage, then SFT, with TRL's ``SFTTrainer`` (LoRA, QLoRA or full)."""
+
+    # options that change how fast validation runs, not what it finds (left out of the manifest hash)
+    result_neutral: ClassVar[frozenset[str]] = frozenset({"valid_batch_size"})
 
     # What to train, on what
     stage: Literal["prealign", "sft", "mixed"] = Field(

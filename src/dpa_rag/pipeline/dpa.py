@@ -274,20 +274,25 @@ class _Wiring:
             "seed": self.cfg.seed,
         }
 
+    def answer_prompt(self) -> dict[str, Any]:
+        """The answer step's prompt (template, chat): the reader is trained and validated on the prompts it answers."""
+        answer_section = self.cfg.section("answer")
+        return {"template": answer_section.get("template", "qa"), "chat": answer_section.get("chat", True)}
+
     def llm_data_defaults(self, f: Folders) -> dict[str, Any]:
         # hold out a fifth of the training-split questions for the reader's validation and the promotion gate
-        return {"valid_fraction": LLM_VALID_FRACTION}
+        return {"valid_fraction": LLM_VALID_FRACTION, **self.answer_prompt()}
 
     def llm_valid_fraction(self) -> float:
         return float(self.cfg.section("llm_data").get("valid_fraction", LLM_VALID_FRACTION))
 
     def train_llm_defaults(self, f: Folders) -> dict[str, Any]:
         """The seed, and validation answered the answer step's way (passages, template, chat, decoding budget)."""
-        c, answer_section = self.cfg, self.cfg.section("answer")
+        c, answer_section, prompt = self.cfg, self.cfg.section("answer"), self.answer_prompt()
         return {
-            "seed": c.seed, "valid_top_k": c.top_k, "valid_template": answer_section.get("template", "qa"),
-            "valid_chat": answer_section.get("chat", True),
-            "valid_max_new_tokens": c.reader.max_new_tokens, "valid_batch_size": c.reader.batch_size,
+            "seed": c.seed, "valid_top_k": c.top_k, "valid_template": prompt["template"], "valid_chat": prompt["chat"],
+            "valid_max_new_tokens": answer_section.get("max_new_tokens", c.reader.max_new_tokens),
+            "valid_batch_size": c.reader.batch_size,
         }
 
     def train_llm(self, f: Folders, stage: str) -> dict[str, Any]:
