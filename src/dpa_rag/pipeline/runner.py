@@ -82,6 +82,7 @@ def run_steps(
     force: bool = False,
     until: str | None = None,
     on_step: Callable[[StepResult], None] | None = None,
+    moved_from: str | None = None,
 ) -> list[StepResult]:
     """Run ``steps`` in order (they must be topologically sorted).
 
@@ -92,6 +93,8 @@ def run_steps(
         force: re-run every step.
         until: stop after this step.
         on_step: called after each step (progress reporting).
+        moved_from: the run folder's path as its manifests recorded it, when that differs from ``run_dir`` (the
+            folder was moved or copied, or the run is resumed from another directory): finished steps still match.
     """
     names = [s.name for s in steps]
     for opt, val in (("--from", from_step), ("--until", until)):
@@ -122,7 +125,7 @@ def run_steps(
         manifest = read_manifest(out_dir)
         up_to_date = (
             not must_run
-            and manifest_matches(out_dir, cfg)
+            and manifest_matches(out_dir, cfg, moved=None if moved_from is None else (moved_from, run_dir))
             and manifest is not None
             and manifest.get("upstream") == upstream
         )
