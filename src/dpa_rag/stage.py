@@ -54,6 +54,7 @@ __all__ = [
     "read_manifest",
     "rebase_path",
     "rebase_values",
+    "recorded_run_dir",
     "stage_recorder",
 ]
 
@@ -185,16 +186,35 @@ def rebase_path(value: str | Path, recorded: str | Path, now: str | Path) -> Pat
     return Path(now) / rel
 
 
-def rebase_values(data: Any, recorded: str | Path, now: str | Path) -> Any:
-    """``data`` (a config's values) with every string that names a path inside ``recorded`` moved to ``now``."""
+def rebase_values(data: Any, recorded: str | Path | Sequence[str | Path], now: str | Path) -> Any:
+    """``data`` (a config's values) with every string that names a path inside ``recorded`` (or the first of several
+    recorded folders it lies in) moved to ``now``."""
+    roots = [recorded] if isinstance(recorded, (str, Path)) else list(recorded)
     if isinstance(data, dict):
-        return {k: rebase_values(v, recorded, now) for k, v in data.items()}
+        return {k: rebase_values(v, roots, now) for k, v in data.items()}
     if isinstance(data, list):
-        return [rebase_values(v, recorded, now) for v in data]
+        return [rebase_values(v, roots, now) for v in data]
     if isinstance(data, str) and data:
-        moved = rebase_path(data, recorded, now)
-        return data if moved is None else str(moved)
+        for root in roots:
+            moved = rebase_path(data, root, now)
+            if moved is not None:
+                return str(moved)
     return data
+
+
+def recorded_run_dir(step_dir: str | Path) -> str | None:
+    """The run folder a pipeline step's ``config.yaml`` was written in (the parent of its recorded ``out_dir``,
+    as written: relative to the directory the run was started from, or absolute); ``None`` if not recorded."""
+    from dpa_rag.config import load_yaml
+
+    path = Path(step_dir) / "config.yaml"
+    if not path.is_file():
+        return None
+    try:
+        out = load_yaml(path).get("out_dir")
+    except Exception:  # an unreadable config: the step will not match anyway
+        return None
+    return str(PurePath(str(out)).parent) if out else None
 
 
 def manifest_matches(

@@ -449,3 +449,31 @@ def test_cli_help_documents_every_option():
     assert res.exit_code == 0 and "Usage" in res.output
     cmd = get_command(app).commands["serve"]  # type: ignore[attr-defined]
     assert all(p.help for p in cmd.params if p.param_type_name == "option" and p.name != "help")
+
+
+def test_run_folder_with_relative_paths_served_from_elsewhere(run_folder: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """The stage configs hold paths relative to where `dpa-rag run` started (`runs/demo/...`): copied to another
+    place and served from a third folder, every path follows the run folder and nothing is written to the cwd."""
+    import shutil
+
+    rel = {"backend": "fake", "model": "runs/demo/train-llm-sft/merged", "cache_dir": "runs/demo/cache",
+           "template": "dpa", "top_k": 2, "out_dir": "runs/demo/answer-full"}
+    (run_folder / "answer-full" / "config.yaml").write_text(yaml.safe_dump(rel))
+    (run_folder / "answer-bm25" / "config.yaml").write_text(yaml.safe_dump(
+        {**rel, "model": "base-lm", "out_dir": "runs/demo/answer-bm25"}))
+    moved = tmp_path / "copies" / "my-run"
+    shutil.copytree(run_folder, moved)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    plan = make_plan(ServeConfig(run=moved, reader="other-reader"))
+    assert plan.aligned_reader.model == "other-reader" and plan.base_reader.model == "base-lm"
+    assert Path(plan.base_reader.cache_dir) == moved / "cache" == Path(plan.aligned_reader.cache_dir)
+    plan = make_plan(ServeConfig(run=moved))
+    assert Path(plan.aligned_reader.model) == moved / "train-llm-sft" / "merged"
+    with ServerThread(build_app(ServeConfig(run=moved))) as u:
+        assert httpx.post(f"{u}/answer", json={"question": QUERY}).status_code == 200
+        health = httpx.get(f"{u}/health").json()
+        assert health["readers"]["dpa-rag"]["model"] == "train-llm-sft/merged" and str(tmp_path) not in str(health)
+    assert list(work.iterdir()) == [] and (moved / "cache").is_dir()

@@ -26,18 +26,6 @@ def step_names(cfg: PipelineConfig) -> list[str]:
     return [s.name for s in build_steps(cfg) if s.enabled]
 
 
-def _recorded_out_dir(out_dir: Path) -> str | None:
-    """Where an existing run folder was written from, when that is not ``out_dir`` as given now (a moved or copied
-    run, or one resumed from another directory); ``None`` otherwise."""
-    from dpa_rag.config import load_yaml
-
-    path = out_dir / PIPELINE_CONFIG
-    if not path.exists():
-        return None
-    recorded = load_yaml(path).get("out_dir")
-    return str(recorded) if recorded and str(recorded) != str(out_dir) else None
-
-
 def run_pipeline(
     cfg: PipelineConfig,
     from_step: str | None = None,
@@ -51,13 +39,11 @@ def run_pipeline(
     from dpa_rag.pipeline.dpa import build_steps
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    moved_from = _recorded_out_dir(cfg.out_dir)
     save_config(cfg, cfg.out_dir / PIPELINE_CONFIG)
     steps = build_steps(cfg)
     # steps whose stage config has no dedupe_ids field (and launched steps, through the environment) follow this
     with dedupe_ids(True) if cfg.dedupe_ids else contextlib.nullcontext():
-        run_steps(steps, cfg.out_dir, from_step=from_step, force=force, until=until, on_step=on_step,
-                  moved_from=moved_from)
+        run_steps(steps, cfg.out_dir, from_step=from_step, force=force, until=until, on_step=on_step)
     report = report_stage.Outputs.at(cfg.out_dir / "report").report
     return report if until is None and report.exists() else cfg.out_dir
 

@@ -2,9 +2,10 @@
 
 The stage configs a run writes (``<step>/config.yaml``) hold the paths the pipeline wired, relative to the folder
 ``dpa-rag run`` was started from (``runs/demo/train-llm-sft/merged``, ``cache_dir: runs/demo/cache``) or absolute.
-:class:`RunFolder` maps every path under the run folder *as it was recorded* (``pipeline.yaml: out_dir``) onto the
-folder where the run is now, so a run folder that was moved or copied, or is read from another working directory,
-is read correctly. Paths outside the run folder (the data, model aliases, hub ids) are left as they are.
+:class:`RunFolder` maps every path under the run folder *as it was recorded* (the parent of the step config's own
+``out_dir``, else ``pipeline.yaml: out_dir``) onto the folder where the run is now, so a run folder that was moved
+or copied, or is read from another working directory, is read correctly. Paths outside the run folder (the data,
+model aliases, hub ids) are left as they are.
 
 Steps are found through :func:`dpa_rag.pipeline.dpa.build_steps` and :func:`~dpa_rag.pipeline.dpa.system_steps`
 (the pipeline's own table) and the files inside a step through the stage ``Outputs`` classes; a step counts only
@@ -20,7 +21,7 @@ from typing import Any
 from dpa_rag.config import ConfigError, load_yaml
 from dpa_rag.pipeline import PIPELINE_CONFIG
 from dpa_rag.pipeline.config import PipelineConfig
-from dpa_rag.stage import read_manifest, rebase_path, rebase_values
+from dpa_rag.stage import read_manifest, rebase_path, rebase_values, recorded_run_dir
 
 __all__ = ["RunFolder", "rebase_path", "rebase_values"]
 
@@ -92,8 +93,12 @@ class RunFolder:
         """A finished step's resolved ``config.yaml`` with its paths mapped (``None``: not finished)."""
         if not self.complete(name):
             return None
-        path = self.steps()[name] / "config.yaml"
-        return self.values(load_yaml(path)) if path.exists() else None
+        folder = self.steps()[name]
+        path = folder / "config.yaml"
+        if not path.exists():
+            return None
+        roots = [r for r in (recorded_run_dir(folder), self.recorded) if r is not None]
+        return rebase_values(load_yaml(path), roots, self.root)
 
     def system_step(self, system: str) -> str | None:
         """The answer step of a report system (``retriever``, ``full``, ``aligned_reader``, …) in this run."""
