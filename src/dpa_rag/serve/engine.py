@@ -293,11 +293,8 @@ class Engine:
 
     def _load_questions(self) -> list[Any]:
         from dpa_rag.data.loaders import load_questions
-        from dpa_rag.sample import sample_path
 
         path = self.plan.eval_questions
-        if path is None and self.plan.source == "bundled defaults":
-            path = sample_path("questions.jsonl")
         if path is None:
             return []
         try:

@@ -161,6 +161,12 @@ def make_plan(cfg: ServeConfig) -> ServePlan:
     for key in ("top_k", "candidates"):
         if getattr(cfg, key) is not None:
             parts[key] = getattr(cfg, key)
+    if cfg.questions is not None:
+        parts["eval_questions"] = Path(cfg.questions)
+    elif parts["source"] == "bundled defaults":
+        from dpa_rag.sample import sample_path
+
+        parts["eval_questions"] = sample_path("questions.jsonl")
     parts["candidates"] = max(parts.get("candidates", 20), parts.get("top_k", 3))
     plan = ServePlan(**parts)
     if not (plan.index_dir / INDEX_INFO).exists():
