@@ -43,6 +43,7 @@ from dpa_rag.io import (
 
 __all__ = [
     "MANIFEST",
+    "STAGE_CONFIG",
     "ChunkLog",
     "StageOutputs",
     "StageRecorder",
@@ -59,6 +60,7 @@ __all__ = [
 ]
 
 MANIFEST = "manifest.json"
+STAGE_CONFIG = "config.yaml"  # the resolved config a stage writes next to its outputs
 # Fields that never change a stage's result (where to write, how loud, caches, parallelism).
 RESULT_NEUTRAL_FIELDS = {
     "out_dir", "cache_dir", "use_cache", "progress", "max_concurrency", "timeout", "max_retries", "chunk_size",
@@ -207,7 +209,7 @@ def recorded_run_dir(step_dir: str | Path) -> str | None:
     as written: relative to the directory the run was started from, or absolute); ``None`` if not recorded."""
     from dpa_rag.config import load_yaml
 
-    path = Path(step_dir) / "config.yaml"
+    path = Path(step_dir) / STAGE_CONFIG
     if not path.is_file():
         return None
     try:

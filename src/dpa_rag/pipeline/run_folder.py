@@ -21,7 +21,7 @@ from typing import Any
 from dpa_rag.config import ConfigError, load_yaml
 from dpa_rag.pipeline import PIPELINE_CONFIG
 from dpa_rag.pipeline.config import PipelineConfig
-from dpa_rag.stage import read_manifest, rebase_path, rebase_values, recorded_run_dir
+from dpa_rag.stage import STAGE_CONFIG, read_manifest, rebase_path, rebase_values, recorded_run_dir
 
 __all__ = ["RunFolder", "rebase_path", "rebase_values"]
 
@@ -94,7 +94,7 @@ class RunFolder:
         if not self.complete(name):
             return None
         folder = self.steps()[name]
-        path = folder / "config.yaml"
+        path = folder / STAGE_CONFIG
         if not path.exists():
             return None
         roots = [r for r in (recorded_run_dir(folder), self.recorded) if r is not None]
@@ -135,7 +135,7 @@ class RunFolder:
             return None
         sft = llm_train.Outputs.at(self.step_dir("train-llm-sft"))
         for model in (sft.model, sft.merged):
-            if (model / "config.json").exists():
+            if model.is_dir() and any(model.iterdir()):
                 return model
         return None
 
