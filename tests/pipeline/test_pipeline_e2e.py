@@ -215,6 +215,7 @@ def test_moved_run_folder_resumes_and_serves(pipeline_run, tmp_path, monkeypatch
     from dpa_rag.serve import ServeConfig, ServerThread, build_app, make_plan
 
     cfg, _ = pipeline_run
+    cfg = load_config(PipelineConfig, cfg.out_dir / "pipeline.yaml")  # as last run (earlier tests change options)
     moved = tmp_path / "elsewhere" / "copied-run"
     shutil.copytree(cfg.out_dir, moved, symlinks=True)  # copy2: modification times kept
     hidden = cfg.out_dir.with_name(cfg.out_dir.name + "-away")

@@ -3,13 +3,16 @@
 Endpoints:
 
 * ``POST /rerank`` (also ``/v1/rerank``): TEI request ``{"query", "texts"}`` → ``[{"index", "score"}]`` sorted best
-  first; Cohere request ``{"query", "documents", "top_n", "return_documents"}`` → ``{"id", "results": [{"index",
-  "relevance_score", "document"}]}``.
+  first; Jina / Cohere v1 request ``{"query", "documents", "top_n", "return_documents"}`` → ``{"id", "results":
+  [{"index", "relevance_score", "document"}]}``; ``POST /v2/rerank``: Cohere v2 (documents not returned by default).
+  Scores are calibrated relevances (:mod:`dpa_rag.reranker.calibration`).
 * ``POST /retrieve``: ``{"query", "top_k", "rerank", "candidates"}`` → ``{"passages": [...]}``.
 * ``POST /answer``: ``{"question", "model", "top_k"}`` → answer, raw output and the passages used.
-* ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI-compatible (streaming too); models ``dpa-rag``
-  (aligned reranker + self-aligned reader) and ``dpa-rag-base`` (retriever + base reader).
-* ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /`` (the comparison page).
+* OpenAI-compatible (:mod:`dpa_rag.serve.openai_api`): ``POST /v1/chat/completions`` (streaming too), ``POST
+  /v1/responses``, ``GET /v1/models``, ``GET /v1/models/{id}``; models ``dpa-rag`` (aligned reranker + self-aligned
+  reader) and ``dpa-rag-base`` (retriever + base reader).
+* ``GET /health`` (no filesystem paths without the API key), ``GET /samples`` (answerable evaluation questions),
+  ``GET /metrics`` (Prometheus text), ``GET /`` (the comparison page).
 """
 
 from __future__ import annotations
@@ -45,7 +48,6 @@ ENDPOINTS = {
 }
 # no API key needed: the page itself (it sends the key it is given), its sample questions and the probe
 OPEN_PATHS = {"/", "/health", "/samples"}
-JSON_TYPES = (b"application/json", b"application/", b"+json")
 
 
 def endpoint_of(path: str) -> str:

@@ -1,6 +1,7 @@
 """Decide what to serve: the index, the retriever, the reranker and the two readers.
 
-A pipeline run folder (``dpa-rag run`` / ``dpa-rag demo``) is read through its step folders and manifests: ``index/``
+A pipeline run folder (``dpa-rag run`` / ``dpa-rag demo``) is read through
+:class:`~dpa_rag.pipeline.run_folder.RunFolder` (paths inside it follow the folder wherever it now is): ``index/``
 (the index), ``train-reranker/model`` (the aligned reranker; reranking options from ``rerank-eval/config.yaml``),
 ``answer-<retriever>/config.yaml`` (the base reader's generator options) and ``answer-full/config.yaml`` or
 ``answer-aligned-reader/config.yaml`` (the self-aligned reader). A step counts only when its ``manifest.json`` says
