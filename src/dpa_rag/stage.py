@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import json
 import os
 import platform
 import subprocess
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import IO, Any, ClassVar, TypeVar
 
 from pydantic import BaseModel
@@ -42,6 +43,7 @@ from dpa_rag.io import (
 
 __all__ = [
     "MANIFEST",
+    "STAGE_CONFIG",
     "ChunkLog",
     "StageOutputs",
     "StageRecorder",
@@ -51,10 +53,14 @@ __all__ = [
     "manifest_matches",
     "resume_state",
     "read_manifest",
+    "rebase_path",
+    "rebase_values",
+    "recorded_run_dir",
     "stage_recorder",
 ]
 
 MANIFEST = "manifest.json"
+STAGE_CONFIG = "config.yaml"  # the resolved config a stage writes next to its outputs
 # Fields that never change a stage's result (where to write, how loud, caches, parallelism).
 RESULT_NEUTRAL_FIELDS = {
     "out_dir", "cache_dir", "use_cache", "progress", "max_concurrency", "timeout", "max_retries", "chunk_size",
@@ -169,8 +175,55 @@ def read_manifest(out_dir: str | Path) -> dict[str, Any] | None:
         return None
 
 
+def rebase_path(value: str | Path, recorded: str | Path, now: str | Path) -> Path | None:
+    """``value`` moved from the run folder ``recorded`` (as a run wrote it) to ``now``; ``None`` if ``value`` is not
+    inside ``recorded``. Works on the path text (nothing is resolved against the current directory)."""
+    p, old = PurePath(str(value)), PurePath(str(recorded))
+    if p.is_absolute() != old.is_absolute() or str(old) in ("", "."):
+        return None
+    try:
+        rel = p.relative_to(old)
+    except ValueError:
+        return None
+    return Path(now) / rel
+
+
+def rebase_values(data: Any, recorded: str | Path | Sequence[str | Path], now: str | Path) -> Any:
+    """``data`` (a config's values) with every string that names a path inside ``recorded`` (or the first of several
+    recorded folders it lies in) moved to ``now``."""
+    roots = [recorded] if isinstance(recorded, (str, Path)) else list(recorded)
+    if isinstance(data, dict):
+        return {k: rebase_values(v, roots, now) for k, v in data.items()}
+    if isinstance(data, list):
+        return [rebase_values(v, roots, now) for v in data]
+    if isinstance(data, str) and data:
+        for root in roots:
+            moved = rebase_path(data, root, now)
+            if moved is not None:
+                return str(moved)
+    return data
+
+
+def recorded_run_dir(step_dir: str | Path) -> str | None:
+    """The run folder a pipeline step's ``config.yaml`` was written in (the parent of its recorded ``out_dir``,
+    as written: relative to the directory the run was started from, or absolute); ``None`` if not recorded."""
+    from dpa_rag.config import load_yaml
+
+    path = Path(step_dir) / STAGE_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        out = load_yaml(path).get("out_dir")
+    except Exception:  # an unreadable config: the step will not match anyway
+        return None
+    return str(PurePath(str(out)).parent) if out else None
+
+
 def manifest_matches(
-    out_dir: str | Path, cfg: BaseModel, inputs: Iterable[str | Path | None] | None = None
+    out_dir: str | Path,
+    cfg: BaseModel,
+    inputs: Iterable[str | Path | None] | None = None,
+    moved: tuple[str | Path, str | Path] | None = None,
 ) -> bool:
     """True iff ``out_dir`` holds a finished manifest for the same config hash and unchanged inputs.
 
@@ -178,14 +231,26 @@ def manifest_matches(
         out_dir: the stage's output folder.
         cfg: the config the stage would run with now.
         inputs: the input paths to compare; default: the ones the manifest recorded.
+        moved: ``(recorded, now)``: the run folder was written as ``recorded`` and is now ``now`` (moved, copied or
+            run from another directory): paths inside it compare by their place in the run folder.
     """
     m = read_manifest(out_dir)
     if not m or m.get("status") != "complete":
         return False
-    if m.get("config_hash") != config_hash(cfg, exclude=_neutral(cfg)):
+    neutral = _neutral(cfg)
+    hashes = {config_hash(cfg, exclude=neutral)}
+    if moved is not None:
+        data = rebase_values(cfg.model_dump(mode="json", exclude=neutral), moved[1], moved[0])
+        hashes.add(hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16])
+    if m.get("config_hash") not in hashes:
         return False
     recorded = m.get("inputs") or {}
-    if m.get("inputs") != hash_inputs(recorded if inputs is None else inputs):
+    if inputs is None and moved is not None:
+        now = {k: str(rebase_path(k, *moved) or k) for k in recorded}
+        fresh = hash_inputs(now.values())
+        if any(fresh.get(now[k]) != v for k, v in recorded.items()):
+            return False
+    elif m.get("inputs") != hash_inputs(recorded if inputs is None else inputs):
         return False
     return all((Path(out_dir) / o).exists() for o in m.get("outputs", []))
 

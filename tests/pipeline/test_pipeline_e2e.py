@@ -4,6 +4,7 @@ everything, and a run killed during mining resumes to the same final metrics as 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -209,3 +210,47 @@ def test_graded_loglik_pipeline_with_bi_encoder_and_top1_systems(tmp_path, tiny_
     top1 = cfg.out_dir / "answer-reranker-top1" / "predictions.jsonl"
     preds = [json.loads(x) for x in top1.read_text().splitlines()]
     assert preds and all(len(p["ctx_ids"]) == 1 for p in preds)
+
+
+def test_moved_run_folder_resumes_and_serves(pipeline_run, tmp_path, monkeypatch):
+    """A finished run copied elsewhere (and its original out of the way) resumes with nothing recomputed, `--from`
+    re-runs only from there, and `dpa-rag serve --run` serves it from another working directory."""
+    pytest.importorskip("fastapi")
+    import httpx
+
+    from dpa_rag.serve import ServeConfig, ServerThread, build_app, make_plan
+
+    cfg, _ = pipeline_run
+    cfg = load_config(PipelineConfig, cfg.out_dir / "pipeline.yaml")  # as last run (earlier tests change options)
+    moved = tmp_path / "elsewhere" / "copied-run"
+    shutil.copytree(cfg.out_dir, moved, symlinks=True)  # copy2: modification times kept
+    hidden = cfg.out_dir.with_name(cfg.out_dir.name + "-away")
+    cfg.out_dir.rename(hidden)  # nothing may still read the original folder
+    try:
+        work = tmp_path / "somewhere-else"
+        work.mkdir()
+        monkeypatch.chdir(work)
+        seen = []
+        copy = cfg.model_copy(update={"out_dir": moved})
+        run_pipeline(copy, on_step=seen.append)
+        assert {r.status for r in seen if r.status != "disabled"} == {"skipped"}
+        seen = []
+        run_pipeline(copy, from_step="answer-full", on_step=seen.append)
+        ran = [r.name for r in seen if r.status == "ran"]
+        assert ran[0] == "answer-full" and "train-reranker" not in ran and "report" in ran
+        seen = []
+        run_pipeline(copy, on_step=seen.append)  # the re-run steps (new paths) and the old ones (old paths) match
+        assert {r.status for r in seen if r.status != "disabled"} == {"skipped"}
+
+        plan = make_plan(ServeConfig(run=moved, backend="fake"))
+        assert plan.index_dir == moved / "index"
+        assert Path(plan.reranker["model_path"]) == moved / "train-reranker" / "model"
+        assert Path(plan.aligned_reader.model).is_relative_to(moved)
+        assert Path(plan.base_reader.cache_dir) == moved / "cache" == Path(plan.aligned_reader.cache_dir)
+        with ServerThread(build_app(ServeConfig(run=moved, backend="fake"))) as url:
+            body = httpx.post(f"{url}/answer", json={"question": "what is the capital of france"}).json()
+            assert body["reranked"] is True and len(body["passages"]) == cfg.top_k
+            assert str(tmp_path) not in httpx.get(f"{url}/health").text
+        assert not (work / "runs").exists() and list(work.iterdir()) == []
+    finally:
+        hidden.rename(cfg.out_dir)

@@ -226,6 +226,7 @@ def test_relevance_warmup_and_retrieval_report(tiny_bert_dir, authors, run_dir):
     assert saved["alpha"] == log["retriever_fusion"]["alpha"] and saved["questions"] == 3
     card = (out.model / "README.md").read_text()
     assert "Ranking quality" in card and "Retriever fusion" in card
+    assert json.loads((out.model / "calibration.json").read_text())["source"] == "fitted"  # held-out relevance fit
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ index), the formats, ordering, limits and error answers, the API key, micro-batc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -17,7 +16,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
 import yaml
 
 pytest.importorskip("fastapi")
@@ -25,12 +23,12 @@ pytest.importorskip("uvicorn")
 
 from dpa_rag.config import ConfigError  # noqa: E402
 from dpa_rag.prompts import clean_answer  # noqa: E402
-from dpa_rag.reranker.model import load_reranker_model  # noqa: E402
 from dpa_rag.reranker.rerank import Reranker  # noqa: E402
 from dpa_rag.retrieval.index import IndexConfig, build_index, load_index  # noqa: E402
 from dpa_rag.sample import sample_path  # noqa: E402
 from dpa_rag.serve import ServeConfig, ServerThread, build_app, make_plan  # noqa: E402
 from dpa_rag.serve.server import free_port  # noqa: E402
+from serve_toys import serving  # noqa: E402
 
 QUERY = "who was the first person to walk on the moon"
 DOCS = [
@@ -39,38 +37,6 @@ DOCS = [
     "The Nile is a river in Egypt.",
     "Einstein won the Nobel Prize in Physics.",
 ]
-
-
-@pytest.fixture(scope="module")
-def reranker_dir(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("reranker")
-    torch.manual_seed(0)
-    model, tok = load_reranker_model(str(tiny_bert_dir), "single")
-    model.save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def index_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("index")
-    build_index(IndexConfig(corpus=[sample_path("corpus.jsonl")], out_dir=out, kind="bm25", progress=False))
-    return out
-
-
-@pytest.fixture(scope="module")
-def base_cfg(index_dir: Path, reranker_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    return {"index": index_dir, "reranker": str(reranker_dir), "backend": "fake", "use_cache": False,
-            "cache_dir": tmp_path_factory.mktemp("cache"), "batch_window_ms": 2.0, "dtype": "float32",
-            "reranker_max_length": 128}
-
-
-@contextlib.contextmanager
-def serving(base: dict, **kwargs) -> Iterator[str]:
-    engine_kwargs = {k: kwargs.pop(k) for k in ("scorer",) if k in kwargs}
-    app = build_app(ServeConfig(**{**base, **kwargs}), **engine_kwargs)
-    with ServerThread(app) as url:
-        yield url
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +93,12 @@ def test_rerank_cohere_format(url: str, path: str):
     assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
     texts = [DOCS[0], DOCS[1], DOCS[2]]
     assert all(r["document"]["text"] == texts[r["index"]] for r in body["results"])
-    plain = httpx.post(f"{url}{path}", json={"query": QUERY, "documents": docs}).json()["results"]
-    assert len(plain) == 3 and "document" not in plain[0]
+    plain = httpx.post(f"{url}{path}", json={"query": QUERY, "documents": docs}).json()
+    # Jina's default (and what Cohere v1 clients accept): the documents come back unless return_documents is false
+    assert len(plain["results"]) == 3 and "document" in plain["results"][0]
+    assert plain["meta"]["api_version"]["version"] == "1"
+    bare = httpx.post(f"{url}{path}", json={"query": QUERY, "documents": docs, "return_documents": False}).json()
+    assert "document" not in bare["results"][0]
 
 
 def test_retrieve_retriever_and_reranker_order(url: str, index_dir: Path):
@@ -177,7 +147,7 @@ def test_chat_completions_with_the_openai_client(url: str):
     assert chunks[-1].choices[0].finish_reason == "stop"
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": QUERY}])
-    with pytest.raises(openai.UnprocessableEntityError):
+    with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="dpa-rag", messages=[{"role": "user", "content": QUERY}], n=2)
 
 
@@ -209,30 +179,30 @@ def test_page_is_plain_html(url: str):
 @pytest.mark.parametrize(
     ("path", "body", "status", "param"),
     [
-        ("/rerank", {"query": QUERY, "texts": "not a list"}, 422, "texts"),
-        ("/rerank", {"query": QUERY, "texts": ["ok", 3]}, 422, "texts.1"),
-        ("/rerank", {"texts": DOCS}, 422, "query"),
-        ("/rerank", {"query": "", "texts": DOCS}, 422, "query"),
-        ("/rerank", {"query": QUERY, "texts": DOCS, "documents": DOCS}, 422, None),
-        ("/rerank", {"query": QUERY, "texts": []}, 422, "texts"),
-        ("/rerank", {"query": QUERY, "texts": ["x"] * 9}, 422, "texts"),
-        ("/rerank", {"query": QUERY, "texts": ["x", "y" * 301]}, 422, "texts.1"),
-        ("/rerank", {"query": QUERY, "documents": ["x", {"text": "y" * 301}]}, 422, "documents.1.text"),
-        ("/rerank", {"query": "q" * 301, "texts": ["x"]}, 422, "query"),
-        ("/rerank", {"query": QUERY, "texts": DOCS, "top_n": 0}, 422, "top_n"),
-        ("/retrieve", {"query": QUERY, "top_k": 11}, 422, "top_k"),
-        ("/retrieve", {"query": QUERY, "candidates": 11}, 422, "candidates"),
-        ("/retrieve", {"query": QUERY, "top_k": "three"}, 422, "top_k"),
+        ("/rerank", {"query": QUERY, "texts": "not a list"}, 400, "texts"),
+        ("/rerank", {"query": QUERY, "texts": ["ok", 3]}, 400, "texts.1"),
+        ("/rerank", {"texts": DOCS}, 400, "query"),
+        ("/rerank", {"query": "", "texts": DOCS}, 400, "query"),
+        ("/rerank", {"query": QUERY, "texts": DOCS, "documents": DOCS}, 400, None),
+        ("/rerank", {"query": QUERY, "texts": []}, 400, "texts"),
+        ("/rerank", {"query": QUERY, "texts": ["x"] * 9}, 400, "texts"),
+        ("/rerank", {"query": QUERY, "texts": ["x", "y" * 301]}, 400, "texts.1"),
+        ("/rerank", {"query": QUERY, "documents": ["x", {"text": "y" * 301}]}, 400, "documents.1.text"),
+        ("/rerank", {"query": "q" * 301, "texts": ["x"]}, 400, "query"),
+        ("/rerank", {"query": QUERY, "texts": DOCS, "top_n": 0}, 400, "top_n"),
+        ("/retrieve", {"query": QUERY, "top_k": 11}, 400, "top_k"),
+        ("/retrieve", {"query": QUERY, "candidates": 11}, 400, "candidates"),
+        ("/retrieve", {"query": QUERY, "top_k": "three"}, 400, "top_k"),
         ("/answer", {"question": QUERY, "model": "nope"}, 404, "model"),
-        ("/answer", {"question": QUERY, "max_tokens": 100000}, 422, "max_tokens"),
-        ("/v1/chat/completions", {"model": "dpa-rag", "messages": []}, 422, "messages"),
-        ("/v1/chat/completions", {"model": "dpa-rag", "messages": [{"role": "user", "content": "q" * 301}]}, 422,
+        ("/answer", {"question": QUERY, "max_tokens": 100000}, 400, "max_tokens"),
+        ("/v1/chat/completions", {"model": "dpa-rag", "messages": []}, 400, "messages"),
+        ("/v1/chat/completions", {"model": "dpa-rag", "messages": [{"role": "user", "content": "q" * 301}]}, 400,
          "messages.0.content"),
-        ("/v1/chat/completions", {"model": "dpa-rag", "messages": [{"role": "assistant", "content": "hi"}]}, 422,
+        ("/v1/chat/completions", {"model": "dpa-rag", "messages": [{"role": "assistant", "content": "hi"}]}, 400,
          "messages"),
-        ("/v1/chat/completions", {"model": "dpa-rag", "messages": [{"role": "wizard", "content": "hi"}]}, 422,
+        ("/v1/chat/completions", {"model": "dpa-rag", "messages": [{"role": "wizard", "content": "hi"}]}, 400,
          "messages.0.role"),
-        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 422, "model"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 400, "model"),
     ],
 )
 def test_bad_requests_name_the_field(url: str, path: str, body: dict, status: int, param: str | None):
@@ -387,6 +357,7 @@ def run_folder(tmp_path: Path, reranker_dir: Path) -> Path:
     run = tmp_path / "runs" / "demo"
     run.mkdir(parents=True)
     (run / "pipeline.yaml").write_text(yaml.safe_dump({
+        "out_dir": "runs/demo", "questions": "data/q.jsonl", "corpus": ["data/c.jsonl"],
         "retriever": "bm25", "top_k": 2, "retrieve_top_k": 7, "reader": {"backend": "fake", "model": "base-lm"},
     }))
     build_index(IndexConfig(corpus=[sample_path("corpus.jsonl")], out_dir=run / "index", kind="bm25",
@@ -478,3 +449,31 @@ def test_cli_help_documents_every_option():
     assert res.exit_code == 0 and "Usage" in res.output
     cmd = get_command(app).commands["serve"]  # type: ignore[attr-defined]
     assert all(p.help for p in cmd.params if p.param_type_name == "option" and p.name != "help")
+
+
+def test_run_folder_with_relative_paths_served_from_elsewhere(run_folder: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """The stage configs hold paths relative to where `dpa-rag run` started (`runs/demo/...`): copied to another
+    place and served from a third folder, every path follows the run folder and nothing is written to the cwd."""
+    import shutil
+
+    rel = {"backend": "fake", "model": "runs/demo/train-llm-sft/merged", "cache_dir": "runs/demo/cache",
+           "template": "dpa", "top_k": 2, "out_dir": "runs/demo/answer-full"}
+    (run_folder / "answer-full" / "config.yaml").write_text(yaml.safe_dump(rel))
+    (run_folder / "answer-bm25" / "config.yaml").write_text(yaml.safe_dump(
+        {**rel, "model": "base-lm", "out_dir": "runs/demo/answer-bm25"}))
+    moved = tmp_path / "copies" / "my-run"
+    shutil.copytree(run_folder, moved)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    plan = make_plan(ServeConfig(run=moved, reader="other-reader"))
+    assert plan.aligned_reader.model == "other-reader" and plan.base_reader.model == "base-lm"
+    assert Path(plan.base_reader.cache_dir) == moved / "cache" == Path(plan.aligned_reader.cache_dir)
+    plan = make_plan(ServeConfig(run=moved))
+    assert Path(plan.aligned_reader.model) == moved / "train-llm-sft" / "merged"
+    with ServerThread(build_app(ServeConfig(run=moved))) as u:
+        assert httpx.post(f"{u}/answer", json={"question": QUERY}).status_code == 200
+        health = httpx.get(f"{u}/health").json()
+        assert health["readers"]["dpa-rag"]["model"] == "train-llm-sft/merged" and str(tmp_path) not in str(health)
+    assert list(work.iterdir()) == [] and (moved / "cache").is_dir()

@@ -48,7 +48,8 @@ def page_url(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory):
     index = tmp_path_factory.mktemp("index")
     build_index(IndexConfig(corpus=[sample_path("corpus.jsonl")], out_dir=index, kind="bm25", progress=False))
     cfg = ServeConfig(index=index, reranker=str(rr), backend="fake", use_cache=False, dtype="float32",
-                      reranker_max_length=128, cache_dir=tmp_path_factory.mktemp("cache"))
+                      reranker_max_length=128, cache_dir=tmp_path_factory.mktemp("cache"),
+                      questions=sample_path("questions.jsonl"))
     with ServerThread(build_app(cfg)) as url:
         yield f"{url}/?q={urllib.parse.quote(QUESTION)}"
 
@@ -63,6 +64,14 @@ def test_page_renders_three_panels_in_chromium(page_url: str, tmp_path: Path):
         assert "hidden" not in section, section
     assert html.count("<li>") == 2 * TOP_K  # the retriever's and the reranker's top-k
     assert re.search(r'id="base-answer">[^<]+<', html) and re.search(r'id="full-answer">[^<]+<', html)
+    # the gold answer of a sample question, each reader marked right or wrong, numbers labelled, no server paths
+    assert re.search(r'id="gold">Gold answer \(evaluation set\): Neil Armstrong / Armstrong<', html), html[-3000:]
+    assert re.search(r'id="base-verdict" class="verdict (right|wrong)">', html)
+    assert re.search(r'id="full-verdict" class="verdict (right|wrong)">', html)
+    assert html.count('class="score">retriever ') == TOP_K and html.count('class="score">reranker ') == TOP_K
+    assert "/tmp" not in html and str(Path.home()) not in html
+    samples = re.search(r'<div id="samples">(.*?)</div>', html, re.S)
+    assert samples and samples.group(1).count("<button") >= 3, html[-3000:]
 
     shot = tmp_path / "page.png"
     res = _chromium(tmp_path, f"--screenshot={shot}", page_url)

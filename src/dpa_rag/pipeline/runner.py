@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dpa_rag.io import write_json
-from dpa_rag.stage import MANIFEST, manifest_matches, read_manifest
+from dpa_rag.stage import MANIFEST, manifest_matches, read_manifest, recorded_run_dir
 
 __all__ = ["Step", "StepResult", "run_steps"]
 
@@ -75,6 +75,14 @@ def _stamp(out_dir: Path, upstream: dict[str, str | None]) -> str:
     return manifest["run_id"]
 
 
+def _moved(step_dir: Path, run_dir: Path) -> tuple[str, Path] | None:
+    """``(recorded, run_dir)`` when the step was written in a run folder named otherwise (the folder was moved or
+    copied, or the run is resumed from another directory): its finished outputs still match by their place in the
+    run folder."""
+    recorded = recorded_run_dir(step_dir)
+    return None if recorded is None or recorded == str(run_dir) else (recorded, run_dir)
+
+
 def run_steps(
     steps: Sequence[Step],
     run_dir: Path,
@@ -122,7 +130,7 @@ def run_steps(
         manifest = read_manifest(out_dir)
         up_to_date = (
             not must_run
-            and manifest_matches(out_dir, cfg)
+            and manifest_matches(out_dir, cfg, moved=_moved(out_dir, run_dir))
             and manifest is not None
             and manifest.get("upstream") == upstream
         )

@@ -27,6 +27,7 @@ from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
 from dpa_rag.io import write_json, write_text
 from dpa_rag.models import pick_device
 from dpa_rag.reranker.biencoder import BiEncoderCollator, load_biencoder, resolve_kind
+from dpa_rag.reranker.calibration import calibrate_trained
 from dpa_rag.reranker.config import TrainRerankerConfig, parse_loss_weights
 from dpa_rag.reranker.data import FusedCollator, RerankerTrainDataset, check_train_records
 from dpa_rag.reranker.evaluation import PairEvaluator, load_utility_lists, score_utility_lists
@@ -503,6 +504,7 @@ def _report_trained(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, held: 
             fusion = _fusion_weight(model, held, scores)
         if ranks.main:
             write_json(out_dir / RETRIEVAL_METRICS, held.retrieval_report)
+            calibrate_trained(TrainRerankerOutputs.at(out_dir).model, model, held.records, scores, cfg.score)
     return test_metrics, fusion
 
 

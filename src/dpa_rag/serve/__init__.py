@@ -1,6 +1,7 @@
 """``dpa-rag serve``: the aligned system behind the HTTP APIs RAG stacks already speak.
 
-TEI/Cohere ``/rerank``, ``/retrieve``, OpenAI ``/v1/chat/completions`` + ``/v1/models``, ``/answer``, ``/health``,
+TEI/Jina/Cohere ``/rerank`` and Cohere v2 ``/v2/rerank``, ``/retrieve``, OpenAI ``/v1/chat/completions``,
+``/v1/responses`` + ``/v1/models``, ``/answer``, ``/health``,
 Prometheus ``/metrics`` and a comparison page at ``/``; concurrent requests are micro-batched into shared model
 calls. Needs the ``serve`` extra (``pip install -e '.[serve]'``) for the HTTP parts; see ``docs/serve.md``.
 """

@@ -3,20 +3,22 @@
 Endpoints:
 
 * ``POST /rerank`` (also ``/v1/rerank``): TEI request ``{"query", "texts"}`` → ``[{"index", "score"}]`` sorted best
-  first; Cohere request ``{"query", "documents", "top_n", "return_documents"}`` → ``{"id", "results": [{"index",
-  "relevance_score", "document"}]}``.
+  first; Jina / Cohere v1 request ``{"query", "documents", "top_n", "return_documents"}`` → ``{"id", "results":
+  [{"index", "relevance_score", "document"}]}``; ``POST /v2/rerank``: Cohere v2 (documents not returned by default).
+  Scores are calibrated relevances (:mod:`dpa_rag.reranker.calibration`).
 * ``POST /retrieve``: ``{"query", "top_k", "rerank", "candidates"}`` → ``{"passages": [...]}``.
 * ``POST /answer``: ``{"question", "model", "top_k"}`` → answer, raw output and the passages used.
-* ``POST /v1/chat/completions``, ``GET /v1/models``: OpenAI-compatible (streaming too); models ``dpa-rag``
-  (aligned reranker + self-aligned reader) and ``dpa-rag-base`` (retriever + base reader).
-* ``GET /health``, ``GET /metrics`` (Prometheus text), ``GET /`` (the comparison page).
+* OpenAI-compatible (:mod:`dpa_rag.serve.openai_api`): ``POST /v1/chat/completions`` (streaming too), ``POST
+  /v1/responses``, ``GET /v1/models``, ``GET /v1/models/{id}``; models ``dpa-rag`` (aligned reranker + self-aligned
+  reader) and ``dpa-rag-base`` (retriever + base reader).
+* ``GET /health`` (no filesystem paths without the API key), ``GET /samples`` (answerable evaluation questions),
+  ``GET /metrics`` (Prometheus text), ``GET /`` (the comparison page).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
@@ -26,24 +28,44 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dpa_rag.generation import GenerationParams
 from dpa_rag.serve.batching import QueueFull
-from dpa_rag.serve.engine import ALIGNED_MODEL, Engine, to_unit
+from dpa_rag.serve.engine import Engine
 from dpa_rag.serve.errors import ApiError, from_validation
-from dpa_rag.serve.schemas import AnswerRequest, ChatRequest, RerankRequest, RetrieveRequest
+from dpa_rag.serve.openai_api import add_openai_routes
+from dpa_rag.serve.schemas import AnswerRequest, RerankRequest, RetrieveRequest
 
 __all__ = ["create_app"]
 
 T = TypeVar("T")
 
 ENDPOINTS = {
-    "/", "/health", "/metrics", "/rerank", "/v1/rerank", "/retrieve", "/answer", "/v1/models",
-    "/v1/chat/completions",
+    "/", "/health", "/metrics", "/samples", "/rerank", "/v1/rerank", "/v2/rerank", "/retrieve", "/answer",
+    "/v1/models", "/v1/models/{id}", "/v1/chat/completions", "/v1/responses",
 }
-OPEN_PATHS = {"/", "/health"}  # no API key needed: the page itself (it sends the key it is given) and the probe
+# no API key needed: the page itself (it sends the key it is given), its sample questions and the probe
+OPEN_PATHS = {"/", "/health", "/samples"}
+
+
+def endpoint_of(path: str) -> str:
+    """The metrics label of a request path (one label for every ``/v1/models/{id}``)."""
+    if path.startswith("/v1/models/"):
+        return "/v1/models/{id}"
+    return path if path in ENDPOINTS else "other"
+
+
+def _as_json(scope: dict) -> dict:
+    """A POST body sent without a JSON content type (``text/plain``, none) is read as JSON, as curl users and
+    some clients send it: the scope with ``content-type: application/json``."""
+    headers = list(scope.get("headers") or [])
+    ctype = dict(headers).get(b"content-type", b"").split(b";")[0].strip().lower()
+    if scope.get("method") != "POST" or ctype.startswith(b"application/json") or ctype.endswith(b"+json"):
+        return scope
+    headers = [(k, v) for k, v in headers if k != b"content-type"] + [(b"content-type", b"application/json")]
+    return {**scope, "headers": headers}
 MAX_NEW_TOKENS = 4096
 
 
@@ -61,7 +83,7 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else "other"
+        endpoint = endpoint_of(path)
         status = {"code": 500}
         t0 = time.perf_counter()
 
@@ -75,6 +97,14 @@ class _Guard:
             body = b""
             if error is None:
                 body, error = await self._read_body(scope, receive)
+            if error is None and body:
+                try:
+                    body.decode("utf-8")
+                except UnicodeDecodeError as exc:
+                    error = ApiError(400, f"the request body is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                                     code="invalid_encoding")
+            scope = _as_json(scope)
+            scope.setdefault("state", {})["authenticated"] = self.api_key is not None and self._has_key(scope)
             if error is not None:
                 self.engine.metrics.inc("dpa_rag_errors_total", {"endpoint": endpoint, "type": error.type})
                 await error.response()(scope, receive, send_tracked)
@@ -84,6 +114,9 @@ class _Guard:
             m = self.engine.metrics
             m.inc("dpa_rag_requests_total", {"endpoint": endpoint, "status": str(status["code"])})
             m.observe("dpa_rag_request_seconds", {"endpoint": endpoint}, time.perf_counter() - t0)
+
+    def _has_key(self, scope: dict) -> bool:
+        return self.api_key is not None and self._check_auth(scope, "") is None
 
     def _check_auth(self, scope: dict, path: str) -> ApiError | None:
         if self.api_key is None or path in OPEN_PATHS:
@@ -132,6 +165,19 @@ def _replay(body: bytes, receive: Any) -> Any:
     return replay
 
 
+def _score_legend(engine: Engine, reranked: bool) -> dict[str, str]:
+    """What each number of a passage is (the page shows these labels)."""
+    if not reranked:
+        return {"score": "retriever score (sorted by)", "retriever_score": "retriever score"}
+    fused = engine.fusion_alpha is not None
+    return {
+        "score": (f"fused score: reranker weight {engine.fusion_alpha:g} blended with the retriever rank (sorted by)"
+                  if fused else "reranker score (sorted by)"),
+        "reranker_score": f"the reranker's own score ({engine.score_mode})",
+        "retriever_score": "retriever score",
+    }
+
+
 def _page() -> str:
     return (files("dpa_rag.serve") / "page.html").read_text(encoding="utf-8")
 
@@ -150,7 +196,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
                   lifespan=lifespan, docs_url="/docs", redoc_url=None)
 
     def count_error(request: Request, err: ApiError) -> JSONResponse:
-        endpoint = request.url.path if request.url.path in ENDPOINTS else "other"
+        endpoint = endpoint_of(request.url.path)
         engine.metrics.inc("dpa_rag_errors_total", {"endpoint": endpoint, "type": err.type})
         return err.response()
 
@@ -184,12 +230,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     def check_text(value: str, param: str) -> None:
         if len(value) > cfg.max_chars:
-            raise ApiError(422, f"{param}: {len(value)} characters, at most {cfg.max_chars} allowed (--max-chars)",
+            raise ApiError(400, f"{param}: {len(value)} characters, at most {cfg.max_chars} allowed (--max-chars)",
                            param=param, code="text_too_long")
 
     def check_depth(value: int | None, param: str) -> None:
         if value is not None and value > cfg.max_top_k:
-            raise ApiError(422, f"{param}: {value} is above the limit {cfg.max_top_k} (--max-top-k)", param=param,
+            raise ApiError(400, f"{param}: {value} is above the limit {cfg.max_top_k} (--max-top-k)", param=param,
                            code="limit_exceeded")
 
     def check_model(model: str) -> None:
@@ -202,20 +248,26 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         return HTMLResponse(_page())
 
     @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", **engine.info()}
+    async def health(request: Request) -> dict[str, Any]:
+        # filesystem paths only for a client that sent the server's API key (never without a key configured)
+        return {"status": "ok", **engine.info(paths=bool(request.scope.get("state", {}).get("authenticated")))}
+
+    @app.get("/samples")
+    async def samples() -> dict[str, Any]:
+        """Evaluation questions of the served run (or the bundled sample) that the served corpus can answer."""
+        return {"questions": await run(engine.samples())}
 
     @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         return PlainTextResponse(engine.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    async def rerank(body: RerankRequest) -> Any:
+    async def rerank(body: RerankRequest, version: int) -> Any:
         check_text(body.query, "query")
         texts = body.items
         if not texts:
-            raise ApiError(422, f"{body.field}: give at least one text", param=body.field, code="empty")
+            raise ApiError(400, f"{body.field}: give at least one text", param=body.field, code="empty")
         if len(texts) > cfg.max_texts:
-            raise ApiError(422, f"{body.field}: {len(texts)} texts, at most {cfg.max_texts} per request "
+            raise ApiError(400, f"{body.field}: {len(texts)} texts, at most {cfg.max_texts} per request "
                            "(--max-texts)", param=body.field, code="limit_exceeded")
         for i, t in enumerate(texts):
             check_text(t, f"{body.field}.{i}" + (".text" if body.documents and not isinstance(body.documents[i], str)
@@ -225,23 +277,39 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         if body.texts is not None:  # TEI
             out = []
             for i in order:
-                score = scores[i] if body.raw_scores else to_unit(scores[i], engine.score_mode)
+                score = scores[i] if body.raw_scores else engine.relevance(scores[i])
                 row: dict[str, Any] = {"index": i, "score": score}
                 if body.return_text:
                     row["text"] = texts[i]
                 out.append(row)
             return out
+        # Cohere v2 and v1, Jina: Jina (and Cohere v1 clients that do not send it) default to the documents back
+        with_docs = body.return_documents if body.return_documents is not None else version != 2
         results = []
         for i in order:
-            row = {"index": i, "relevance_score": to_unit(scores[i], engine.score_mode)}
-            if body.return_documents:
+            row = {"index": i, "relevance_score": engine.relevance(scores[i])}
+            if body.raw_scores:
+                row["raw_score"] = scores[i]
+            if with_docs:
                 row["document"] = {"text": texts[i]}
             results.append(row)
         return {"id": str(uuid.uuid4()), "results": results,
-                "meta": {"api_version": {"version": "2"}, "billed_units": {"search_units": 1}}}
+                "meta": {"api_version": {"version": str(version)}, "billed_units": {"search_units": 1}}}
 
-    app.post("/rerank")(rerank)
-    app.post("/v1/rerank", include_in_schema=False)(rerank)
+    @app.post("/rerank")
+    async def rerank_tei(body: RerankRequest) -> Any:
+        return await rerank(body, 1)
+
+    @app.post("/v1/rerank", include_in_schema=False)
+    async def rerank_v1(body: RerankRequest) -> Any:
+        return await rerank(body, 1)
+
+    @app.post("/v2/rerank")
+    async def rerank_v2(body: RerankRequest) -> Any:
+        if body.texts is not None:
+            raise ApiError(400, "texts: /v2/rerank takes Cohere's `documents` (TEI's `texts` go to /rerank)",
+                           param="texts", code="invalid_value")
+        return await rerank(body, 2)
 
     @app.post("/retrieve")
     async def retrieve(body: RetrieveRequest) -> dict[str, Any]:
@@ -252,13 +320,15 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         top_k = body.top_k or engine.plan.top_k
         passages = await run(engine.retrieve(body.query, top_k, use_reranker, body.candidates))
         return {"query": body.query, "retriever": engine.plan.retriever,
-                "reranker": engine.info()["reranker"] if use_reranker else None, "passages": passages}
+                "reranker": engine.info()["reranker"] if use_reranker else None, "passages": passages,
+                "scores": _score_legend(engine, use_reranker)}
 
     def params_for(model: str, max_tokens: int | None, temperature: float | None, top_p: float | None = None,
                    stop: tuple[str, ...] = (), seed: int | None = None) -> GenerationParams:
         opts = engine.reader(model).options
         if max_tokens is not None and max_tokens > MAX_NEW_TOKENS:
-            raise ApiError(422, f"max_tokens: {max_tokens} is above {MAX_NEW_TOKENS}", param="max_tokens")
+            raise ApiError(400, f"max_tokens: {max_tokens} is above {MAX_NEW_TOKENS}", param="max_tokens",
+                           code="limit_exceeded")
         values: dict[str, Any] = {"stop": stop}
         for key, value in (("max_new_tokens", max_tokens), ("temperature", temperature), ("top_p", top_p),
                            ("seed", seed)):
@@ -272,53 +342,12 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
         check_model(body.model)
         check_depth(body.top_k, "top_k")
         params = params_for(body.model, body.max_tokens, body.temperature)
-        return await run(engine.answer(body.question, body.model, body.top_k, body.rerank, params))
+        result = await run(engine.answer(body.question, body.model, body.top_k, body.rerank, params))
+        usage = engine.usage(body.model, result.pop("prompt"), result["raw_output"])
+        return {**result, "scores": _score_legend(engine, result["reranked"]),
+                **({"usage": usage} if usage else {})}
 
-    @app.get("/v1/models")
-    async def models() -> dict[str, Any]:
-        created = int(time.time())
-        return {"object": "list", "data": [
-            {"id": k, "object": "model", "created": created, "owned_by": "dpa-rag",
-             "reader": r.options.model, "aligned_reader": r.aligned,
-             "reranker": k == ALIGNED_MODEL and engine.rerank_batcher is not None}
-            for k, r in engine.readers.items()
-        ]}
-
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest) -> Any:
-        check_model(body.model)
-        for i, m in enumerate(body.messages):
-            check_text(m.text, f"messages.{i}.content")
-        question = body.question.strip()
-        if not question:
-            raise ApiError(422, "messages: no user message with text to answer", param="messages")
-        check_depth(body.top_k, "top_k")
-        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
-        params = params_for(body.model, body.max_completion_tokens or body.max_tokens, body.temperature,
-                            body.top_p, stop, body.seed)
-        result = await run(engine.answer(question, body.model, body.top_k, body.rerank, params))
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        extra = {"passages": result["passages"], "reranked": result["reranked"], "reader": result["reader"]}
-        if not body.stream:
-            return {
-                "id": cid, "object": "chat.completion", "created": created, "model": body.model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": result["answer"]},
-                             "finish_reason": "stop", "logprobs": None}],
-                "dpa_rag": extra,
-            }
-
-        def chunk(delta: dict[str, Any], finish: str | None) -> str:
-            data = {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}]}
-            return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
-
-        async def events() -> AsyncIterator[str]:
-            yield chunk({"role": "assistant", "content": ""}, None)
-            yield chunk({"content": result["answer"]}, None)
-            yield chunk({}, "stop")
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    add_openai_routes(app, engine, run, check_text, check_depth, check_model, params_for)
 
     app.add_middleware(_Guard, engine=engine, api_key=api_key)
     return app

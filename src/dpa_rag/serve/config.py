@@ -37,6 +37,10 @@ class ServeConfig(StageConfig):
     base_reader: str | None = Field(
         None, description="Base reader (model dpa-rag-base); default: the run's reader, else smollm2-135m."
     )
+    questions: Path | None = Field(
+        None, description="Questions with gold answers for the page (gold answer, right/wrong, sample questions); "
+        "default: the run's evaluation questions, or the bundled sample's with the bundled defaults.",
+    )
     backend: Literal["hf", "openai", "vllm", "fake"] | None = Field(
         None, description="Generation backend of both readers; default: the run's, else hf."
     )

@@ -9,22 +9,27 @@ pipeline's answer for the same passages.
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from dpa_rag.data.schema import Ctx
+from dpa_rag.eval.metrics import exact_match, hit, normalize_answer
 from dpa_rag.generation import GenerationParams, GeneratorOptions, build_generator
 from dpa_rag.prompts import PromptTemplate, clean_answer, load_template
+from dpa_rag.reranker.calibration import Calibration, default_calibration, load_calibration
 from dpa_rag.retrieval.base import Retriever
 from dpa_rag.serve.batching import MicroBatcher
 from dpa_rag.serve.config import ServeConfig
 from dpa_rag.serve.metrics import Metrics
 from dpa_rag.serve.plan import ServePlan
+from dpa_rag.serve.usage import TokenCounter
 
-__all__ = ["ALIGNED_MODEL", "BASE_MODEL", "Engine", "Reader", "Scorer", "load_scorer"]
+__all__ = ["ALIGNED_MODEL", "BASE_MODEL", "Engine", "Reader", "Scorer", "load_scorer", "public_name",
+           "scorer_calibration"]
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +64,35 @@ def score_pairs(scorer: Scorer, pairs: Sequence[tuple[str, str]]) -> list[float]
     return out
 
 
-def to_unit(score: float, mode: str) -> float:
-    """A score in ``[0, 1]``: probabilities as they are, logits through the sigmoid (order is unchanged)."""
-    if mode == "prob":
-        return score
-    return 1.0 / (1.0 + math.exp(-score)) if score >= 0 else math.exp(score) / (1.0 + math.exp(score))
+def scorer_calibration(scorer: Any, model_path: str | None) -> Calibration:
+    """The relevance mapping of a scorer: the fitted ``calibration.json`` saved with the model when there is one
+    (for the score the scorer returns), else :func:`~dpa_rag.reranker.calibration.default_calibration`."""
+    mode = str(getattr(scorer, "score_mode", "prob"))
+    fitted = load_calibration(model_path) if model_path else None
+    if fitted is not None and fitted.score == mode:
+        return fitted
+    if fitted is not None:
+        logger.warning("%s: calibration.json was fitted on %s scores, the reranker scores with %s: not used",
+                       model_path, fitted.score, mode)
+    model = getattr(scorer, "model", None)
+    if mode == "cosine" and model is not None and hasattr(model, "log_scale"):
+        return default_calibration(mode, float(model.scale.detach()), float(model.bias.detach()))
+    return default_calibration(mode)
+
+
+def public_name(value: str | None, root: Path | None = None) -> str | None:
+    """A model or folder named without the server's filesystem: a path inside the served run folder relative to
+    it (``train-llm-sft/merged``), another local path by its last two parts, an alias or hub id as it is."""
+    if value is None:
+        return None
+    p = Path(value)
+    if root is not None:
+        for base in (root, root.resolve()):
+            with contextlib.suppress(ValueError):
+                return p.relative_to(base).as_posix()
+    if p.is_absolute() or (len(p.parts) > 1 and p.exists()):
+        return "/".join(p.parts[-2:])
+    return value
 
 
 @dataclass
@@ -74,6 +103,7 @@ class Reader:
     options: GeneratorOptions
     batcher: MicroBatcher
     aligned: bool
+    tokens: TokenCounter | None = None
 
 
 class Engine:
@@ -112,6 +142,11 @@ class Engine:
         self.scorer = scorer
         self.score_mode = str(getattr(scorer, "score_mode", "prob"))
         self.fusion_alpha: float | None = getattr(scorer, "fusion_alpha", None)
+        self.calibration = scorer_calibration(scorer, (plan.reranker or {}).get("model_path"))
+        self.run_root: Path | None = getattr(plan.run, "root", None)
+        self.questions = self._load_questions()
+        self._gold = {normalize_answer(q.question): q.answers for q in self.questions}
+        self._samples: list[dict[str, Any]] | None = None
 
         def batcher(name: str, fn: Any, max_batch: int) -> MicroBatcher:
             return MicroBatcher(name, fn, max_batch=max_batch, window_s=window, max_queue=cfg.max_queue,
@@ -126,7 +161,8 @@ class Engine:
         generators = generators or {}
         base = self._reader(BASE_MODEL, plan.base_reader, generators.get(BASE_MODEL), aligned=False)
         if plan.aligned_reader is None and ALIGNED_MODEL not in generators:
-            full = Reader(ALIGNED_MODEL, base.options, base.batcher, aligned=False)  # one model serves both ids
+            full = Reader(ALIGNED_MODEL, base.options, base.batcher, aligned=False,
+                          tokens=base.tokens)  # one model serves both ids
         else:
             full = self._reader(ALIGNED_MODEL, plan.aligned_reader or plan.base_reader, generators.get(ALIGNED_MODEL),
                                 aligned=plan.aligned_reader is not None)
@@ -150,7 +186,7 @@ class Engine:
             window_s=self.cfg.batch_window_ms / 1000.0, max_queue=self.cfg.max_queue,
             enabled=self.cfg.micro_batching, metrics=self.metrics,
         )
-        return Reader(model_id, opts, batcher, aligned)
+        return Reader(model_id, opts, batcher, aligned, tokens=TokenCounter(opts.model))
 
     def _search(self, items: list[tuple[str, int]]) -> list[list[tuple[int, float]]]:
         depth = max(k for _, k in items)
@@ -220,32 +256,99 @@ class Engine:
         top_k = self.plan.top_k if top_k is None else top_k
         if rerank is None:
             rerank = model == ALIGNED_MODEL and self.rerank_batcher is not None
+        rerank = rerank and top_k > 0  # closed-book: nothing is retrieved, nothing reranked
         passages = await self.retrieve(question, top_k, rerank) if top_k > 0 else []
         ctxs = [Ctx(id=p["id"], title=p["title"], text=p["text"]) for p in passages]
         prompt = (self.template.render(question, ctxs) if self.plan.chat
                   else self.template.render_text(question, ctxs))
         params = params or reader.options.generation_params()
         (raw,) = await reader.batcher.submit([(prompt, params)])
-        return {
-            "model": model, "answer": clean_answer(raw), "raw_output": raw, "reranked": rerank,
-            "reader": reader.options.model, "aligned_reader": reader.aligned, "passages": passages,
+        answer = clean_answer(raw)
+        out: dict[str, Any] = {
+            "model": model, "answer": answer, "raw_output": raw, "reranked": rerank,
+            "reader": public_name(reader.options.model, self.run_root), "aligned_reader": reader.aligned,
+            "passages": passages, "prompt": prompt,
         }
+        gold = self.gold(question)
+        if gold is not None:
+            out["gold"] = {"answers": gold, "exact_match": bool(exact_match(answer, gold)), "hit": bool(hit(answer,
+                                                                                                           gold))}
+        return out
 
-    def info(self) -> dict[str, Any]:
-        """What is served, for ``/health``."""
-        return {
+    def usage(self, model: str, prompt: Any, raw: str) -> dict[str, int] | None:
+        """Prompt and completion tokens counted with the reader's tokenizer (``None``: it has none here)."""
+        tokens = self.reader(model).tokens
+        if tokens is None:
+            return None
+        n_in, n_out = tokens.prompt(prompt), tokens.completion(raw)
+        if n_in is None or n_out is None:
+            return None
+        return {"prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}
+
+    def relevance(self, score: float) -> float:
+        """A reranker score as a calibrated relevance in ``[0, 1]`` (see :mod:`dpa_rag.reranker.calibration`)."""
+        return self.calibration(score)
+
+    # --- gold answers and sample questions --------------------------------------------------------------------
+
+    def _load_questions(self) -> list[Any]:
+        from dpa_rag.data.loaders import load_questions
+
+        path = self.plan.eval_questions
+        if path is None:
+            return []
+        try:
+            return load_questions(path, dedupe_ids=True)
+        except Exception as exc:  # the page works without gold answers
+            logger.warning("%s: cannot read the evaluation questions (%s); no gold answers shown", path, exc)
+            return []
+
+    def gold(self, question: str) -> list[str] | None:
+        """The gold answers when ``question`` is one of the served run's evaluation questions."""
+        return self._gold.get(normalize_answer(question)) or None
+
+    async def samples(self, n: int = 6, scan: int = 40) -> list[dict[str, Any]]:
+        """Up to ``n`` evaluation questions whose gold answer is in a passage the retriever finds for them (so the
+        served corpus can answer them), with their gold answers; computed once."""
+        if self._samples is None:
+            picked: list[dict[str, Any]] = []
+            pool = self.questions[:scan]
+            if pool:
+                depth = max(self.plan.candidates, self.plan.top_k)
+                hits = await self.search_batcher.submit([(q.question, depth) for q in pool])
+                for q, found in zip(pool, hits, strict=True):
+                    texts = " ".join(self.passages[i].render() for i, _ in found)
+                    if any(hit(texts, [a]) for a in q.answers):
+                        picked.append({"question": q.question, "answers": q.answers})
+                    if len(picked) >= n:
+                        break
+            self._samples = picked
+        return self._samples
+
+    def info(self, paths: bool = False) -> dict[str, Any]:
+        """What is served, for ``/health``: models named without filesystem paths unless ``paths`` (the server's
+        own log, or a client that sent the API key)."""
+        name = (lambda v: v) if paths else (lambda v: public_name(v, self.run_root))
+        model_path = None if self.plan.reranker is None else self.plan.reranker.get("model_path")
+        out = {
             "source": self.plan.source,
-            "index": str(self.plan.index_dir),
             "passages": len(self.passages),
             "retriever": self.plan.retriever,
-            "reranker": None if self.plan.reranker is None else self.plan.reranker.get("model_path"),
+            "reranker": name(model_path),
             "reranker_aligned": self.plan.reranker_aligned,
-            "readers": {k: {"model": r.options.model, "backend": r.options.backend, "aligned": r.aligned}
+            "relevance": {"score": self.calibration.score, "calibration": self.calibration.source},
+            "readers": {k: {"model": name(r.options.model), "backend": r.options.backend, "aligned": r.aligned}
                         for k, r in self.readers.items()},
             "top_k": self.plan.top_k,
             "candidates": self.plan.candidates,
+            "eval_questions": len(self.questions),
             "batching": {b.name: b.stats() for b in self.batchers},
         }
+        if paths:
+            out["index"] = str(self.plan.index_dir)
+            if self.run_root is not None:
+                out["run"] = str(self.run_root)
+        return out
 
     async def aclose(self) -> None:
         for b in self.batchers:

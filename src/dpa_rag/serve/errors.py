@@ -1,9 +1,10 @@
 """JSON errors in the OpenAI layout: ``{"error": {"message", "type", "param", "code"}}``.
 
-``param`` names the offending field (``texts.3``, ``top_k``, ``messages.0.content``); ``code`` is the HTTP status
-(``model_not_found`` for an unknown model, as OpenAI answers). Malformed JSON is 400, a wrong type or a limit
-exceeded 422, a body over the size limit 413, a missing or wrong API key 401, a full queue 503 with
-``Retry-After``, a request over the time limit 504.
+``param`` names the offending field (``texts.3``, ``top_k``, ``messages.0.content``); ``code`` names the error
+(``invalid_json``, ``invalid_value``, ``text_too_long``, ``model_not_found``, …). As OpenAI's API answers (and its
+clients raise ``BadRequestError`` for): every invalid request is 400 (malformed JSON, a body that is not UTF-8, a
+wrong type, a value out of range, a limit exceeded); a body over the size limit is 413, a missing or wrong API key
+401, an unknown model or path 404, a full queue 503 with ``Retry-After``, a request over the time limit 504.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class ApiError(Exception):
         status: HTTP status.
         message: what went wrong, for people.
         param: the request field at fault (dotted path), if any.
-        code: a machine-readable code (default: the status).
+        code: a machine-readable code (default: ``invalid_request`` for a 400, else the error type).
         headers: extra response headers (``Retry-After``, ``WWW-Authenticate``).
     """
 
@@ -44,7 +45,7 @@ class ApiError(Exception):
         self.status = status
         self.message = message
         self.param = param
-        self.code = code if code is not None else status
+        self.code = code if code is not None else ("invalid_request" if status == 400 else self.type)
         self.headers = headers or {}
 
     @property
@@ -71,7 +72,7 @@ def _loc(loc: tuple[Any, ...]) -> str | None:
 
 
 def from_validation(exc: RequestValidationError) -> ApiError:
-    """A 400 (malformed JSON, missing body) or 422 (wrong types, values out of range) naming the first field."""
+    """A 400 naming the first field: malformed JSON, a missing body, a wrong type or a value out of range."""
     errors = list(exc.errors())
     first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": "value_error"}
     if first.get("type") == "json_invalid":
@@ -84,4 +85,5 @@ def from_validation(exc: RequestValidationError) -> ApiError:
         param = _loc(tuple(e.get("loc", ())))
         msg = str(e.get("msg", "invalid value")).removeprefix("Value error, ")
         messages.append(f"{param}: {msg}" if param else msg)
-    return ApiError(422, "; ".join(dict.fromkeys(messages)), param=_loc(tuple(first.get("loc", ()))))
+    return ApiError(400, "; ".join(dict.fromkeys(messages)), param=_loc(tuple(first.get("loc", ()))),
+                    code="invalid_value")

@@ -1,6 +1,7 @@
 """Decide what to serve: the index, the retriever, the reranker and the two readers.
 
-A pipeline run folder (``dpa-rag run`` / ``dpa-rag demo``) is read through its step folders and manifests: ``index/``
+A pipeline run folder (``dpa-rag run`` / ``dpa-rag demo``) is read through
+:class:`~dpa_rag.pipeline.run_folder.RunFolder` (paths inside it follow the folder wherever it now is): ``index/``
 (the index), ``train-reranker/model`` (the aligned reranker; reranking options from ``rerank-eval/config.yaml``),
 ``answer-<retriever>/config.yaml`` (the base reader's generator options) and ``answer-full/config.yaml`` or
 ``answer-aligned-reader/config.yaml`` (the self-aligned reader). A step counts only when its ``manifest.json`` says
@@ -14,13 +15,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dpa_rag.config import ConfigError, load_yaml
+from dpa_rag.config import ConfigError
 from dpa_rag.generation import GeneratorOptions
 from dpa_rag.models import DEFAULT_ENCODER, DEFAULT_READER
-from dpa_rag.pipeline import PIPELINE_CONFIG
 from dpa_rag.retrieval.index import INDEX_INFO
 from dpa_rag.serve.config import ServeConfig
-from dpa_rag.stage import read_manifest
 
 __all__ = ["ServePlan", "make_plan", "sample_index"]
 
@@ -42,7 +41,9 @@ class ServePlan:
         aligned_reader: generator options of the self-aligned reader (model ``dpa-rag``); ``None`` = the base one.
         template: reader prompt template name or file; ``chat``: chat messages or plain text.
         top_k: passages shown to the reader; ``candidates``: retrieved candidates the reranker scores.
-        source: where the parts came from (for ``/health`` and the log).
+        source: where the parts came from (for ``/health`` and the log; no filesystem path).
+        eval_questions: the run's held-out questions with gold answers (the page shows the gold answer).
+        run: the :class:`~dpa_rag.pipeline.run_folder.RunFolder` served, if any.
     """
 
     index_dir: Path
@@ -56,20 +57,12 @@ class ServePlan:
     top_k: int = 3
     candidates: int = 20
     source: str = "bundled defaults"
-
-
-def _complete(step_dir: Path) -> bool:
-    m = read_manifest(step_dir)
-    return bool(m) and m.get("status") == "complete"
+    eval_questions: Path | None = None
+    run: Any = None
 
 
 def _generator_options(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k in GeneratorOptions.model_fields}
-
-
-def _step_config(step_dir: Path) -> dict[str, Any] | None:
-    path = step_dir / "config.yaml"
-    return load_yaml(path) if _complete(step_dir) and path.exists() else None
 
 
 def sample_index(cache_dir: Path | None = None) -> Path:
@@ -85,61 +78,53 @@ def sample_index(cache_dir: Path | None = None) -> Path:
     return out
 
 
-def _from_run(run: Path) -> dict[str, Any]:
-    """The parts a finished pipeline run provides (keys of :class:`ServePlan`)."""
-    # the training stages' modules import torch: here, not at the top, so `dpa-rag --help` stays cheap
-    from dpa_rag.llm import train as llm_train
-    from dpa_rag.reranker import train as reranker_train
+def _from_run(root: Path) -> dict[str, Any]:
+    """The parts a finished pipeline run provides (keys of :class:`ServePlan`), read through
+    :class:`~dpa_rag.pipeline.run_folder.RunFolder` (paths inside the run follow the folder wherever it now is)."""
+    from dpa_rag.pipeline.run_folder import RunFolder
 
-    pipeline_file = run / PIPELINE_CONFIG
-    if not pipeline_file.exists():
-        raise ConfigError(f"{run}: not a pipeline run folder ({PIPELINE_CONFIG} missing; create it with "
-                          "`dpa-rag run`)")
-    pipe = load_yaml(pipeline_file)
-    out: dict[str, Any] = {"source": f"run {run}"}
-    if not _complete(run / "index"):
-        raise ConfigError(f"{run / 'index'}: the index step has not finished (no complete manifest.json)")
-    out["index_dir"] = run / "index"
-    out["retriever"] = pipe.get("retriever", "bm25")
-    out["top_k"] = int(pipe.get("top_k", 3))
-    out["candidates"] = int(pipe.get("retrieve_top_k", 20))
-    base = _step_config(run / f"answer-{out['retriever']}")
-    reader_opts = {"cache_dir": str(run / "cache"), **(pipe.get("reader") or {})}
+    run = RunFolder.open(root)
+    pipe = run.config
+    out: dict[str, Any] = {"source": f"run {root.name}", "run": run}
+    index_dir = run.index_dir() if "index" in run.steps() else None
+    if index_dir is None:
+        raise ConfigError(f"{root / 'index'}: the index step has not finished (no complete manifest.json)")
+    out["index_dir"] = index_dir
+    out["retriever"] = pipe.retriever
+    out["top_k"] = pipe.top_k
+    out["candidates"] = pipe.retrieve_top_k
+    base = run.answer_config("retriever")
+    reader_opts = {"cache_dir": str(run.cache_dir), **run.values(pipe.generator("reader") or {})}
     if base is not None:
         reader_opts = _generator_options(base)
         out["template"] = base.get("template", "qa")
         out["chat"] = bool(base.get("chat", True))
     out["base_reader"] = GeneratorOptions.model_validate(reader_opts)
-    model_dir = reranker_train.Outputs.at(run / "train-reranker").model
-    if _complete(run / "train-reranker") and (model_dir / "config.json").exists():
-        rerank_cfg = _step_config(run / "rerank-eval") or {}
+    model_dir = run.reranker_model() if pipe.reranker else None
+    if model_dir is not None:
+        rerank_cfg = run.rerank_options()
         out["reranker"] = {
             "model_path": str(model_dir),
             **{k: rerank_cfg[k] for k in ("max_length", "batch_size", "score", "fusion") if rerank_cfg.get(k)},
         }
         out["reranker_aligned"] = True
     else:
-        logger.warning("%s: no finished aligned reranker; serving without a reranker", run)
+        logger.warning("%s: no finished aligned reranker; serving without a reranker", root)
         out["reranker"] = None
-    for step in ("answer-full", "answer-aligned-reader"):
-        aligned = _step_config(run / step)
-        if aligned is not None:
-            out["aligned_reader"] = GeneratorOptions.model_validate(_generator_options(aligned))
-            break
+    aligned = run.answer_config("full") or run.answer_config("aligned_reader")
+    sft = run.sft_model() if pipe.train_llm else None
+    if aligned is not None:
+        out["aligned_reader"] = GeneratorOptions.model_validate(_generator_options(aligned))
+    elif sft is not None:
+        out["aligned_reader"] = GeneratorOptions.model_validate({**reader_opts, "model": str(sft)})
     else:
-        sft = llm_train.Outputs.at(run / "train-llm-sft")
-        model = sft.model if (sft.model / "config.json").exists() else sft.merged
-        if _complete(sft.out_dir) and (model / "config.json").exists():
-            out["aligned_reader"] = GeneratorOptions.model_validate({**reader_opts, "model": str(model)})
-        else:
-            logger.warning("%s: no finished self-aligned reader; model dpa-rag uses the base reader", run)
+        logger.warning("%s: no finished self-aligned reader; model dpa-rag uses the base reader", root)
+    out["eval_questions"] = run.eval_questions()
     return out
 
 
 def make_plan(cfg: ServeConfig) -> ServePlan:
     """Resolve ``cfg`` into the parts to load (nothing is loaded here except the sample index, built once)."""
-    if cfg.run is not None and not Path(cfg.run).is_dir():
-        raise FileNotFoundError(f"{cfg.run}: run folder not found")
     parts: dict[str, Any] = _from_run(Path(cfg.run)) if cfg.run is not None else {}
     if cfg.index is not None:
         parts["index_dir"] = Path(cfg.index)
@@ -177,6 +162,12 @@ def make_plan(cfg: ServeConfig) -> ServePlan:
     for key in ("top_k", "candidates"):
         if getattr(cfg, key) is not None:
             parts[key] = getattr(cfg, key)
+    if cfg.questions is not None:
+        parts["eval_questions"] = Path(cfg.questions)
+    elif parts["source"] == "bundled defaults":
+        from dpa_rag.sample import sample_path
+
+        parts["eval_questions"] = sample_path("questions.jsonl")
     parts["candidates"] = max(parts.get("candidates", 20), parts.get("top_k", 3))
     plan = ServePlan(**parts)
     if not (plan.index_dir / INDEX_INFO).exists():

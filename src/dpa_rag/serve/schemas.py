@@ -2,7 +2,8 @@
 
 * :class:`RerankRequest`: Text Embeddings Inference (``texts``) or Cohere/Jina (``documents``, ``top_n``).
 * :class:`RetrieveRequest`, :class:`AnswerRequest`: this server's own.
-* :class:`ChatRequest`: OpenAI chat completions (the fields a RAG answer uses).
+* :class:`ChatRequest`: OpenAI chat completions; :class:`ResponsesRequest`: the OpenAI Responses API (the fields a
+  RAG answer uses).
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["AnswerRequest", "ChatMessage", "ChatRequest", "Document", "RerankRequest", "RetrieveRequest"]
+__all__ = [
+    "AnswerRequest", "ChatMessage", "ChatRequest", "Document", "RerankRequest", "ResponsesRequest", "RetrieveRequest",
+]
 
 
 class _Body(BaseModel):
@@ -31,7 +34,7 @@ class RerankRequest(_Body):
     texts: list[str] | None = None
     documents: list[str | Document] | None = None
     top_n: int | None = Field(None, ge=1)
-    return_documents: bool = False
+    return_documents: bool | None = None  # default: true on /rerank and /v1/rerank (Jina), false on /v2/rerank
     return_text: bool = False
     raw_scores: bool = False
     model: str | None = None
@@ -115,3 +118,43 @@ class ChatRequest(_Body):
     def question(self) -> str:
         users = [m for m in self.messages if m.role == "user"]
         return users[-1].text if users else ""
+
+
+class ResponsesRequest(_Body):
+    """``POST /v1/responses`` (OpenAI Responses API, non-streaming): ``input`` is the question (a string) or a list
+    of messages/items whose last user text is the question; ``instructions`` are ignored (the run's prompt)."""
+
+    model: str
+    input: str | list[dict] = Field(min_length=1)
+    instructions: str | None = None
+    max_output_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0, le=2)
+    top_p: float | None = Field(None, gt=0, le=1)
+    stream: bool = False
+    top_k: int | None = Field(None, ge=0)
+    rerank: bool | None = None
+
+    @field_validator("input")
+    @classmethod
+    def _items(cls, v: str | list[dict]) -> str | list[dict]:
+        if isinstance(v, list):
+            for item in v:
+                content = item.get("content")
+                if content is not None and not isinstance(content, (str, list)):
+                    raise ValueError("each input item's content must be a string or a list of parts")
+        return v
+
+    @property
+    def question(self) -> str:
+        if isinstance(self.input, str):
+            return self.input
+        for item in reversed(self.input):
+            if item.get("role", "user") != "user" or item.get("type", "message") != "message":
+                continue
+            content = item.get("content")
+            if isinstance(content, str):
+                return content
+            texts = [p.get("text", "") for p in content or [] if isinstance(p, dict)
+                     and p.get("type") in ("input_text", "text") and isinstance(p.get("text"), str)]
+            return "\n".join(texts)
+        return ""

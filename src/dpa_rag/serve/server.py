@@ -46,7 +46,7 @@ def build_app(cfg: ServeConfig, **engine_kwargs: Any) -> Any:
     key = api_key_from_env(cfg)
     plan = engine_kwargs.pop("plan", None) or make_plan(cfg)
     engine = Engine(cfg, plan, **engine_kwargs)
-    info = engine.info()
+    info = engine.info(paths=True)
     logger.info("serving %s: index %s (%d passages, %s), reranker %s, readers %s", info["source"], info["index"],
                 info["passages"], info["retriever"], info["reranker"],
                 ", ".join(f"{k}={v['model']}" for k, v in info["readers"].items()))
