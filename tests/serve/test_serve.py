@@ -393,6 +393,25 @@ def test_plan_from_a_run_folder(run_folder: Path):
         assert len(httpx.post(f"{u}/answer", json={"question": QUERY}).json()["passages"]) == 2
 
 
+@pytest.mark.parametrize(("reader", "reranker"), [(False, True), (True, False), (False, False)])
+def test_serve_only_promoted_parts(run_folder: Path, reader: bool, reranker: bool):
+    """A component the promotion gate turned down is not served; /health and /v1/models say which and why."""
+    decisions = {"reader": {"promoted": reader, "reason": "r-why"}, "reranker": {"promoted": reranker, "reason": "x"}}
+    _complete(run_folder / "promote")
+    (run_folder / "promote" / "promotion.json").write_text(json.dumps(decisions))
+    plan = make_plan(ServeConfig(run=run_folder))
+    assert (plan.reranker is not None) is reranker and (plan.aligned_reader is not None) is reader
+    assert plan.promotion["reader"] == {"promoted": reader, "reason": "r-why"}
+    with ServerThread(build_app(ServeConfig(run=run_folder))) as u:
+        h = httpx.get(f"{u}/health").json()
+        assert h["promotion"]["reader"]["promoted"] is reader and h["promotion"]["reranker"]["promoted"] is reranker
+        assert h["readers"]["dpa-rag"]["aligned"] is reader
+        card = httpx.get(f"{u}/v1/models/dpa-rag").json()
+        assert card["aligned_reader"] is reader and card["reranker"] is reranker
+        assert card["promotion"]["reranker"]["reason"] == "x"
+        assert httpx.post(f"{u}/answer", json={"question": QUERY}).json()["reranked"] is reranker
+
+
 def test_plan_rejects_unfinished_runs(run_folder: Path, tmp_path: Path):
     (run_folder / "index" / "manifest.json").unlink()
     with pytest.raises(ConfigError, match="index step has not finished"):

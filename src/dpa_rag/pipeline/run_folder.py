@@ -139,6 +139,15 @@ class RunFolder:
                 return model
         return None
 
+    def promotion(self) -> dict[str, dict[str, Any]]:
+        """The promotion gate's decisions (``{"reader": {"promoted", "reason", …}, "reranker": …}``); empty when the
+        run has no finished ``promote`` step (older runs: everything trained is served)."""
+        from dpa_rag.pipeline import promote
+
+        if "promote" not in self.steps() or not self.complete("promote"):
+            return {}
+        return promote.read_promotion(self.step_dir("promote")) or {}
+
     def answer_config(self, system: str) -> dict[str, Any] | None:
         """The finished answer step's config of a report system (``None``: not run or not finished)."""
         step = self.system_step(system)

@@ -339,6 +339,7 @@ class Engine:
             "relevance": {"score": self.calibration.score, "calibration": self.calibration.source},
             "readers": {k: {"model": name(r.options.model), "backend": r.options.backend, "aligned": r.aligned}
                         for k, r in self.readers.items()},
+            "promotion": self.plan.promotion,
             "top_k": self.plan.top_k,
             "candidates": self.plan.candidates,
             "eval_questions": len(self.questions),

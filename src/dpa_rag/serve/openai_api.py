@@ -36,7 +36,9 @@ def add_openai_routes(
         r = engine.readers[model_id]
         return {"id": model_id, "object": "model", "created": created, "owned_by": "dpa-rag",
                 "reader": engine.info()["readers"][model_id]["model"], "aligned_reader": r.aligned,
-                "reranker": model_id == ALIGNED_MODEL and engine.rerank_batcher is not None}
+                "reranker": model_id == ALIGNED_MODEL and engine.rerank_batcher is not None,
+                **({"promotion": engine.plan.promotion} if model_id == ALIGNED_MODEL and engine.plan.promotion
+                   else {})}
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:

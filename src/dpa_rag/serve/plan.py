@@ -44,6 +44,8 @@ class ServePlan:
         source: where the parts came from (for ``/health`` and the log; no filesystem path).
         eval_questions: the run's held-out questions with gold answers (the page shows the gold answer).
         run: the :class:`~dpa_rag.pipeline.run_folder.RunFolder` served, if any.
+        promotion: the run's promotion-gate decisions per component (``promoted``, ``reason``); a component that
+            was not promoted is not served (the base reader / no reranker instead).
     """
 
     index_dir: Path
@@ -59,6 +61,7 @@ class ServePlan:
     source: str = "bundled defaults"
     eval_questions: Path | None = None
     run: Any = None
+    promotion: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _generator_options(data: dict[str, Any]) -> dict[str, Any]:
@@ -100,8 +103,15 @@ def _from_run(root: Path) -> dict[str, Any]:
         out["template"] = base.get("template", "qa")
         out["chat"] = bool(base.get("chat", True))
     out["base_reader"] = GeneratorOptions.model_validate(reader_opts)
+    decisions = run.promotion()
+    out["promotion"] = {k: {"promoted": bool(d.get("promoted")), "reason": str(d.get("reason", ""))}
+                        for k, d in decisions.items()}
     model_dir = run.reranker_model() if pipe.reranker else None
-    if model_dir is not None:
+    if model_dir is not None and not decisions.get("reranker", {}).get("promoted", True):
+        logger.warning("%s: the aligned reranker was not promoted (%s); serving the retriever's order", root,
+                       decisions["reranker"].get("reason"))
+        out["reranker"] = None
+    elif model_dir is not None:
         rerank_cfg = run.rerank_options()
         out["reranker"] = {
             "model_path": str(model_dir),
@@ -113,7 +123,10 @@ def _from_run(root: Path) -> dict[str, Any]:
         out["reranker"] = None
     aligned = run.answer_config("full") or run.answer_config("aligned_reader")
     sft = run.sft_model() if pipe.train_llm else None
-    if aligned is not None:
+    if not decisions.get("reader", {}).get("promoted", True):
+        logger.warning("%s: the self-aligned reader was not promoted (%s); model dpa-rag uses the base reader", root,
+                       decisions["reader"].get("reason"))
+    elif aligned is not None:
         out["aligned_reader"] = GeneratorOptions.model_validate(_generator_options(aligned))
     elif sft is not None:
         out["aligned_reader"] = GeneratorOptions.model_validate({**reader_opts, "model": str(sft)})
