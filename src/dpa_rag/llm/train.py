@@ -337,13 +337,15 @@ class ValidationCallback:
         self.predictions["base"] = self._base_predictions(model)
         self.result.base = Validator.metrics(self.predictions["base"])
         logger.info("validation: base reader %s", _fmt(self.result.base))
-        self._validate(state.global_step, model)
+        # from the base model (a fresh LoRA adapter starts with B = 0) step 0 is the base reader, already answered
+        from_base = self.cfg.init_adapter is None and self.cfg.init_model is None and state.global_step == 0
+        self._validate(state.global_step, model, self.predictions["base"] if from_base else None)
 
     def _base_predictions(self, model) -> list[dict[str, Any]]:
         if hasattr(model, "disable_adapter"):  # LoRA: the base model is the same model with the adapter off
             with model.disable_adapter():
                 return self.validator.predict(model)
-        if self.cfg.init_model is None:  # full fine-tuning from the base: step 0 is the base
+        if self.cfg.init_model is None and self.cfg.init_adapter is None:  # full fine-tuning from the base
             return self.validator.predict(model)
         from transformers import AutoModelForCausalLM
 
@@ -354,8 +356,8 @@ class ValidationCallback:
         finally:
             del base
 
-    def _validate(self, step: int, model) -> None:
-        preds = self.validator.predict(model)
+    def _validate(self, step: int, model, preds: list[dict[str, Any]] | None = None) -> None:
+        preds = self.validator.predict(model) if preds is None else preds
         row = {"step": step, **Validator.metrics(preds)}
         self.result.steps.append(row)
         logger.info("validation at step %d: %s", step, _fmt(row))
