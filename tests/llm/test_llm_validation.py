@@ -60,6 +60,11 @@ def test_select_step_rules() -> None:
     assert select_step(rows, base, rule="final") == 12
     worse = [{"step": 0, "hits@1": 40.0, "f1": 10.0}, {"step": 5, "hits@1": 30.0, "f1": 50.0}]
     assert select_step(worse, base) == 0  # nothing eligible: the starting weights
+    # closed-book answers lost (forgetting) make a step ineligible too
+    closed_base = {**base, "closed_book_hits@1": 30.0}
+    forgets = [{"step": 0, "hits@1": 50.0, "f1": 20.0, "closed_book_hits@1": 30.0},
+               {"step": 3, "hits@1": 60.0, "f1": 50.0, "closed_book_hits@1": 20.0}]
+    assert select_step(forgets, closed_base) == 0 and select_step(forgets, base) == 3
     with pytest.raises(ValueError, match="unknown selection rule"):
         select_step(rows, base, rule="best")  # type: ignore[arg-type]
 
@@ -79,7 +84,8 @@ def test_validation_runs_at_the_configured_steps_and_the_kept_weights_answer_as_
     assert [r["step"] for r in result["steps"]] == [0, 10, 20, 30]
     assert result["selected_step"] == select_step(result["steps"], result["base"], "f1-no-hit-loss") > 0
     assert result["selected"]["f1"] > result["base"]["f1"]  # it learnt the answers from the passages
-    assert set(result["versus_base"]) == {"hits@1", "em", "f1"}
+    metrics = {"hits@1", "em", "f1"}
+    assert set(result["versus_base"]) == metrics | {f"closed_book_{m}" for m in metrics}
     for name in ("validation.md", "validation.png", "valid_predictions.jsonl"):
         assert (out.out_dir / name).stat().st_size > 0
     assert "Held-out validation" in (out.model / "README.md").read_text()
@@ -89,8 +95,9 @@ def test_validation_runs_at_the_configured_steps_and_the_kept_weights_answer_as_
     tok = AutoTokenizer.from_pretrained(out.model)
     model = AutoModelForCausalLM.from_pretrained(out.model, dtype=torch.float32)
     records = [RetrievalRecord.model_validate(json.loads(x)) for x in valid.read_text().splitlines()]
-    again = Validator.metrics(Validator(records, tok, max_new_tokens=8).predict(model))
+    again, _ = Validator(records, tok, max_new_tokens=8, closed_book=True).evaluate(model)
     assert again == result["selected"]
+    assert {"closed_book_hits@1", "closed_book_f1"} <= set(result["base"])  # forgetting is measured too
 
 
 def test_a_reader_made_worse_keeps_its_starting_weights(run_dir: Path, tiny_llm_dir: Path) -> None:

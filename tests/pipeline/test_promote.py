@@ -33,6 +33,13 @@ def test_reader_decision(base, aligned, tolerance, promoted) -> None:
     assert d["base"]["hits@1"] == base[0] and d["aligned"]["f1"] == aligned[1]
 
 
+def test_reader_that_forgets_closed_book_is_not_promoted() -> None:
+    v = _validation((50.0, 20.0), (55.0, 40.0))
+    v["base"]["closed_book_hits@1"], v["selected"]["closed_book_hits@1"] = 30.0, 20.0
+    d = gate.decide_reader(v, "auto")
+    assert d["promoted"] is False and "closed-book Hits@1 20.0" in d["reason"]
+
+
 def test_policies_and_missing_evidence() -> None:
     worse = _validation((50.0, 20.0), (10.0, 5.0))
     assert gate.decide_reader(worse, "always")["promoted"] is True

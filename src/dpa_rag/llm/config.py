@@ -106,6 +106,10 @@ class TrainLLMConfig(DeviceOption, StageConfig):
     valid_template: str = Field("qa", description="Validation prompt template (the answer step's).")
     valid_chat: bool = Field(True, description="Validation prompts as chat messages (the answer step's --chat).")
     valid_max_new_tokens: int = Field(32, ge=1, description="Validation decoding budget (greedy; the answer step's).")
+    valid_closed_book: bool = Field(
+        True, description="Also validate closed-book (forgetting: a kept step must not lose the answers the base "
+        "reader had without passages either)."
+    )
     valid_limit: int | None = Field(None, ge=1, description="Validate on the first N questions only.")
     valid_batch_size: int = Field(16, ge=1, description="Validation prompts per generation batch.")
 

@@ -29,6 +29,7 @@ from dpa_rag.llm.plot import plot_loss
 from dpa_rag.llm.recipes import deepspeed_config_path
 from dpa_rag.llm.templates import apply_chat_template_option
 from dpa_rag.llm.validation import (
+    CLOSED,
     METRICS,
     ValidationResult,
     Validator,
@@ -290,7 +291,7 @@ def _validator(cfg: TrainLLMConfig, tokenizer) -> Validator:
     records = load_retrieval(cfg.valid, limit=cfg.valid_limit)
     return Validator(
         records, tokenizer, top_k=cfg.valid_top_k, template=cfg.valid_template, chat=cfg.valid_chat,
-        max_new_tokens=cfg.valid_max_new_tokens, batch_size=cfg.valid_batch_size,
+        max_new_tokens=cfg.valid_max_new_tokens, batch_size=cfg.valid_batch_size, closed_book=cfg.valid_closed_book,
     )
 
 
@@ -327,46 +328,55 @@ class ValidationCallback:
             rule=cfg.select, hit_tolerance=cfg.hit_tolerance, n_questions=len(validator.records),
             top_k=validator.top_k,
         )
-        self.predictions: dict[str, list[dict[str, Any]]] = {}
+        self.base_predictions: dict[str, list[dict[str, Any]]] = {}
+        self.kept_predictions: dict[str, list[dict[str, Any]]] = {}
         self.snapshot: dict[str, Any] | None = None
         self.snapshot_step: int | None = None
 
     def _begin(self, state, model) -> None:
         if not self.cfg.eval_steps:
             self.every = max(1, -(-state.max_steps // 4))
-        self.predictions["base"] = self._base_predictions(model)
-        self.result.base = Validator.metrics(self.predictions["base"])
+        self.result.base, self.base_predictions = self._base_evaluation(model)
         logger.info("validation: base reader %s", _fmt(self.result.base))
         # from the base model (a fresh LoRA adapter starts with B = 0) step 0 is the base reader, already answered
         from_base = self.cfg.init_adapter is None and self.cfg.init_model is None and state.global_step == 0
-        self._validate(state.global_step, model, self.predictions["base"] if from_base else None)
+        self._validate(state.global_step, model, (self.result.base, self.base_predictions) if from_base else None)
 
-    def _base_predictions(self, model) -> list[dict[str, Any]]:
+    def _base_evaluation(self, model) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
         if hasattr(model, "disable_adapter"):  # LoRA: the base model is the same model with the adapter off
             with model.disable_adapter():
-                return self.validator.predict(model)
+                return self.validator.evaluate(model)
         if self.cfg.init_model is None and self.cfg.init_adapter is None:  # full fine-tuning from the base
-            return self.validator.predict(model)
+            return self.validator.evaluate(model)
         from transformers import AutoModelForCausalLM
 
         base = AutoModelForCausalLM.from_pretrained(resolve_llm(self.cfg.model), dtype=next(model.parameters()).dtype)
         base.to(next(model.parameters()).device)
         try:
-            return self.validator.predict(base)
+            return self.validator.evaluate(base)
         finally:
             del base
 
-    def _validate(self, step: int, model, preds: list[dict[str, Any]] | None = None) -> None:
-        preds = self.validator.predict(model) if preds is None else preds
-        row = {"step": step, **Validator.metrics(preds)}
+    def _validate(self, step: int, model, done: tuple[dict[str, float], dict[str, Any]] | None = None) -> None:
+        metrics, preds = self.validator.evaluate(model) if done is None else done
+        row = {"step": step, **metrics}
         self.result.steps.append(row)
         logger.info("validation at step %d: %s", step, _fmt(row))
         chosen = select_step(self.result.steps, self.result.base, self.cfg.select, self.cfg.hit_tolerance)
         if chosen == step:
-            self.predictions["kept"] = preds
+            self.kept_predictions = preds
             self.snapshot_step = step
             if self.cfg.select != "final":
                 self.snapshot = _weights_snapshot(model)
+
+    @property
+    def predictions(self) -> dict[str, list[dict[str, Any]]]:
+        """The base reader's and the kept weights' validation answers (closed-book ones too when measured)."""
+        out: dict[str, list[dict[str, Any]]] = {}
+        for name, preds in (("base", self.base_predictions), ("kept", self.kept_predictions)):
+            for kind, rows in preds.items():
+                out[name if kind == "open_book" else f"{name} closed-book"] = rows
+        return out
 
     def finish(self, model, deepspeed: bool) -> bool:
         """Put the chosen weights back into ``model`` (unless they are the last ones) and fill in the comparison
@@ -375,7 +385,11 @@ class ValidationCallback:
         self.result.selected_step = chosen
         self.result.selected = next(r for r in self.result.steps if r["step"] == chosen)
         self.result.selected = {k: v for k, v in self.result.selected.items() if k != "step"}
-        self.result.versus_base = compare_to_base(self.predictions["base"], self.predictions["kept"])
+        self.result.versus_base = compare_to_base(self.base_predictions["open_book"],
+                                                  self.kept_predictions["open_book"])
+        if "closed_book" in self.kept_predictions:
+            closed = compare_to_base(self.base_predictions["closed_book"], self.kept_predictions["closed_book"])
+            self.result.versus_base.update({f"{CLOSED}{k}": v for k, v in closed.items()})
         last = self.result.steps[-1]["step"]
         if chosen == last:
             return False
@@ -398,7 +412,8 @@ def _weights_snapshot(model) -> dict[str, Any]:
 
 
 def _fmt(m: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {m[k]:.1f}" for k in METRICS)
+    keys = [*METRICS, *(CLOSED + x for x in METRICS)]
+    return ", ".join(f"{k.replace(CLOSED, 'closed-book ')} {m[k]:.1f}" for k in keys if k in m)
 
 
 def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:

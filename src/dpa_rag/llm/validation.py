@@ -26,7 +26,8 @@ from dpa_rag.eval.bootstrap import paired_bootstrap
 from dpa_rag.eval.evaluate import evaluate_predictions
 
 __all__ = [
-    "METRICS", "SELECT_RULES", "ValidationResult", "Validator", "compare_to_base", "select_step",
+    "CLOSED", "METRICS", "SELECT_RULES", "ValidationResult", "Validator", "compare_to_base", "hit_loss",
+    "row_metrics", "select_step",
     "validation_markdown", "write_model_card_section", "write_validation",
 ]
 
@@ -43,6 +44,18 @@ def _metrics(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
     return {k: round(float(m[k]), 4) for k in METRICS}
 
 
+CLOSED = "closed_book_"  # prefix of the closed-book metrics in a validation row
+
+
+def hit_loss(row: dict[str, Any], base: dict[str, float], hit_tolerance: float = 0.0) -> str | None:
+    """Why ``row`` loses answers the base reader had (``None``: it does not): its Hits@1 with the passages, or
+    closed-book when measured (forgetting), below the base reader's by more than ``hit_tolerance`` points."""
+    for key, label in (("hits@1", "Hits@1"), (f"{CLOSED}hits@1", "closed-book Hits@1")):
+        if key in row and key in base and row[key] < base[key] - hit_tolerance - 1e-9:
+            return f"{label} {row[key]:.1f} vs the base reader's {base[key]:.1f} ({row[key] - base[key]:+.1f} points)"
+    return None
+
+
 def select_step(
     steps: Sequence[dict[str, Any]], base: dict[str, float], rule: SelectRule = "f1-no-hit-loss",
     hit_tolerance: float = 0.0,
@@ -50,8 +63,9 @@ def select_step(
     """The optimizer step whose weights to keep, from the validation rows ``steps`` (``{"step", "hits@1", "f1",
     …}``, step 0 first) and the base reader's metrics ``base``.
 
-    * ``f1-no-hit-loss``: among steps with ``hits@1 >= base hits@1 - hit_tolerance``, the highest F1 (ties: the
-      earlier step); step 0 when none is eligible.
+    * ``f1-no-hit-loss``: among steps with ``hits@1 >= base hits@1 - hit_tolerance`` (and the same for the
+      closed-book Hits@1 when the rows have it), the highest F1 (ties: the earlier step); step 0 when none is
+      eligible.
     * ``hits``: the highest Hits@1, ties broken by F1, then the earlier step.
     * ``final``: the last evaluated step.
 
@@ -70,7 +84,7 @@ def select_step(
         return int(best["step"])
     if rule != "f1-no-hit-loss":
         raise ValueError(f"unknown selection rule {rule!r} (one of {', '.join(SELECT_RULES)})")
-    eligible = [r for r in steps if r["hits@1"] >= base["hits@1"] - hit_tolerance - 1e-9]
+    eligible = [r for r in steps if not hit_loss(r, base, hit_tolerance)]
     if not eligible:
         return int(steps[0]["step"])
     best = max(eligible, key=lambda r: (r["f1"], -r["step"]))
@@ -92,6 +106,14 @@ def compare_to_base(
         r = paired_bootstrap(a, b, n_resamples=n_resamples, seed=seed)
         out[metric] = {k: round(float(r[k]), 4) for k in ("diff", "lo", "hi", "p_value")}
     return out
+
+
+def row_metrics(open_book: Sequence[dict[str, Any]], closed_book: Sequence[dict[str, Any]] | None) -> dict[str, float]:
+    """A validation row's metrics: with the passages, and closed-book (prefixed ``closed_book_``) when measured."""
+    row = _metrics(open_book)
+    if closed_book:
+        row.update({f"{CLOSED}{k}": v for k, v in _metrics(closed_book).items()})
+    return row
 
 
 @dataclass
@@ -119,24 +141,26 @@ class ValidationResult:
 
 def validation_markdown(result: dict[str, Any]) -> str:
     """A short markdown table of a ``validation.json`` (the curve and the comparison with the base reader)."""
+    cols = [*METRICS, *(f"{CLOSED}{m}" for m in METRICS if f"{CLOSED}{m}" in result["base"])]
+    names = {"hits@1": "Hits@1", "em": "EM", "f1": "F1"}
+    heads = [names[c] if c in names else f"closed-book {names[c[len(CLOSED):]]}" for c in cols]
     lines = [
-        f"Held-out validation: {result['n_questions']} training-split questions never trained on, top-"
-        f"{result['top_k']} passages, the answer step's prompt and decoding. Rule `{result['rule']}` kept step "
+        f"Held-out validation: {result['n_questions']} held-out questions, top-{result['top_k']} passages (and "
+        f"closed-book where shown), the answer step's prompt and decoding. Rule `{result['rule']}` kept step "
         f"{result['selected_step']}.",
         "",
-        "| Reader | Hits@1 | EM | F1 |",
-        "|---|---:|---:|---:|",
-        "| base reader | " + " | ".join(f"{result['base'][m]:.1f}" for m in METRICS) + " |",
+        "| Reader | " + " | ".join(heads) + " |",
+        "|---|" + "---:|" * len(cols),
+        "| base reader | " + " | ".join(f"{result['base'][m]:.1f}" for m in cols) + " |",
     ]
     for row in result["steps"]:
         mark = " (kept)" if row["step"] == result["selected_step"] else ""
-        lines.append(f"| step {row['step']}{mark} | " + " | ".join(f"{row[m]:.1f}" for m in METRICS) + " |")
+        lines.append(f"| step {row['step']}{mark} | " + " | ".join(f"{row.get(m, float('nan')):.1f}" for m in cols)
+                     + " |")
     if result.get("versus_base"):
         lines += ["", "Kept weights minus the base reader (paired bootstrap, 95% interval, points):", ""]
-        for m in METRICS:
-            d = result["versus_base"].get(m)
-            if d:
-                lines.append(f"- {m}: {d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]")
+        for m, d in result["versus_base"].items():
+            lines.append(f"- {m}: {d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]")
     return "\n".join(lines) + "\n"
 
 
@@ -151,11 +175,12 @@ class Validator:
         chat: chat messages (default) or plain text.
         max_new_tokens: the answer step's decoding budget (greedy).
         batch_size: prompts per generation batch.
+        closed_book: also answer closed-book (forgetting: what the reader knew without passages).
     """
 
     def __init__(
         self, records: Sequence[Any], tokenizer: Any, top_k: int = 3, template: str = "qa", chat: bool = True,
-        max_new_tokens: int = 32, batch_size: int = 16,
+        max_new_tokens: int = 32, batch_size: int = 16, closed_book: bool = False,
     ) -> None:
         from dpa_rag.generation import GenerationParams
         from dpa_rag.prompts import load_template
@@ -169,9 +194,11 @@ class Validator:
         self.chat = chat
         self.params = GenerationParams(max_new_tokens=max_new_tokens)
         self.batch_size = batch_size
+        self.closed_book = closed_book
 
-    def predict(self, model: Any) -> list[dict[str, Any]]:
-        """Predictions of ``model`` (eval mode during the call, its training mode restored after)."""
+    def predict(self, model: Any, top_k: int | None = None) -> list[dict[str, Any]]:
+        """Predictions of ``model`` with ``top_k`` passages (default: the validator's; 0: closed-book), in eval
+        mode during the call, its training mode restored after."""
         import torch
 
         from dpa_rag.generation.hf import HFGenerator
@@ -182,10 +209,19 @@ class Validator:
         try:
             with torch.no_grad():
                 gen = HFGenerator.from_model(model, self.tokenizer, batch_size=self.batch_size)
-                return answer_records(self.records, gen, self.template, self.top_k, self.params, chat=self.chat)
+                k = self.top_k if top_k is None else top_k
+                return answer_records(self.records, gen, self.template, k, self.params, chat=self.chat)
         finally:
             if was_training:
                 model.train()
+
+    def evaluate(self, model: Any) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
+        """``(row metrics, {"open_book": predictions, "closed_book": predictions})`` of ``model`` (closed-book only
+        when the validator measures it)."""
+        preds = {"open_book": self.predict(model)}
+        if self.closed_book:
+            preds["closed_book"] = self.predict(model, top_k=0)
+        return row_metrics(preds["open_book"], preds.get("closed_book")), preds
 
     @staticmethod
     def metrics(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:

@@ -3,8 +3,8 @@ on held-out training-split questions (never the evaluation questions).
 
 * **reader** — the self-aligned reader against the base reader, from ``train-llm``'s held-out validation
   (``validation.json``: the kept weights and the base reader answered the same held-out questions with the same
-  passages, prompt and decoding). Worse = Hits@1 below the base reader's by more than ``hit_tolerance`` points, or a
-  lower F1.
+  passages, prompt and decoding). Worse = Hits@1 (with the passages, or closed-book when validation measured it:
+  forgetting) below the base reader's by more than ``hit_tolerance`` points, or a lower F1.
 * **reranker** — the aligned reranker (as the answer step uses it: with its saved retriever fusion) against the
   retriever's order on the held-out lists ``train-reranker`` scores: utility nDCG@3 on the graded lists when it has
   them (``utility_metrics.json``), else answer-ranking MRR (``retrieval_metrics.json``). Worse = below the retriever.
@@ -88,12 +88,14 @@ def decide_reader(validation: dict[str, Any] | None, policy: Policy, hit_toleran
     if validation is None or not validation.get("base") or not validation.get("selected"):
         return {**out, "promoted": True, "reason": "no held-out validation ran (train-llm without --valid): "
                 "promoted unchecked"}
+    from dpa_rag.llm.validation import hit_loss
+
     base, aligned = validation["base"], validation["selected"]
     d_hits = aligned["hits@1"] - base["hits@1"]
     d_f1 = aligned["f1"] - base["f1"]
-    if d_hits < -hit_tolerance - 1e-9:
-        reason = f"Hits@1 {aligned['hits@1']:.1f} vs the base reader's {base['hits@1']:.1f} ({d_hits:+.1f} points)"
-        return {**out, "promoted": False, "reason": reason}
+    loss = hit_loss(aligned, base, hit_tolerance)
+    if loss is not None:
+        return {**out, "promoted": False, "reason": loss}
     if d_f1 < -1e-9:
         return {**out, "promoted": False,
                 "reason": f"F1 {aligned['f1']:.1f} vs the base reader's {base['f1']:.1f} ({d_f1:+.1f} points)"}
