@@ -280,8 +280,9 @@ class _Wiring:
         return {"template": answer_section.get("template", "qa"), "chat": answer_section.get("chat", True)}
 
     def llm_data_defaults(self, f: Folders) -> dict[str, Any]:
-        # hold out a fifth of the training-split questions for the reader's validation and the promotion gate
-        return {"valid_fraction": LLM_VALID_FRACTION, **self.answer_prompt()}
+        # hold out a fifth of the training-split questions for the reader's validation and the promotion gate; SFT
+        # only on questions whose passages hold a gold answer (a target the passages do not support teaches guessing)
+        return {"valid_fraction": LLM_VALID_FRACTION, "sft_filter": "has-answer", **self.answer_prompt()}
 
     def llm_valid_fraction(self) -> float:
         return float(self.cfg.section("llm_data").get("valid_fraction", LLM_VALID_FRACTION))
@@ -298,10 +299,10 @@ class _Wiring:
     def train_llm(self, f: Folders, stage: str) -> dict[str, Any]:
         data = llm_data.Outputs.at(f["llm-data"])
         out: dict[str, Any] = {"model": self.cfg.reader.model, "stage": stage, "out_dir": f[f"train-llm-{stage}"]}
+        if stage == "prealign":  # validated through the SFT stage that starts from it (its step 0)
+            return {**out, "data": [data.prealign]}
         if self.llm_valid_fraction() > 0:
             out["valid"] = data.valid
-        if stage == "prealign":
-            return {**out, "data": [data.prealign]}
         return {**out, "data": [data.sft], "merge": True, **(self.prealign_start(f) if self.cfg.prealign else {})}
 
     def promote(self, f: Folders) -> dict[str, Any]:
