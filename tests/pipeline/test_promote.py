@@ -49,8 +49,12 @@ def test_policies_and_missing_evidence() -> None:
     same = gate.decide_reader(_validation((50.0, 20.0), (50.0, 20.0), step=0), "auto")
     assert same["promoted"] is False and "starting weights" in same["reason"]
     ev = {"lists": "graded utility lists", "metric": "utility nDCG@3", "retriever": 0.8, "aligned": 0.7, "n_lists": 9}
+    mrr = {"lists": "answer-ranking lists", "metric": "answer MRR", "retriever": 0.8, "aligned": 0.9, "n_lists": 90}
     assert gate.decide_reranker(ev, "auto")["promoted"] is False
     assert gate.decide_reranker({**ev, "aligned": 0.85}, "auto")["promoted"] is True
+    worse_on_one = gate.decide_reranker([ev, mrr], "auto")
+    assert worse_on_one["promoted"] is False and "utility nDCG@3 0.700" in worse_on_one["reason"]
+    assert gate.decide_reranker([{**ev, "aligned": 0.8}, mrr], "auto")["promoted"] is True  # equal is not worse
     assert gate.decide_reranker(ev, "always")["promoted"] is True
     assert gate.decide_reranker(None, "auto")["promoted"] is True
 
@@ -71,7 +75,7 @@ def test_run_reads_the_step_files(tmp_path: Path) -> None:
         "reranker + retriever fusion (alpha=0.3, chosen on these questions)": {"mrr": 0.82, "n_questions": 12}})
     out = gate.run(gate.PromoteConfig(reranker_dir=tmp_path / "rr2", out_dir=tmp_path / "promote2"))
     d = json.loads(out.promotion.read_text())["reranker"]
-    assert d["promoted"] is True and d["aligned"] == 0.82 and "fusion" in d["metric"]
+    assert d["promoted"] is True and d["evidence"][0]["aligned"] == 0.82 and "fusion" in d["evidence"][0]["metric"]
 
 
 def _pipeline(tmp_path: Path, **extra) -> PipelineConfig:

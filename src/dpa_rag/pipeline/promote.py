@@ -6,8 +6,9 @@ on held-out training-split questions (never the evaluation questions).
   passages, prompt and decoding). Worse = Hits@1 (with the passages, or closed-book when validation measured it:
   forgetting) below the base reader's by more than ``hit_tolerance`` points, or a lower F1.
 * **reranker** — the aligned reranker (as the answer step uses it: with its saved retriever fusion) against the
-  retriever's order on the held-out lists ``train-reranker`` scores: utility nDCG@3 on the graded lists when it has
-  them (``utility_metrics.json``), else answer-ranking MRR (``retrieval_metrics.json``). Worse = below the retriever.
+  retriever's order on the held-out lists ``train-reranker`` scores: utility nDCG@3 on the graded lists
+  (``utility_metrics.json``) and answer-ranking MRR on the held-out training-split questions' retrieval lists
+  (``retrieval_metrics.json``, with the saved retriever fusion). Worse = below the retriever on either.
 
 Policies per component: ``auto`` (the rule above), ``always``, ``never``. Without the evidence (no held-out
 validation), ``auto`` promotes and says so. ``promotion.json`` holds the decisions with their numbers and reasons;
@@ -106,45 +107,52 @@ def decide_reader(validation: dict[str, Any] | None, policy: Policy, hit_toleran
             f"F1 {d_f1:+.1f} points)"}
 
 
-def _reranker_evidence(reranker_dir: Path) -> dict[str, Any] | None:
-    """The held-out comparison of the aligned reranker with the retriever's order, from its metrics files: utility
-    nDCG@3 on the graded lists when there are some, else answer-ranking MRR (with the retriever fusion when one was
-    chosen, as the answer step uses it)."""
+def _reranker_evidence(reranker_dir: Path) -> list[dict[str, Any]]:
+    """The held-out comparisons of the aligned reranker with the retriever's order, from its metrics files: utility
+    nDCG@3 on the graded lists, and answer-ranking MRR on the held-out retrieval lists (with the retriever fusion
+    when one was chosen, as the answer step uses it); each that was measured."""
     from dpa_rag.reranker import train as reranker_train
 
     out = reranker_train.Outputs.at(reranker_dir)
+    evidence: list[dict[str, Any]] = []
     if out.utility_metrics.exists():
         rows = read_json(out.utility_metrics)
         retriever, aligned = rows.get("retriever order", {}), rows.get("aligned reranker", {})
         if "ndcg@3" in retriever and "ndcg@3" in aligned:
-            return {"lists": "graded utility lists", "metric": "utility nDCG@3", "retriever": retriever["ndcg@3"],
-                    "aligned": aligned["ndcg@3"], "n_lists": aligned.get("n_questions", retriever.get("n_questions"))}
+            evidence.append({"lists": "graded utility lists", "metric": "utility nDCG@3",
+                             "retriever": retriever["ndcg@3"], "aligned": aligned["ndcg@3"],
+                             "n_lists": int(aligned.get("n_questions", retriever.get("n_questions", 0)))})
     if out.retrieval_metrics.exists():
         rows = read_json(out.retrieval_metrics)
         retriever = rows.get("retriever order", {})
         fused = next((v for k, v in rows.items() if k.startswith("reranker + retriever fusion")), None)
         aligned = fused or rows.get("reranker", {})
         if "mrr" in retriever and "mrr" in aligned:
-            metric = "MRR" + (" (with the retriever fusion)" if fused else "")
-            return {"lists": "answer-ranking lists", "metric": metric,
-                    "retriever": retriever["mrr"], "aligned": aligned["mrr"],
-                    "n_lists": aligned.get("n_questions", retriever.get("n_questions"))}
-    return None
+            metric = "answer MRR" + (" (with the retriever fusion)" if fused else "")
+            evidence.append({"lists": "answer-ranking lists", "metric": metric, "retriever": retriever["mrr"],
+                             "aligned": aligned["mrr"],
+                             "n_lists": int(aligned.get("n_questions", retriever.get("n_questions", 0)))})
+    return evidence
 
 
-def decide_reranker(evidence: dict[str, Any] | None, policy: Policy) -> dict[str, Any]:
-    """The reranker's decision from its held-out evidence (``None``: none was measured)."""
-    out: dict[str, Any] = {"policy": policy, **({"baseline": "retriever order", **evidence} if evidence else {})}
+def decide_reranker(evidence: list[dict[str, Any]] | dict[str, Any] | None, policy: Policy) -> dict[str, Any]:
+    """The reranker's decision from its held-out evidence (one comparison or several; ``None``/empty: none was
+    measured): not promoted when it ranks below the retriever on any of them."""
+    items = [evidence] if isinstance(evidence, dict) else list(evidence or [])
+    out: dict[str, Any] = {"policy": policy, "baseline": "retriever order", "evidence": items}
     if policy != "auto":
         return {**out, "promoted": policy == "always", "reason": f"policy {policy}"}
-    if evidence is None:
+    if not items:
         return {**out, "promoted": True, "reason": "no held-out ranking measured: promoted unchecked"}
-    diff = evidence["aligned"] - evidence["retriever"]
-    if diff < -1e-9:
-        return {**out, "promoted": False, "reason": f"{evidence['metric']} {evidence['aligned']:.3f} below the "
-                f"retriever's {evidence['retriever']:.3f} on {evidence['n_lists']} held-out {evidence['lists']}"}
-    return {**out, "promoted": True, "reason": f"{evidence['metric']} {evidence['aligned']:.3f} vs the retriever's "
-            f"{evidence['retriever']:.3f} on {evidence['n_lists']} held-out {evidence['lists']}"}
+
+    def said(e: dict[str, Any]) -> str:
+        return (f"{e['metric']} {e['aligned']:.3f} vs the retriever's {e['retriever']:.3f} on {e['n_lists']} held-out "
+                f"{e['lists']}")
+
+    worse = [e for e in items if e["aligned"] - e["retriever"] < -1e-9]
+    if worse:
+        return {**out, "promoted": False, "reason": "; ".join(said(e) for e in worse)}
+    return {**out, "promoted": True, "reason": "; ".join(said(e) for e in items)}
 
 
 def _markdown(decisions: dict[str, dict[str, Any]]) -> str:
