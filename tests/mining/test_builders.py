@@ -224,6 +224,42 @@ def test_build_llm_data(tmp_path: Path) -> None:
     assert info["dpa_rag_prealign"]["columns"]["prompt"] == "instruction"
 
 
+def test_llm_data_holds_out_validation_filters_and_adds_closed_book(tmp_path: Path) -> None:
+    """valid.jsonl: held-out questions (and their rewrites) left out of both sets; has-answer drops SFT targets the
+    passages do not hold; closed_book=self adds the reader's own closed-book answers as closed-book examples."""
+    from dpa_rag.mining.llm_data import held_out_ids
+
+    pref_path, aug_path, ret_path = _write_inputs(tmp_path, n=10)
+    rows = [json.loads(x) for x in ret_path.read_text().splitlines()]
+    rows[1]["ctxs"][0]["text"] = "here is gold q1"  # the only question whose top-3 holds its gold answer
+    write_jsonl(ret_path, rows)
+    cfg = LLMDataConfig(preferences=pref_path, out_dir=tmp_path / "llm", include_augmented=aug_path,
+                        valid_fraction=0.3, seed=1)
+    out = run_llm(cfg)
+    held = held_out_ids([r["id"] for r in rows], 0.3, seed=1)
+    assert len(held) == 3
+    valid = [json.loads(x) for x in out.valid.read_text().splitlines()]
+    assert {v["id"] for v in valid} == held and all(v["ctxs"] and v["answers"] for v in valid)
+    sft = [json.loads(x) for x in out.sft.read_text().splitlines()]
+    questions = [m["messages"][1]["content"].split("Question: ")[1].split("\n")[0] for m in sft]
+    assert not any(q.endswith(f"of {h}") or q == f"question {h}" for q in questions for h in held)
+    pre = out.prealign.read_text()
+    assert not any(f"question {h}\n" in pre or f"of {h}\n" in pre for h in held)
+    stats = json.loads(out.stats.read_text())
+    assert stats["valid"]["questions"] == 3 and stats["sft"]["held_out"] >= 3
+
+    filtered = run_llm(cfg.model_copy(update={"sft_filter": "has-answer", "out_dir": tmp_path / "f"}))
+    sft = [json.loads(x) for x in filtered.sft.read_text().splitlines()]
+    kept = 0 if "q1" in held else 1
+    assert len(sft) == kept and json.loads(filtered.stats.read_text())["sft"]["skipped_answer_not_in_passages"] > 0
+
+    closed = run_llm(cfg.model_copy(update={"closed_book": "self", "out_dir": tmp_path / "c"}))
+    sft = [json.loads(x) for x in closed.sft.read_text().splitlines()]
+    cb = [m for m in sft if "Passages:" not in m["messages"][1]["content"]]
+    assert len(cb) == 10 - 3 and all(m["messages"][2]["content"] == "cb" for m in cb)  # the reader's own answer
+    assert cb[0]["messages"][1]["content"].startswith("Question: ")
+
+
 def test_prealign_example_is_seeded_and_local() -> None:
     p = mixed_pref("q")
     others = [f"other {j}" for j in range(10)]

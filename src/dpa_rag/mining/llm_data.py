@@ -95,6 +95,12 @@ class LLMDataConfig(StageConfig):
         "prompts are the prompts the reader will answer."
     )
     chat: bool = Field(True, description="Chat messages (the answer step's --chat); --no-chat: plain-text prompts.")
+    closed_book: Literal["none", "self"] = Field(
+        "none",
+        description="Closed-book SFT examples: none, or self (each mined question's closed-book prompt with the "
+        "reader's own closed-book answer as the target: a regulariser toward the base reader, so learning to answer "
+        "briefly from passages does not cost the answers it had without them).",
+    )
     sft_filter: Literal["all", "has-answer"] = Field(
         "all",
         description="SFT questions to keep: all, or has-answer (only those whose first k passages contain a gold "
@@ -324,6 +330,16 @@ def run(cfg: LLMDataConfig) -> LLMDataOutputs:
         counts["sft_short"] += int(len(passages) < cfg.k)
         sft.append(sft_example(r.question, passages, r.answers, cfg.sft_answer, cfg.template, cfg.chat))
 
+    if cfg.closed_book == "self":
+        for pref in prefs:
+            answer = (pref.closed_book.answer or "").strip() if pref.closed_book is not None else ""
+            if pref.id in held or not answer:
+                counts["closed_book_skipped"] += 1
+                continue
+            messages = qa_prompt(pref.question, [], cfg.template)
+            messages.append({"role": "assistant", "content": answer})
+            sft.append(_as_record(messages, cfg.chat))
+            counts["closed_book_self"] += 1
     out = LLMDataOutputs.at(out_dir)
     write_json(out.prealign_alpaca, [to_alpaca(e) for e in prealign])
     write_jsonl(out.prealign, prealign)
@@ -359,6 +375,7 @@ def run(cfg: LLMDataConfig) -> LLMDataOutputs:
             "held_out": counts["sft_held_out"],
             "fewer_than_k_passages": counts["sft_short"],
             "filter": cfg.sft_filter,
+            "closed_book_self": counts["closed_book_self"],
         },
         "valid": {"questions": len(valid), "fraction": cfg.valid_fraction, "prealign_held_out":
                   counts["prealign_held_out"]},

@@ -282,7 +282,9 @@ class _Wiring:
     def llm_data_defaults(self, f: Folders) -> dict[str, Any]:
         # hold out a fifth of the training-split questions for the reader's validation and the promotion gate; SFT
         # only on questions whose passages hold a gold answer (a target the passages do not support teaches guessing)
-        return {"valid_fraction": LLM_VALID_FRACTION, "sft_filter": "has-answer", **self.answer_prompt()}
+        # closed-book examples with the reader's own closed-book answers keep what it knew without passages
+        return {"valid_fraction": LLM_VALID_FRACTION, "sft_filter": "has-answer", "closed_book": "self",
+                **self.answer_prompt()}
 
     def llm_valid_fraction(self) -> float:
         return float(self.cfg.section("llm_data").get("valid_fraction", LLM_VALID_FRACTION))
