@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from dpa_rag.reranker.loss_names import LOSS_NAMES
+from dpa_rag.reranker.losses.registry import LOSS_NAMES
 
 HERE = Path(__file__).resolve()
 LOSSES = list(LOSS_NAMES)

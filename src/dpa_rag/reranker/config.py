@@ -16,7 +16,8 @@ from pydantic import AliasChoices, Field, field_validator, model_validator
 from dpa_rag.config import DeviceOption, Runtime, StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field
 from dpa_rag.models import DEFAULT_ENCODER
-from dpa_rag.reranker.loss_names import LOSS_NAMES
+from dpa_rag.reranker.kinds import kind_names
+from dpa_rag.reranker.losses.registry import align_loss_names, authors_flags, default_losses
 
 __all__ = ["RerankConfig", "TrainRerankerConfig", "apply_gpu_flag", "parse_bool", "parse_loss_weights"]
 
@@ -34,6 +35,13 @@ def parse_bool(value: str | bool, name: str = "value") -> bool:
     if v in _FALSE:
         return False
     raise ValueError(f"{name}: expected True or False, got {value!r}")
+
+
+def check_kind(value: str) -> str:
+    """``auto`` or a registered reranker kind (:mod:`dpa_rag.reranker.kinds`)."""
+    if value != "auto" and value not in kind_names():
+        raise ValueError(f"reranker kind must be one of auto, {', '.join(kind_names())}; got {value!r}")
+    return value
 
 
 def parse_loss_weights(text: str) -> dict[str, float]:
@@ -78,8 +86,9 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
     scl_loss: str | None = Field(None, description="Authors' flag (bare or True/False) switches the contrastive loss.",
                                  json_schema_extra={"cli": ["--scl_loss"], "flag_value": "True"})
     losses: list[str] = Field(
-        default_factory=lambda: list(LOSS_NAMES),
-        description=f"Losses: {', '.join(LOSS_NAMES)} (comma-separated or repeated).",
+        default_factory=default_losses,
+        description=f"Losses: {', '.join(align_loss_names())} (comma-separated or repeated; registered in "
+        "reranker/losses/registry.py).",
     )
     weighting: Literal["mgda", "mgda-ub", "equal", "fixed"] = Field("mgda", description="Loss weighting strategy.")
     loss_weights: str | None = Field(None, description="Weights for --weighting fixed, e.g. point=1,pair=0.5.")
@@ -87,10 +96,11 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
         DEFAULT_ENCODER, description="Encoder: bundled alias, hub id or folder.",
         json_schema_extra={"cli": ["--pretrained_model_path"]},
     )
-    kind: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
+    kind: str = Field(
         "auto",
-        description="Reranker kind: auto = bi-encoder (scaled cosine, starts at the dense retriever's quality) for "
-        "sentence-transformers embedding backbones such as the bundled MiniLM, cross-encoder for everything else "
+        description=f"Reranker kind: auto, {', '.join(kind_names())}. auto = bi-encoder (scaled cosine, starts at "
+        "the dense retriever's quality) for sentence-transformers embedding backbones such as the bundled MiniLM, "
+        "cross-encoder for everything else "
         "(bge-reranker, ms-marco cross-encoders, plain encoders: the paper's choice).",
     )
     bi_scale: float = Field(20.0, gt=0, description="Bi-encoder: initial scale s of the cosine (learned).")
@@ -203,6 +213,8 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
         "(0 = retriever order ... 1 = reranker), saved with the model and used by rerank/answer.",
     )
 
+    _kind = field_validator("kind")(classmethod(lambda cls, v: check_kind(v)))
+
     @field_validator("losses", mode="before")
     @classmethod
     def _split_losses(cls, v: object) -> object:
@@ -212,9 +224,9 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
             out: list[str] = []
             for item in v:
                 out += [x for x in str(item).replace(",", " ").split() if x]
-            bad = [x for x in out if x not in LOSS_NAMES]
+            bad = [x for x in out if x not in align_loss_names()]
             if bad:
-                raise ValueError(f"unknown loss(es) {bad}; choose from {', '.join(LOSS_NAMES)}")
+                raise ValueError(f"unknown loss(es) {bad}; choose from {', '.join(align_loss_names())}")
             return list(dict.fromkeys(out))
         return v
 
@@ -230,7 +242,7 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
     def _authors_switches(cls, data: object) -> object:
         """Their script trains only the losses whose switch is given (``store_true``): with any of the three flags
         and no ``losses``, start from none, so ``--cls_loss --scl_loss`` trains point + contrastive."""
-        flags = {"cls_loss": "point", "rank_loss": "pair", "scl_loss": "contrastive"}
+        flags = authors_flags()
         if isinstance(data, dict) and "losses" not in data and any(data.get(f) is not None for f in flags):
             chosen = []
             for flag, name in flags.items():
@@ -245,14 +257,15 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
     def enabled_losses(self) -> list[str]:
         """The losses to train: ``losses``, switched on/off by the authors' flags where given."""
         chosen = list(self.losses)
-        for flag, name in ((self.cls_loss, "point"), (self.rank_loss, "pair"), (self.scl_loss, "contrastive")):
+        for attr, name in authors_flags().items():
+            flag = getattr(self, attr)
             if flag is None:
                 continue
             if parse_bool(flag) and name not in chosen:
                 chosen.append(name)
             elif not parse_bool(flag) and name in chosen:
                 chosen.remove(name)
-        chosen = [x for x in LOSS_NAMES if x in chosen]
+        chosen = [x for x in align_loss_names() if x in chosen]
         if not chosen:
             raise ValueError("no loss enabled (check --losses and --cls_loss/--rank_loss/--scl_loss)")
         return chosen
@@ -300,12 +313,14 @@ class RerankConfig(Runtime, StageConfig):
         "saved",
         description="Blend in the retriever rank: saved (weight chosen at training), off, or a reranker weight 0-1.",
     )
-    kind: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
-        "auto", description="Reranker kind (auto: detected from the model folder)."
+    kind: str = Field(
+        "auto", description=f"Reranker kind: auto (detected from the model folder), {', '.join(kind_names())}."
     )
     records_per_chunk: int = Field(64, ge=1, description="Questions scored together (bounds memory).")
     dedupe_ids: bool = dedupe_ids_field()
     limit: int | None = Field(None, description="Only the first N questions.")
+
+    _kind = field_validator("kind")(classmethod(lambda cls, v: check_kind(v)))
 
     @field_validator("fusion", mode="before")
     @classmethod

@@ -13,10 +13,9 @@ PANEL = "Reranker"
 
 
 def _train(cfg: TrainRerankerConfig):
-    from dpa_rag.reranker.config import apply_gpu_flag
     from dpa_rag.reranker.train import run
 
-    return run(apply_gpu_flag(cfg))
+    return run(cfg)  # applies the authors' --gpu (also when the pipeline runs the step in-process)
 
 
 def _rerank(cfg: RerankConfig):
