@@ -79,7 +79,7 @@ def test_a_toy_loss_registered_in_the_test_trains_with_mgda(tiny_bert_dir, run_d
 
 
 def test_registry_names_flags_and_warmup_losses():
-    assert LOSS_NAMES == align_loss_names() == ("point", "pair", "contrastive")
+    assert LOSS_NAMES == ("point", "pair", "contrastive") and align_loss_names() == (*LOSS_NAMES, "listwise")
     assert default_losses() == ["point", "pair", "contrastive"]
     assert authors_flags() == {"cls_loss": "point", "rank_loss": "pair", "scl_loss": "contrastive"}
     assert warmup_loss_name("has-answer") == "relevance-ce" and warmup_loss_name("bm25") == "distill-kl"

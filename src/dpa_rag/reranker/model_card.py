@@ -44,7 +44,8 @@ def render_model_card(
     from dpa_rag.reranker.kinds import DEFAULT_KIND, get_kind
 
     kind = kind or DEFAULT_KIND
-    card_cfg = {k: v for k, v in config.items() if v is not None}
+    card_cfg = {k: {kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v
+                for k, v in config.items() if v is not None}
     own = get_kind(kind).card_fields(head)
     parts = [
         f"---\nlibrary_name: sentence-transformers\npipeline_tag: {own['pipeline_tag']}\ntags:\n- {own['tag']}\n"

@@ -110,44 +110,44 @@ def _relevance_warmup(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, trai
     label-free distillation of a bi-encoder's / BM25's order over every ``--warmup-retrieval`` list (held-out
     ``--eval-retrieval`` questions excluded); the target's registered warm-up loss, trained by
     :class:`RerankerTrainer`. Returns the summary logged in ``train_log.json``."""
-    if not cfg.warmup_relevance:
+    if not cfg.warmup.relevance:
         return None
-    if not cfg.warmup_retrieval:
+    if not cfg.warmup.retrieval:
         logger.info("relevance warm-up skipped: no --warmup-retrieval file (retrieval of the training questions)")
         return None
     from dpa_rag.data.loaders import load_retrieval
     from dpa_rag.reranker import warmup as wu
 
-    target = wu.resolve_warmup_target(cfg.warmup_target, cfg.backbone, cfg.warmup_teacher)
-    retrieval = load_retrieval(cfg.warmup_retrieval)
+    target = wu.resolve_warmup_target(cfg.warmup.target, cfg.backbone, cfg.warmup.teacher)
+    retrieval = load_retrieval(cfg.warmup.retrieval)
     info: dict[str, Any] = {"target": target}
     if target == "has-answer":
-        examples: list = wu.build_warmup_examples(train, retrieval, cfg.warmup_negatives)
+        examples: list = wu.build_warmup_examples(train, retrieval, cfg.warmup.negatives)
         if not examples:
             logger.warning("relevance warm-up skipped: no training question has both answer-bearing and other "
                            "passages")
             return {"skipped": "no examples", "target": target}
     else:
-        eval_records = load_retrieval(cfg.eval_retrieval) if cfg.eval_retrieval else None
+        eval_records = load_retrieval(cfg.held_out.eval_retrieval) if cfg.held_out.eval_retrieval else None
         records, counts = wu.select_distill_questions(retrieval, train, eval_records)
-        temperature = cfg.warmup_temperature or wu.DEFAULT_TEMPERATURE[target]
-        info.update(questions=counts, temperature=temperature, list_size=cfg.warmup_list_size)
+        temperature = cfg.warmup.temperature or wu.DEFAULT_TEMPERATURE[target]
+        info.update(questions=counts, temperature=temperature, list_size=cfg.warmup.list_size)
         logger.info("distilled warm-up (%s): %d of %d questions of %s (%d reranker training queries; %d held-out "
                     "questions of --eval-retrieval excluded, %d repeated, %d lists under 2 passages)", target,
-                    counts["kept"], counts["questions"], cfg.warmup_retrieval, counts["training_queries"],
+                    counts["kept"], counts["questions"], cfg.warmup.retrieval, counts["training_queries"],
                     counts["held_out_excluded"], counts["repeated"], counts["short_lists"])
         if not records:
-            logger.warning("distilled warm-up skipped: no usable question in %s", cfg.warmup_retrieval)
+            logger.warning("distilled warm-up skipped: no usable question in %s", cfg.warmup.retrieval)
             return {"skipped": "no examples", **info}
         if target == "bi-encoder":
-            teacher = cfg.warmup_teacher or cfg.backbone
+            teacher = cfg.warmup.teacher or cfg.backbone
             info["teacher"] = teacher
             scores = wu.bi_encoder_teacher_scores(teacher, records, cfg.max_length,
                                                   device=device or str(next(model.parameters()).device))
         else:
             info["teacher"] = "bm25 over the lists' passages"
             scores = wu.bm25_teacher_scores(records)
-        examples = wu.build_distill_examples(records, scores, cfg.warmup_list_size, cfg.seed)
+        examples = wu.build_distill_examples(records, scores, cfg.warmup.list_size, cfg.seed)
     loss_cls = get_loss_class(warmup_loss_name(target))
     loss = loss_cls.from_options(LossOptions(warmup_temperature=info.get("temperature", 1.0)))
     trainer = RerankerTrainer(
@@ -215,9 +215,9 @@ class _Inputs:
         train = check_train_records(load_reranker_train(cfg.train), losses, source=cfg.train)
         valid = load_reranker_pairs(cfg.valid) if cfg.valid else None
         test = load_reranker_pairs(cfg.test) if cfg.test else None
-        utility_valid = load_utility_lists(cfg.utility_valid) if cfg.utility_valid else None
-        utility_test = load_utility_lists(cfg.utility_test) if cfg.utility_test else utility_valid
-        if utility_test is not None and not cfg.utility_test:
+        utility_valid = load_utility_lists(cfg.held_out.utility_valid) if cfg.held_out.utility_valid else None
+        utility_test = load_utility_lists(cfg.held_out.utility_test) if cfg.held_out.utility_test else utility_valid
+        if utility_test is not None and not cfg.held_out.utility_test:
             logger.warning("utility report on --utility-valid, the lists that also pick the best checkpoint: the "
                            "aligned reranker's row is optimistic (pass --utility-test for an unbiased one)")
         return cls(train, valid, test, utility_valid, utility_test)
@@ -290,7 +290,7 @@ def _align(run: _Run, evaluator: PairEvaluator | None) -> None:
     run.chunk_size = resolve_chunk_size(cfg.forward_chunk_size, run.use_cpu)
     logger.info("training forwards: %s rows each", run.chunk_size or "all")
     collator = run.kind.collator(run.tokenizer, run.losses, run.kind.train_max_length(model, cfg.max_length),
-                                 query_anchor=cfg.contrastive_anchor == "query",
+                                 query_anchor=cfg.alignment.contrastive_anchor == "query",
                                  grouped=run.weighting.grouped_batches)
     trainer = RerankerTrainer(
         model=model, args=args, train_dataset=RerankerTrainDataset(run.inputs.train), eval_dataset=evaluator,
@@ -332,7 +332,7 @@ def _report_trained(run: _Run) -> None:
     if held.records is not None:
         scores = held.retrieval_scores(model, tokenizer)
         held.retrieval_report["reranker"] = answer_ranking_metrics(held.records, scores)
-        if cfg.retriever_fusion:
+        if cfg.held_out.retriever_fusion:
             run.fusion = fusion_weight(model, held, scores)
         if run.ranks.main:
             write_json(run.out_dir / RETRIEVAL_METRICS, held.retrieval_report)
@@ -382,12 +382,13 @@ def _start(cfg: TrainRerankerConfig) -> _Run:
         raise ValueError("no training file: pass --train (or the authors' --train_data_path)")
     losses = cfg.enabled_losses()
     out_dir = Path(cfg.out_dir)
-    rec = stage_recorder("train-reranker", cfg, out_dir, [cfg.train, cfg.valid, cfg.test, cfg.warmup_retrieval,
-                                                          cfg.eval_retrieval, cfg.utility_valid, cfg.utility_test])
+    held = cfg.held_out
+    rec = stage_recorder("train-reranker", cfg, out_dir, [cfg.train, cfg.valid, cfg.test, cfg.warmup.retrieval,
+                                                          held.eval_retrieval, held.utility_valid, held.utility_test])
     inputs = _Inputs.load(cfg, losses)
-    fixed = parse_loss_weights(cfg.loss_weights) if cfg.loss_weights else None
-    weighting = build_weighting(cfg.weighting, fixed)
-    if cfg.weighting == "fixed":
+    fixed = parse_loss_weights(cfg.alignment.loss_weights) if cfg.alignment.loss_weights else None
+    weighting = build_weighting(cfg.alignment.weighting, fixed)
+    if cfg.alignment.weighting == "fixed":
         weighting.weights({k: torch.zeros(()) for k in losses})  # fail early on a missing weight
     ranks = Ranks.from_env()
     check_weighting_supported(weighting, len(losses))  # mgda under ZeRO-3: fail before loading anything
@@ -421,16 +422,18 @@ def run(cfg: TrainRerankerConfig) -> TrainRerankerOutputs:
     set_seed(cfg.seed)
     r.model, r.tokenizer = r.kind.load_for_training(cfg)
     logger.info("reranker kind: %s (backbone %s)", r.kind.name, cfg.backbone)
-    _place_model(r, pre_scoring=bool(r.inputs.utility_test or cfg.eval_retrieval))
+    _place_model(r, pre_scoring=bool(r.inputs.utility_test or cfg.held_out.eval_retrieval))
+    align = cfg.alignment
     r.modules = build_losses(r.losses, options=LossOptions(
-        num_labels=r.model.config.num_labels, temperature=cfg.temperature, base_temperature=cfg.temperature,
-        contrastive_anchor=cfg.contrastive_anchor))
+        num_labels=r.model.config.num_labels, temperature=align.temperature, base_temperature=align.temperature,
+        contrastive_anchor=align.contrastive_anchor))
 
     r.held = HeldOut(cfg, r.ranks, utility=r.inputs.utility_test or None)
-    if cfg.eval_retrieval:
+    if cfg.held_out.eval_retrieval:
         from dpa_rag.data.loaders import load_retrieval
 
-        r.held.records = held_out_records(load_retrieval(cfg.eval_retrieval), r.inputs.train, cfg.eval_retrieval)
+        source = cfg.held_out.eval_retrieval
+        r.held.records = held_out_records(load_retrieval(source), r.inputs.train, source)
     r.held.baselines(r.model, r.tokenizer)
 
     with r.rec.timer("warmup"):

@@ -59,8 +59,8 @@ class RerankerTrainingArguments(TrainingArguments):
         """The relevance warm-up: a constant ``warmup_lr`` for ``warmup_epochs``, no evaluation, checkpoints or
         TensorBoard, a loss logged every step (the batch size, clipping, precision and seed of the alignment)."""
         return cls(
-            output_dir=output_dir, num_train_epochs=cfg.warmup_epochs,
-            per_device_train_batch_size=cfg.per_device_train_batch_size, learning_rate=cfg.warmup_lr,
+            output_dir=output_dir, num_train_epochs=cfg.warmup.epochs,
+            per_device_train_batch_size=cfg.per_device_train_batch_size, learning_rate=cfg.warmup.lr,
             lr_scheduler_type="constant", max_steps=cfg.max_steps or -1, max_grad_norm=cfg.max_grad_norm,
             bf16=cfg.bf16, seed=cfg.seed, use_cpu=use_cpu, eval_strategy="no", save_strategy="no",
             logging_steps=1, report_to=[],

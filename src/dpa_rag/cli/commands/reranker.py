@@ -15,7 +15,7 @@ PANEL = "Reranker"
 def _train(cfg: TrainRerankerConfig):
     from dpa_rag.reranker.train import run
 
-    return run(cfg)  # applies the authors' --gpu (also when the pipeline runs the step in-process)
+    return run(cfg)  # run() resolves the authors' GPU flag itself, so the pipeline's in-process step does too
 
 
 def _rerank(cfg: RerankConfig):

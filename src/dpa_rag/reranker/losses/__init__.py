@@ -1,9 +1,10 @@
 """The reranker's losses, one per module (method.md §6.2), and the registry that names them.
 
 Preference alignment: :class:`PointwiseLoss` (``point``), :class:`PairwiseLoss` (``pair``), :class:`ContrastiveLoss`
-(``contrastive``); relevance warm-up: :class:`RelevanceCELoss` (``relevance-ce``), :class:`DistillKLLoss`
-(``distill-kl``). Every loss subclasses :class:`RerankerLoss` (:mod:`.base`); names map to classes in :mod:`.registry`
-(torch-free). The loss classes are imported lazily, so ``dpa_rag.reranker.losses.registry`` stays torch-free.
+(``contrastive``) and :class:`ListwiseLoss` (``listwise``: ListNet on graded gains, not trained by default);
+relevance warm-up: :class:`RelevanceCELoss` (``relevance-ce``), :class:`DistillKLLoss` (``distill-kl``). Every loss
+subclasses :class:`RerankerLoss` (:mod:`.base`); names map to classes in :mod:`.registry` (torch-free). The loss
+classes are imported lazily, so ``dpa_rag.reranker.losses.registry`` stays torch-free.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ __all__ = [
     "LOSS_NAMES",
     "ContrastiveLoss",
     "DistillKLLoss",
+    "ListwiseLoss",
     "LossOptions",
     "PairwiseLoss",
     "PointwiseLoss",
@@ -29,6 +31,7 @@ __all__ = [
 _WHERE = {
     "ContrastiveLoss": "dpa_rag.reranker.losses.contrastive",
     "DistillKLLoss": "dpa_rag.reranker.losses.distill",
+    "ListwiseLoss": "dpa_rag.reranker.losses.listwise",
     "PairwiseLoss": "dpa_rag.reranker.losses.pairwise",
     "PointwiseLoss": "dpa_rag.reranker.losses.pointwise",
     "RelevanceCELoss": "dpa_rag.reranker.losses.relevance",

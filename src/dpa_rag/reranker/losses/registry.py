@@ -131,9 +131,10 @@ register_loss("point", "dpa_rag.reranker.losses.pointwise:PointwiseLoss", defaul
 register_loss("pair", "dpa_rag.reranker.losses.pairwise:PairwiseLoss", default=True, authors_flag="rank_loss")
 register_loss("contrastive", "dpa_rag.reranker.losses.contrastive:ContrastiveLoss", default=True,
               authors_flag="scl_loss")
+register_loss("listwise", "dpa_rag.reranker.losses.listwise:ListwiseLoss")
 register_loss("relevance-ce", "dpa_rag.reranker.losses.relevance:RelevanceCELoss", stage="warmup",
               warmup_target="has-answer")
 register_loss("distill-kl", "dpa_rag.reranker.losses.distill:DistillKLLoss", stage="warmup", warmup_target="*")
 
-# The preference losses registered at import (the authors' three), in their order (cls, rank, scl).
-LOSS_NAMES: tuple[str, ...] = align_loss_names()
+# The authors' three preference losses, in their order (cls, rank, scl).
+LOSS_NAMES: tuple[str, ...] = tuple(default_losses())
