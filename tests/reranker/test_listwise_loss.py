@@ -44,7 +44,7 @@ def test_gradient_moves_scores_toward_the_gain_order():
 
 
 def test_record_check_names_the_missing_gains():
-    from dpa_rag.data.authors import RerankerTrainRecord
+    from dpa_rag.data.reranker_records import RerankerTrainRecord
 
     rec = RerankerTrainRecord(**authors_train_records(1)[0])
     assert GAINS_KEY in ListwiseLoss.check_record(rec)

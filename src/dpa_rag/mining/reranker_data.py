@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
-from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
+from dpa_rag.data.reranker_records import load_reranker_pairs, load_reranker_train
 from dpa_rag.data.schema import Preference, Probe
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.mining.common import (

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpa_rag.data.authors import RerankerTrainRecord
+from dpa_rag.data.reranker_records import RerankerTrainRecord
 
 __all__ = [
     "BIENCODER_FILE",

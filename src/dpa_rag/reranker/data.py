@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dpa_rag.data.authors import RerankerTrainRecord
+from dpa_rag.data.reranker_records import RerankerTrainRecord
 from dpa_rag.io import DataError
 from dpa_rag.reranker.losses.base import LossOptions, RowBuilder
 from dpa_rag.reranker.losses.registry import loss_classes

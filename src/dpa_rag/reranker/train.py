@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
+from dpa_rag.data.reranker_records import load_reranker_pairs, load_reranker_train
 from dpa_rag.io import write_json, write_text
 from dpa_rag.models import pick_device
 from dpa_rag.reranker.config import TrainRerankerConfig, apply_gpu_flag, parse_loss_weights

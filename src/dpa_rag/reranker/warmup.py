@@ -41,7 +41,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from dpa_rag.data.authors import RerankerTrainRecord
+from dpa_rag.data.reranker_records import RerankerTrainRecord
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.eval.metrics import normalize_answer
 from dpa_rag.reranker.losses.distill import DistillCollator, distill_kl_loss

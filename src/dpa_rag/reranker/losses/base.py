@@ -1,6 +1,6 @@
 """What every reranker loss declares: the rows it needs in a batch and how it reads the encoder's output.
 
-A training batch is built by a kind's collator from :class:`~dpa_rag.data.authors.RerankerTrainRecord` s. Each
+A training batch is built by a kind's collator from :class:`~dpa_rag.data.reranker_records.RerankerTrainRecord` s. Each
 enabled loss adds its own ``(query, passage)`` rows (:meth:`RerankerLoss.add_rows`, through a :class:`RowBuilder`
 that deduplicates and marks one group of rows per forward), then turns the row positions into index tensors of the
 batch (:meth:`RerankerLoss.index_tensors`); in the step it reads its slice of the fused forward's
