@@ -226,7 +226,7 @@ def _use_bf16(choice: str) -> bool:
 
 
 def bench_training(steps: int, max_length: int, bf16: bool) -> None:
-    from dpa_rag.data.authors import load_reranker_train
+    from dpa_rag.data.reranker_records import load_reranker_train
     from dpa_rag.reranker.model import load_reranker_model
 
     records = load_reranker_train(TRAIN_FILE)

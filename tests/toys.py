@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from dpa_rag.io import write_jsonl
-from dpa_rag.reranker.loss_names import LOSS_NAMES
+from dpa_rag.reranker.losses.registry import LOSS_NAMES
 
 __all__ = ["CITIES", "LOSSES", "NAMES", "authors_train_records", "authors_valid_pairs", "city_question",
            "city_retrieval", "write_rows"]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar, get_args
+from typing import Annotated, Any, ClassVar, Literal, TypeVar, get_args
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -20,6 +20,7 @@ from dpa_rag.io import write_text
 __all__ = [
     "DTYPES",
     "ConfigError",
+    "ConfigSection",
     "DeviceOption",
     "Dtype",
     "Placement",
@@ -62,6 +63,19 @@ def normalize_dtype(value: object) -> object:
 
 
 Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], BeforeValidator(normalize_dtype)]
+
+
+class ConfigSection(BaseModel):
+    """A nested section of a stage config. Its fields are also accepted flat, as ``flat_prefix + name`` (the
+    spelling of older configs, pipeline YAMLs and the command line: ``warmup_lr`` = ``warmup.lr``)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+    flat_prefix: ClassVar[str] = ""
+
+    @classmethod
+    def flat_keys(cls) -> dict[str, str]:
+        """``{flat key: field name}``."""
+        return {cls.flat_prefix + name: name for name in cls.model_fields}
 
 
 class _Options(BaseModel):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpa_rag.augment.filter import FilterConfig, filter_records, load_augmented, render_report, run
+from dpa_rag.augment.filter import FilterConfig, filter_records, load_augmentation_records, render_report, run
 from dpa_rag.augment.nli import NLIScorer, label_indices, nli_decision
 from dpa_rag.io import DataError, read_records, write_jsonl
 
@@ -146,14 +146,14 @@ def test_similarity_filter_tiny_encoder(tiny_bert_dir: Path, tmp_path: Path) -> 
 def test_load_augmented_authors_format_and_errors(tmp_path: Path) -> None:
     path = tmp_path / "authors.jsonl"
     write_jsonl(path, [{"instruction": "who wrote hamlet", "back_instruction": ["who penned hamlet", "x"]}])
-    rec = load_augmented(path)[0]
+    rec = load_augmentation_records(path)[0]
     assert rec["id"].startswith("q") and rec["strategies"] == ["rewrite0", "rewrite1"] and rec["answers"] == []
     write_jsonl(path, [{"instruction": "q", "back_instruction": ["a"], "strategies": ["s1", "s2"]}])
     with pytest.raises(DataError, match=r"authors.jsonl:1: 2 strategies for 1 rewrites"):
-        load_augmented(path)
+        load_augmentation_records(path)
     write_jsonl(path, [{"instruction": "", "back_instruction": []}])
     with pytest.raises(DataError, match="instruction"):
-        load_augmented(path)
+        load_augmentation_records(path)
 
 
 def test_report_markdown_counts() -> None:

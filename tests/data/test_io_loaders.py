@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
 from dpa_rag.data.loaders import load_corpus, load_questions, load_retrieval, parse_rendered_passage
+from dpa_rag.data.reranker_records import load_reranker_pairs, load_reranker_train
 from dpa_rag.io import DataError, iter_jsonl, read_resumable_jsonl, write_json, write_jsonl
 
 

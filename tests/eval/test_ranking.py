@@ -114,7 +114,12 @@ def test_builtin_weightings_group_by_needs() -> None:
 
 
 def test_training_args_builder_accepts_old_metric_names(tmp_path) -> None:
-    from dpa_rag.reranker.trainer import make_training_args
+    from dpa_rag.reranker.config import TrainRerankerConfig
+    from dpa_rag.reranker.training_args import RerankerTrainingArguments
+
+    def make_training_args(out: str, metric_for_best_model: str, use_cpu: bool) -> RerankerTrainingArguments:
+        cfg = TrainRerankerConfig(train="x", metric_for_best_model=metric_for_best_model)
+        return RerankerTrainingArguments.for_alignment(cfg, out, use_cpu=use_cpu, evaluate=True, tensorboard=False)
 
     args = make_training_args(str(tmp_path), metric_for_best_model="utility_ndcg_at_3", use_cpu=True)
     assert args.metric_for_best_model == "utility_ndcg@3" and args.greater_is_better is True

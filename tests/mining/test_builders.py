@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
-from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
+from dpa_rag.data.reranker_records import load_reranker_pairs, load_reranker_train
 from dpa_rag.data.schema import Preference
 from dpa_rag.io import write_jsonl
 from dpa_rag.mining.labels import ALIGNED, BOTH_CORRECT, BOTH_WRONG, UNALIGNED

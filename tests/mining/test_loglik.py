@@ -186,7 +186,7 @@ def test_utility_metrics_by_hand() -> None:
 
 
 def test_graded_preferences_build_ranked_data_and_utility_report(run_dir: Path, tiny_bert_dir: Path) -> None:
-    from dpa_rag.data.authors import load_reranker_train
+    from dpa_rag.data.reranker_records import load_reranker_train
     from dpa_rag.mining.reranker_data import RerankerDataConfig
     from dpa_rag.mining.reranker_data import run as build
     from dpa_rag.reranker.config import TrainRerankerConfig

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpa_rag.data.authors import load_reranker_pairs
+from dpa_rag.data.reranker_records import load_reranker_pairs
 from dpa_rag.eval.metrics import f1, hit
 from dpa_rag.generation.fake import FakeGenerator, first_capitalised_phrase
 from dpa_rag.io import write_jsonl
@@ -222,7 +222,7 @@ def test_rerun_is_instant_and_config_change_starts_over(run_dir: Path) -> None:
 
 def test_mine_then_builders(run_dir: Path) -> None:
     """Under the hit rule no question has both sides (strict pools drop all); graded pools and the LLM sets work."""
-    from dpa_rag.data.authors import load_reranker_train
+    from dpa_rag.data.reranker_records import load_reranker_train
     from dpa_rag.mining.llm_data import LLMDataConfig
     from dpa_rag.mining.llm_data import run as run_llm
     from dpa_rag.mining.reranker_data import RerankerDataConfig

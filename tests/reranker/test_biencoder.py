@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpa_rag.data.authors import RerankerTrainRecord, load_reranker_train
-from dpa_rag.reranker.biencoder import BiEncoderCollator, load_biencoder, resolve_kind, score_bi
+from dpa_rag.data.reranker_records import RerankerTrainRecord, load_reranker_train
+from dpa_rag.reranker.biencoder import BiEncoderCollator, load_biencoder, score_bi
+from dpa_rag.reranker.kinds import resolve_kind
 from dpa_rag.reranker.step import build_losses, compute_losses
 from toys import LOSSES, authors_train_records, write_rows
 

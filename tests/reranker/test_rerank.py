@@ -154,7 +154,7 @@ def test_bad_dtype():
 
 
 def test_evaluation_metrics_by_hand(model_dirs):
-    from dpa_rag.data.authors import RerankerPairRecord
+    from dpa_rag.data.reranker_records import RerankerPairRecord
     from dpa_rag.eval.ranking import ranking_metrics
     from dpa_rag.reranker.evaluation import PairEvaluator, classification_metrics
 

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 import torch
 
-from dpa_rag.reranker.loss_names import LOSS_NAMES
+from dpa_rag.reranker.losses.registry import LOSS_NAMES
 
 HERE = Path(__file__).resolve()
 LOSSES = list(LOSS_NAMES)
@@ -201,7 +201,7 @@ def test_mgda_under_zero3_fails_up_front(tiny_bert_dir: Path, tmp_path: Path, mo
 
 def test_encode_pairs_reads_the_config_through_a_wrapper(tiny_bert_dir: Path) -> None:
     """Chunked forwards read ``model.config``: a data-parallel wrapper has none (the DDP bug of issue 15)."""
-    from dpa_rag.data.authors import RerankerTrainRecord
+    from dpa_rag.data.reranker_records import RerankerTrainRecord
     from dpa_rag.reranker.data import FusedCollator
     from dpa_rag.reranker.model import encode_pairs, load_reranker_model, unwrap_model
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from dpa_rag.data.authors import load_reranker_train
+from dpa_rag.data.reranker_records import load_reranker_train
 from dpa_rag.reranker.data import FusedCollator
 from dpa_rag.reranker.model import load_reranker_model
 from dpa_rag.reranker.step import build_losses, compute_losses
@@ -185,7 +185,7 @@ def test_resume_gives_same_next_step_loss(tiny_bert_dir, authors, run_dir, weigh
 
 
 def test_relevance_warmup_and_retrieval_report(tiny_bert_dir, authors, run_dir):
-    from dpa_rag.data.authors import load_reranker_pairs
+    from dpa_rag.data.reranker_records import load_reranker_pairs
     from dpa_rag.io import write_jsonl
     from dpa_rag.reranker.config import TrainRerankerConfig
     from dpa_rag.reranker.train import run as train_reranker

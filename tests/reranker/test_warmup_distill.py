@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpa_rag.data.authors import RerankerTrainRecord
+from dpa_rag.data.reranker_records import RerankerTrainRecord
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.io import write_jsonl
 

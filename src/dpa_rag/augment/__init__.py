@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dpa_rag.augment.augment import AugmentConfig, augment_questions, augmented_to_questions, rewrite_id
 from dpa_rag.augment.augment import run as run_augment
-from dpa_rag.augment.filter import FilterConfig, filter_records, load_augmented
+from dpa_rag.augment.filter import FilterConfig, filter_records, load_augmentation_records
 from dpa_rag.augment.filter import run as run_filter
 from dpa_rag.augment.inherit import group_split, inherit_preferences, inherit_retrieval
 from dpa_rag.augment.parser import ParsedRewrite, parse_rewrite
@@ -24,7 +24,7 @@ __all__ = [
     "group_split",
     "inherit_preferences",
     "inherit_retrieval",
-    "load_augmented",
+    "load_augmentation_records",
     "load_templates",
     "parse_rewrite",
     "rewrite_id",

@@ -34,7 +34,7 @@ from dpa_rag.stage import ChunkLog, StageOutputs, resume_state, stage_recorder
 
 __all__ = [
     "DEFAULT_NLI_MODEL", "REPORT_JSON", "REPORT_MD", "Config", "FilterConfig", "FilterOutputs", "Outputs",
-    "filter_records", "load_augmented", "render_report", "run", "score_chunked",
+    "filter_records", "load_augmentation_records", "render_report", "run", "score_chunked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ Config = FilterConfig
 Outputs = FilterOutputs
 
 
-def load_augmented(path: str | Path) -> list[dict[str, Any]]:
+def load_augmentation_records(path: str | Path) -> list[dict[str, Any]]:
     """Read augmentation records, validating them; the authors' bare format gets ids and placeholder strategies.
 
     Entries of ``back_instruction`` that are not non-empty strings are kept with strategy ``invalid`` marks so the
@@ -176,7 +176,7 @@ def filter_records(
 
     Args:
         cfg: the filter configuration (backend and rules).
-        records: augmentation records from :func:`load_augmented`.
+        records: augmentation records from :func:`load_augmentation_records`.
         scores: precomputed scores, one per valid rewrite in record order (tests); computed when ``None``.
     """
     pairs = _pairs(records)
@@ -291,7 +291,7 @@ def render_report(report: dict[str, Any]) -> str:
 def run(cfg: FilterConfig) -> FilterOutputs:
     """Run the filter stage."""
     out_dir = Path(cfg.out_dir)
-    records = load_augmented(cfg.input)
+    records = load_augmentation_records(cfg.input)
     rec = stage_recorder("filter", cfg, out_dir, inputs=[cfg.input])
     with rec.timer("score"):
         scores, log = score_chunked(cfg, records, out_dir)

@@ -102,6 +102,25 @@ def _switch_command(flag_values: dict[str, str]) -> type[TyperCommand]:
     return SwitchCommand
 
 
+def _option_fields(config_cls: type[StageConfig]) -> list[tuple[str, FieldInfo]]:
+    """``(option name, field)`` for every command-line option of ``config_cls``: its fields, the fields of a nested
+    section under their flat names (a field whose type has ``flat_keys()``, e.g. ``warmup.lr`` as ``warmup_lr``;
+    the config folds flat keys into the section), and extra options it declares in ``cli_options`` (aliases it
+    folds itself: ``{name: {"description": ..., "cli": [...], "flag_value": ...}}``)."""
+    out: list[tuple[str, FieldInfo]] = []
+    for fname, field in config_cls.model_fields.items():
+        section = field.annotation if isinstance(field.annotation, type) else None
+        if section is not None and hasattr(section, "flat_keys"):
+            out += [(flat, section.model_fields[sub]) for flat, sub in section.flat_keys().items()]
+        else:
+            out.append((fname, field))
+    for fname, spec in getattr(config_cls, "cli_options", {}).items():
+        extra = {k: v for k, v in spec.items() if k != "description"}
+        out.append((fname, FieldInfo(annotation=Optional[str], default=None,  # noqa: UP045
+                                     description=spec.get("description"), json_schema_extra=extra)))
+    return out
+
+
 def add_stage_command(
     app: typer.Typer,
     name: str,
@@ -122,7 +141,7 @@ def add_stage_command(
     field_names: list[str] = []
     yaml_only: list[str] = []
     flag_values: dict[str, str] = {}
-    for fname, field in config_cls.model_fields.items():
+    for fname, field in _option_fields(config_cls):
         cli_type, note = _cli_type(field.annotation)
         if cli_type is None:
             yaml_only.append(fname)
@@ -131,7 +150,7 @@ def add_stage_command(
         extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
         aliases = list(extra.get("cli", []))
         decls = [f"{flag}/--no-{fname.replace('_', '-')}"] if cli_type is bool else [flag]
-        decls += aliases
+        decls += [a for a in aliases if a != flag]
         if "flag_value" in extra:
             flag_values.update({d: str(extra["flag_value"]) for d in [flag, *aliases]})
         help_text = " ".join(x for x in (field.description or "", note, _default_text(field)) if x)

@@ -1,13 +1,12 @@
-"""Evaluation: pure answer/ranking metrics, prediction-file evaluation, paired bootstrap comparisons, reports."""
+"""Evaluation: pure answer/ranking metrics, prediction-file evaluation, paired bootstrap comparisons, reports.
+
+The names below are imported on first use, so ``import dpa_rag.eval.metrics`` (the pure metrics, on the bottom
+layer) does not load the ``evaluate`` stage.
+"""
 
 from __future__ import annotations
 
-from dpa_rag.eval.bootstrap import paired_bootstrap
-from dpa_rag.eval.evaluate import EvaluateConfig, evaluate_predictions, load_predictions
-from dpa_rag.eval.metrics import exact_match, f1, hit, hit_word, normalize_answer, score_answer
-from dpa_rag.eval.paired import paired_markdown, paired_table, question_scores
-from dpa_rag.eval.ranking import canonical_metric, ranking_metrics
-from dpa_rag.eval.report import bar_plot, markdown_table, write_report
+from typing import Any
 
 __all__ = [
     "EvaluateConfig",
@@ -29,3 +28,23 @@ __all__ = [
     "score_answer",
     "write_report",
 ]
+
+_WHERE = {
+    "paired_bootstrap": "dpa_rag.eval.bootstrap",
+    "EvaluateConfig": "dpa_rag.eval.evaluate",
+    "evaluate_predictions": "dpa_rag.eval.evaluate",
+    "load_predictions": "dpa_rag.eval.evaluate",
+    **dict.fromkeys(("exact_match", "f1", "hit", "hit_word", "normalize_answer", "score_answer"),
+                    "dpa_rag.eval.metrics"),
+    **dict.fromkeys(("paired_markdown", "paired_table", "question_scores"), "dpa_rag.eval.paired"),
+    **dict.fromkeys(("canonical_metric", "ranking_metrics"), "dpa_rag.eval.ranking"),
+    **dict.fromkeys(("bar_plot", "markdown_table", "write_report"), "dpa_rag.eval.report"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module 'dpa_rag.eval' has no attribute {name!r}")

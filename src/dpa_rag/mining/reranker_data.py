@@ -35,7 +35,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 
 from dpa_rag.config import StageConfig
-from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
+from dpa_rag.data.reranker_records import load_reranker_pairs, load_reranker_train
 from dpa_rag.data.schema import Preference, Probe
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.mining.common import (
@@ -382,27 +382,28 @@ def run(cfg: RerankerDataConfig) -> RerankerDataOutputs:
         chosen = [p for p in parts[split] if p.id not in aug_ids]
         lists[split] = [r for r in (build_list_record(p) for p in chosen) if r is not None]
 
-    write_jsonl(out_dir / "train.jsonl", train)
+    out = RerankerDataOutputs.at(out_dir)
+    write_jsonl(out.train, train)
     for split in ("valid", "test"):
-        write_jsonl(out_dir / f"{split}.jsonl", pairs[split])
+        write_jsonl(getattr(out, split), pairs[split])
     list_outputs = []
     if graded:
         for split in ("valid", "test"):
-            write_jsonl(out_dir / f"{split}_lists.jsonl", lists[split])
-            list_outputs.append(f"{split}_lists.jsonl")
+            write_jsonl(getattr(out, f"{split}_lists"), lists[split])
+            list_outputs.append(RerankerDataOutputs.FILES[f"{split}_lists"])
     # self-check: what we wrote loads with the authors' field names
     if train:
-        load_reranker_train(out_dir / "train.jsonl")
+        load_reranker_train(out.train)
     for split in ("valid", "test"):
         if pairs[split]:
-            load_reranker_pairs(out_dir / f"{split}.jsonl")
+            load_reranker_pairs(getattr(out, split))
         else:
             logger.warning("%s.jsonl is empty (no aligned/unaligned pairs among its questions)", split)
     if not train:
         logger.warning("train.jsonl is empty: no train question has both an aligned and an unaligned passage")
 
     write_json(
-        out_dir / "splits.json",
+        out.splits,
         {
             "seed": cfg.seed,
             "fractions": {"train": cfg.train_fraction, "valid": cfg.valid_fraction, "test": cfg.test_fraction},
@@ -442,13 +443,13 @@ def run(cfg: RerankerDataConfig) -> RerankerDataOutputs:
             for s in ("valid", "test")
         },
     }
-    write_json(out_dir / "stats.json", stats)
+    write_json(out.stats, stats)
     rec.finish(
-        outputs=["train.jsonl", "valid.jsonl", "test.jsonl", "splits.json", "stats.json", *list_outputs],
+        outputs=[TRAIN_FILE, VALID_FILE, TEST_FILE, SPLITS_FILE, STATS_FILE, *list_outputs],
         train=len(train),
         valid=len(pairs["valid"]),
         test=len(pairs["test"]),
     )
     logger.info("reranker data: %d train records, %d/%d valid/test pairs → %s",
                 len(train), len(pairs["valid"]), len(pairs["test"]), out_dir)
-    return RerankerDataOutputs.at(out_dir)
+    return out

@@ -56,6 +56,17 @@ def _strings(value: Any, key: str) -> Iterator[tuple[str, str]]:
             yield from _strings(v, key)
 
 
+def _flat_items(stage_cfg: BaseModel) -> Iterator[tuple[str, Any]]:
+    """A config's values by key; a nested section's (``ConfigSection``: it has ``flat_keys()``) under their flat keys
+    (``warmup.retrieval`` as ``warmup_retrieval``), so the input checks below see the same keys either way."""
+    for key, value in stage_cfg.model_dump(mode="json").items():
+        section = getattr(type(stage_cfg).model_fields.get(key), "annotation", None)
+        if isinstance(value, dict) and hasattr(section, "flat_keys"):
+            yield from ((flat, value[name]) for flat, name in section.flat_keys().items())
+        else:
+            yield key, value
+
+
 def _norm(path: str | Path) -> str:
     return os.path.normpath(os.path.abspath(path))
 
@@ -93,7 +104,7 @@ def check_steps(steps: Sequence[Step], run_dir: Path) -> CheckReport:
     owners = sorted(((_norm(p), n) for n, p in folders.items()), key=lambda x: -len(x[0]))
     for name, stage_cfg in configs.items():
         reads: list[str] = []
-        for key, value in stage_cfg.model_dump(mode="json").items():
+        for key, value in _flat_items(stage_cfg):
             if key in _NOT_READ or value is None:
                 continue
             for _, text in _strings(value, key):

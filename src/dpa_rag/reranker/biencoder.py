@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpa_rag.data.authors import RerankerTrainRecord
+from dpa_rag.data.reranker_records import RerankerTrainRecord
 
 __all__ = [
     "BIENCODER_FILE",
@@ -42,13 +42,13 @@ __all__ = [
     "is_biencoder_folder",
     "is_embedding_model",
     "load_biencoder",
-    "resolve_kind",
+    "score_bi",
+    "unwrap_biencoder",
 ]
 
 logger = logging.getLogger(__name__)
 
 BIENCODER_FILE = "dpa_rag_reranker.json"
-KINDS = ("auto", "cross-encoder", "bi-encoder")
 
 
 class _Config:
@@ -79,8 +79,6 @@ class BiEncoderReranker(nn.Module):
         bias: initial ``b`` (default ``-s/2``: a cosine of 0.5 is the point-wise decision boundary).
         learn_scale: train ``s`` (else fixed).
     """
-
-    is_bi_encoder = True
 
     def __init__(self, st: Any, scale: float = 20.0, bias: float | None = None, learn_scale: bool = True) -> None:
         super().__init__()
@@ -146,35 +144,6 @@ def is_embedding_model(path: str | Path) -> bool:
         return False
     archs = _read_json(p / "config.json").get("architectures") or []
     return not any(str(a).endswith("ForSequenceClassification") for a in archs)
-
-
-def resolve_kind(backbone: str, kind: str = "auto") -> str:
-    """``cross-encoder`` or ``bi-encoder`` for ``backbone`` (alias, hub id or folder).
-
-    ``auto``: a bi-encoder for embedding models (a sentence-transformers folder without a classification head, e.g.
-    the bundled MiniLM, or a folder saved as a bi-encoder reranker), a cross-encoder for everything else
-    (bge-reranker, ms-marco cross-encoders, plain encoders such as bert-base: the paper's choice). A hub id is looked
-    up in the local hub cache only (no download); if it is not there, ``auto`` means cross-encoder.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"reranker kind must be one of {', '.join(KINDS)}; got {kind!r}")
-    if kind != "auto":
-        return kind
-    from dpa_rag.models import resolve_encoder
-
-    path = Path(resolve_encoder(backbone))
-    if path.is_dir():
-        return "bi-encoder" if is_biencoder_folder(path) or is_embedding_model(path) else "cross-encoder"
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        modules = try_to_load_from_cache(str(backbone), "modules.json")
-        config = try_to_load_from_cache(str(backbone), "config.json")
-    except Exception:  # noqa: BLE001 - an unusual id: fall back to the paper's default
-        return "cross-encoder"
-    if isinstance(modules, str) and isinstance(config, str):
-        return "bi-encoder" if is_embedding_model(Path(modules).parent) else "cross-encoder"
-    return "cross-encoder"
 
 
 def load_biencoder(path: str, device: str | None = None, max_length: int | None = None) -> BiEncoderReranker:
@@ -253,34 +222,25 @@ class BiEncoderCollator:
         self.grouped = grouped
 
     def __call__(self, records: Sequence[RerankerTrainRecord]) -> dict[str, Any]:
-        from dpa_rag.reranker.data import _index_matrix
-
         if not records:
             raise ValueError("BiEncoderCollator got an empty batch")
-        pairs, layout = self._layout._texts(records)
+        rows, plans = self._layout.rows(records)
+        pairs = rows.texts
         strings = list(dict.fromkeys([q for q, _ in pairs] + [d for _, d in pairs if d is not None]))
         where = {s: i for i, s in enumerate(strings)}
         batch, row_of = tokenize_texts(self.tokenizer, strings, self.max_length)
         out: dict[str, Any] = {f"text_{k}": v for k, v in batch.items()}
         out["pair_query"] = torch.tensor([row_of[where[q]] for q, _ in pairs], dtype=torch.long)
         out["pair_doc"] = torch.tensor([row_of[where[d]] if d is not None else -1 for _, d in pairs], dtype=torch.long)
-        if "point" in layout:
-            out["point_idx"] = torch.tensor(layout["point"], dtype=torch.long)
-            out["point_labels"] = torch.tensor(layout["labels"], dtype=torch.long)
-        if "rank" in layout:
-            out["rank_idx"], out["rank_mask"] = _index_matrix(layout["rank"])
-        if "con" in layout:
-            out["con_idx"], out["con_mask"] = _index_matrix(layout["con"])
-            out["con_labels"], _ = _index_matrix(layout["con_labels"])
-        if "query" in layout:
-            out["query_idx"] = torch.tensor(layout["query"], dtype=torch.long)
-        out["group_bounds"] = [list(v) for v in layout["bounds"].values()]
+        out.update(self._layout.index_tensors(plans, range(len(pairs))))  # pair rows stay in layout order
+        out["group_bounds"] = [list(b) for b in rows.bounds]
         out["grouped"] = self.grouped
         out["n_pairs"] = len(pairs)
         return out
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
+def unwrap_biencoder(model: nn.Module) -> nn.Module:
+    """The model inside data-parallel wrappers (``.module``), up to a :class:`BiEncoderReranker`."""
     while hasattr(model, "module") and not isinstance(model, BiEncoderReranker):
         model = model.module
     return model
@@ -296,7 +256,7 @@ def encode_bi(model: nn.Module, batch: dict[str, Any], chunk_size: int | None = 
     """
     from dpa_rag.reranker.model import EncodeOutput
 
-    core = _unwrap(model)
+    core = unwrap_biencoder(model)
     q_idx, d_idx = batch["pair_query"], batch["pair_doc"]
     start, end = rows if rows is not None else (0, int(q_idx.shape[0]))
     q_idx, d_idx = q_idx[start:end], d_idx[start:end]

@@ -9,14 +9,15 @@ option name. ``--cls_loss/--rank_loss/--scl_loss`` switch the point/pair/contras
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
 
-from dpa_rag.config import DeviceOption, Runtime, StageConfig
+from dpa_rag.config import ConfigSection, DeviceOption, Runtime, StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field
 from dpa_rag.models import DEFAULT_ENCODER
-from dpa_rag.reranker.loss_names import LOSS_NAMES
+from dpa_rag.reranker.kinds import kind_names
+from dpa_rag.reranker.losses.registry import align_loss_names, authors_flags, default_losses
 
 __all__ = ["RerankConfig", "TrainRerankerConfig", "apply_gpu_flag", "parse_bool", "parse_loss_weights"]
 
@@ -36,6 +37,13 @@ def parse_bool(value: str | bool, name: str = "value") -> bool:
     raise ValueError(f"{name}: expected True or False, got {value!r}")
 
 
+def check_kind(value: str) -> str:
+    """``auto`` or a registered reranker kind (:mod:`dpa_rag.reranker.kinds`)."""
+    if value != "auto" and value not in kind_names():
+        raise ValueError(f"reranker kind must be one of auto, {', '.join(kind_names())}; got {value!r}")
+    return value
+
+
 def parse_loss_weights(text: str) -> dict[str, float]:
     """``"point=1,pair=0.5,contrastive=0.5"`` → ``{"point": 1.0, ...}``."""
     out: dict[str, float] = {}
@@ -49,8 +57,151 @@ def parse_loss_weights(text: str) -> dict[str, float]:
     return out
 
 
+class AlignmentSection(ConfigSection):
+    """Preference alignment: which losses, how they are weighted, the contrastive loss's settings. The authors'
+    ``--cls_loss/--rank_loss/--scl_loss`` switches are accepted aliases that edit ``losses``."""
+
+    losses: list[str] = Field(
+        default_factory=default_losses,
+        description=f"Losses: {', '.join(align_loss_names())} (comma-separated or repeated; registered in "
+        "reranker/losses/registry.py).",
+    )
+    weighting: Literal["mgda", "mgda-ub", "equal", "fixed"] = Field("mgda", description="Loss weighting strategy.")
+    loss_weights: str | None = Field(None, description="Weights for --weighting fixed, e.g. point=1,pair=0.5.")
+    contrastive_anchor: Literal["pairs", "query"] = Field(
+        "pairs", description="Contrastive anchors: every pair representation (authors' code) or the query alone."
+    )
+    temperature: float = Field(0.07, gt=0, description="Contrastive temperature τ (= τ_base).")
+
+    @field_validator("losses", mode="before")
+    @classmethod
+    def _split_losses(cls, v: object) -> object:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, list):
+            out: list[str] = []
+            for item in v:
+                out += [x for x in str(item).replace(",", " ").split() if x]
+            bad = [x for x in out if x not in align_loss_names()]
+            if bad:
+                raise ValueError(f"unknown loss(es) {bad}; choose from {', '.join(align_loss_names())}")
+            return list(dict.fromkeys(out))
+        return v
+
+
+class WarmupSection(ConfigSection):
+    """The relevance warm-up before alignment (``reranker/warmup.py``); flat keys ``warmup_<name>``."""
+
+    flat_prefix: ClassVar[str] = "warmup_"
+
+    relevance: bool = Field(
+        True, description="Relevance warm-up before alignment (needs --warmup-retrieval; skipped otherwise)."
+    )
+    retrieval: str | None = Field(
+        None, description="Retrieval file (DPR-style, has_answer) of the training questions for the warm-up."
+    )
+    epochs: float = Field(1.0, gt=0, description="Epochs of the relevance warm-up.")
+    lr: float = Field(2e-5, gt=0, description="Learning rate of the relevance warm-up.")
+    negatives: int = Field(3, ge=1, description="Retrieved negatives per positive in the warm-up.")
+    target: Literal["auto", "has-answer", "bi-encoder", "bm25"] = Field(
+        "auto",
+        description="What the cross-encoder's warm-up learns: has-answer = answer-bearing vs other passages of the "
+        "reranker training questions (listwise CE); bi-encoder / bm25 = distilled, label-free: the teacher's order "
+        "over every --warmup-retrieval list (listwise KL to softmax(teacher / --warmup-temperature); held-out "
+        "--eval-retrieval questions excluded). auto = bi-encoder for an embedding backbone (e.g. the bundled "
+        "MiniLM, or when --warmup-teacher is set), has-answer otherwise.",
+    )
+    teacher: str | None = Field(
+        None, description="Distilled warm-up with bi-encoder: the teacher (sentence-transformers model: alias, hub "
+        "id or folder; default: the backbone itself loaded as a bi-encoder).",
+    )
+    temperature: float | None = Field(
+        None, gt=0, description="Distilled warm-up: teacher temperature T (default 0.05 for the bi-encoder's "
+        "cosine, 1.0 for BM25 scores standardised within each list).",
+    )
+    list_size: int = Field(
+        8, ge=2, description="Distilled warm-up: passages per list (the teacher's top half + random others).",
+    )
+
+
+class HeldOutSection(ConfigSection):
+    """Held-out reports (answer ranking of ``eval_retrieval``'s held-out questions, utility lists) and the
+    retriever-fusion weight chosen on them."""
+
+    eval_retrieval: str | None = Field(
+        None,
+        description="Retrieval file of held-out questions (training questions in it are dropped): report MRR/hit@k "
+        "vs the retriever order and the backbone, and choose the retriever-fusion weight.",
+    )
+    utility_valid: str | None = Field(
+        None,
+        description="Held-out lists with the reader's gains (build-reranker-data valid_lists.jsonl): scored at every "
+        "evaluation (utility_ndcg@k, utility_mrr_aligned, utility_top1_gain; pick one with "
+        "--metric-for-best-model).",
+    )
+    utility_test: str | None = Field(
+        None,
+        description="Held-out lists for the utility report (test_lists.jsonl; default: --utility-valid): retriever "
+        "order, oracle, untrained model and the aligned reranker → utility_metrics.json and the model card.",
+    )
+    retriever_fusion: bool = Field(
+        True,
+        description="Choose a weight for blending the reranker score with the retriever rank on --eval-retrieval "
+        "(0 = retriever order ... 1 = reranker), saved with the model and used by rerank/answer.",
+    )
+
+
+SECTIONS: dict[str, type[ConfigSection]] = {"alignment": AlignmentSection, "warmup": WarmupSection,
+                                            "held_out": HeldOutSection}
+
+
+def _authors_cli_options() -> dict[str, dict[str, Any]]:
+    """The authors' loss switches as command-line options (not fields: aliases that edit ``alignment.losses``)."""
+    return {flag: {"description": f"Authors' flag (bare or True/False) switches the {name} loss.",
+                   "cli": [f"--{flag}"], "flag_value": "True"} for flag, name in authors_flags().items()}
+
+
+def _fold(data: dict[str, Any]) -> dict[str, Any]:
+    """Flat keys into their sections (flat wins over a nested value given with it), then the authors' switches into
+    ``alignment.losses``: their script trains only the losses whose switch is given (``store_true``), so with a
+    switch and no ``losses`` the list starts empty; with ``losses``, the switches add or remove single losses."""
+    data = dict(data)
+    for key, section in SECTIONS.items():
+        flat = section.flat_keys()
+        moved = {flat[k]: data.pop(k) for k in list(data) if k in flat}
+        if moved:
+            base = data.get(key) or {}
+            base = base.model_dump() if isinstance(base, BaseModel) else dict(base)
+            data[key] = {**base, **moved}
+    switches = {f: data.pop(f) for f in list(authors_flags()) if f in data and data[f] is not None}
+    for f in authors_flags():
+        data.pop(f, None)
+    if switches:
+        align = data.get("alignment") or {}
+        align = align.model_dump() if isinstance(align, BaseModel) else dict(align)
+        given = AlignmentSection._split_losses(align["losses"]) if "losses" in align else []
+        chosen = list(given)
+        for flag, name in authors_flags().items():
+            if flag in switches:
+                on = parse_bool(switches[flag], f"--{flag}")
+                if on and name not in chosen:
+                    chosen.append(name)
+                elif not on and name in chosen:
+                    chosen.remove(name)
+        data["alignment"] = {**align, "losses": chosen}
+    return data
+
+
 class TrainRerankerConfig(DeviceOption, StageConfig):
-    """``dpa-rag train-reranker``: align a cross-encoder with the reader's preferences (method.md §6)."""
+    """``dpa-rag train-reranker``: align a reranker with the reader's preferences (method.md §6).
+
+    Top level: the files, the model, and the ``TrainingArguments`` fields (same names, passed on by
+    :mod:`dpa_rag.reranker.training_args`); sections ``alignment``, ``warmup`` and ``held_out``, whose keys are also
+    accepted flat (``losses``, ``warmup_lr``, ``eval_retrieval``: every older key and flag works); the authors'
+    ``cls_loss/rank_loss/scl_loss`` switches are accepted aliases that edit ``alignment.losses``.
+    """
+
+    cli_options: ClassVar[dict[str, dict[str, Any]]] = _authors_cli_options()
 
     result_neutral: ClassVar[frozenset[str]] = frozenset({"per_device_eval_batch_size", "gpu"})
 
@@ -71,26 +222,15 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
         None, description="TensorBoard folder (default: OUT_DIR/tensorboard).",
         json_schema_extra={"cli": ["--tensorboard_log_dir"]},
     )
-    cls_loss: str | None = Field(None, description="Authors' flag (bare or True/False) switches the point-wise loss.",
-                                 json_schema_extra={"cli": ["--cls_loss"], "flag_value": "True"})
-    rank_loss: str | None = Field(None, description="Authors' flag (bare or True/False) switches the pair-wise loss.",
-                                  json_schema_extra={"cli": ["--rank_loss"], "flag_value": "True"})
-    scl_loss: str | None = Field(None, description="Authors' flag (bare or True/False) switches the contrastive loss.",
-                                 json_schema_extra={"cli": ["--scl_loss"], "flag_value": "True"})
-    losses: list[str] = Field(
-        default_factory=lambda: list(LOSS_NAMES),
-        description=f"Losses: {', '.join(LOSS_NAMES)} (comma-separated or repeated).",
-    )
-    weighting: Literal["mgda", "mgda-ub", "equal", "fixed"] = Field("mgda", description="Loss weighting strategy.")
-    loss_weights: str | None = Field(None, description="Weights for --weighting fixed, e.g. point=1,pair=0.5.")
     backbone: str = Field(
         DEFAULT_ENCODER, description="Encoder: bundled alias, hub id or folder.",
         json_schema_extra={"cli": ["--pretrained_model_path"]},
     )
-    kind: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
+    kind: str = Field(
         "auto",
-        description="Reranker kind: auto = bi-encoder (scaled cosine, starts at the dense retriever's quality) for "
-        "sentence-transformers embedding backbones such as the bundled MiniLM, cross-encoder for everything else "
+        description=f"Reranker kind: auto, {', '.join(kind_names())}. auto = bi-encoder (scaled cosine, starts at "
+        "the dense retriever's quality) for sentence-transformers embedding backbones such as the bundled MiniLM, "
+        "cross-encoder for everything else "
         "(bge-reranker, ms-marco cross-encoders, plain encoders: the paper's choice).",
     )
     bi_scale: float = Field(20.0, gt=0, description="Bi-encoder: initial scale s of the cosine (learned).")
@@ -98,10 +238,6 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
         "single", description="single = 1 relevance logit (CrossEncoder-compatible); two-class = the authors' head."
     )
     score: Literal["prob", "z1"] = Field("prob", description="Two-class inference score: softmax(z)_1 or z_1.")
-    contrastive_anchor: Literal["pairs", "query"] = Field(
-        "pairs", description="Contrastive anchors: every pair representation (authors' code) or the query alone."
-    )
-    temperature: float = Field(0.07, gt=0, description="Contrastive temperature τ (= τ_base).")
     num_train_epochs: float = Field(
         10.0, gt=0, description="Training epochs.", validation_alias=AliasChoices("num_train_epochs", "epochs"),
         json_schema_extra={"cli": ["--epochs"]},
@@ -153,106 +289,28 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
         "GPUs). Same drop probability and scaling; nothing of it is saved with the model.",
     )
     resume_from_checkpoint: str | None = Field(None, description="Checkpoint folder to resume from ('last' = newest).")
-    warmup_relevance: bool = Field(
-        True, description="Relevance warm-up before alignment (needs --warmup-retrieval; skipped otherwise)."
-    )
-    warmup_retrieval: str | None = Field(
-        None, description="Retrieval file (DPR-style, has_answer) of the training questions for the warm-up."
-    )
-    warmup_epochs: float = Field(1.0, gt=0, description="Epochs of the relevance warm-up.")
-    warmup_lr: float = Field(2e-5, gt=0, description="Learning rate of the relevance warm-up.")
-    warmup_negatives: int = Field(3, ge=1, description="Retrieved negatives per positive in the warm-up.")
-    warmup_target: Literal["auto", "has-answer", "bi-encoder", "bm25"] = Field(
-        "auto",
-        description="What the cross-encoder's warm-up learns: has-answer = answer-bearing vs other passages of the "
-        "reranker training questions (listwise CE); bi-encoder / bm25 = distilled, label-free: the teacher's order "
-        "over every --warmup-retrieval list (listwise KL to softmax(teacher / --warmup-temperature); held-out "
-        "--eval-retrieval questions excluded). auto = bi-encoder for an embedding backbone (e.g. the bundled "
-        "MiniLM, or when --warmup-teacher is set), has-answer otherwise.",
-    )
-    warmup_teacher: str | None = Field(
-        None, description="Distilled warm-up with bi-encoder: the teacher (sentence-transformers model: alias, hub "
-        "id or folder; default: the backbone itself loaded as a bi-encoder).",
-    )
-    warmup_temperature: float | None = Field(
-        None, gt=0, description="Distilled warm-up: teacher temperature T (default 0.05 for the bi-encoder's "
-        "cosine, 1.0 for BM25 scores standardised within each list).",
-    )
-    warmup_list_size: int = Field(
-        8, ge=2, description="Distilled warm-up: passages per list (the teacher's top half + random others).",
-    )
-    eval_retrieval: str | None = Field(
-        None,
-        description="Retrieval file of held-out questions (training questions in it are dropped): report MRR/hit@k "
-        "vs the retriever order and the backbone, and choose the retriever-fusion weight.",
-    )
-    utility_valid: str | None = Field(
-        None,
-        description="Held-out lists with the reader's gains (build-reranker-data valid_lists.jsonl): scored at every "
-        "evaluation (utility_ndcg@k, utility_mrr_aligned, utility_top1_gain; pick one with "
-        "--metric-for-best-model).",
-    )
-    utility_test: str | None = Field(
-        None,
-        description="Held-out lists for the utility report (test_lists.jsonl; default: --utility-valid): retriever "
-        "order, oracle, untrained model and the aligned reranker → utility_metrics.json and the model card.",
-    )
-    retriever_fusion: bool = Field(
-        True,
-        description="Choose a weight for blending the reranker score with the retriever rank on --eval-retrieval "
-        "(0 = retriever order ... 1 = reranker), saved with the model and used by rerank/answer.",
-    )
+    alignment: AlignmentSection = Field(default_factory=AlignmentSection, description="Preference alignment.")
+    warmup: WarmupSection = Field(default_factory=WarmupSection, description="Relevance warm-up.")
+    held_out: HeldOutSection = Field(default_factory=HeldOutSection, description="Held-out reports and fusion.")
 
-    @field_validator("losses", mode="before")
-    @classmethod
-    def _split_losses(cls, v: object) -> object:
-        if isinstance(v, str):
-            v = [v]
-        if isinstance(v, list):
-            out: list[str] = []
-            for item in v:
-                out += [x for x in str(item).replace(",", " ").split() if x]
-            bad = [x for x in out if x not in LOSS_NAMES]
-            if bad:
-                raise ValueError(f"unknown loss(es) {bad}; choose from {', '.join(LOSS_NAMES)}")
-            return list(dict.fromkeys(out))
-        return v
-
-    @field_validator("cls_loss", "rank_loss", "scl_loss")
-    @classmethod
-    def _bool_string(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_bool(v)
-        return v
+    _kind = field_validator("kind")(classmethod(lambda cls, v: check_kind(v)))
 
     @model_validator(mode="before")
     @classmethod
-    def _authors_switches(cls, data: object) -> object:
-        """Their script trains only the losses whose switch is given (``store_true``): with any of the three flags
-        and no ``losses``, start from none, so ``--cls_loss --scl_loss`` trains point + contrastive."""
-        flags = {"cls_loss": "point", "rank_loss": "pair", "scl_loss": "contrastive"}
-        if isinstance(data, dict) and "losses" not in data and any(data.get(f) is not None for f in flags):
-            chosen = []
-            for flag, name in flags.items():
-                try:
-                    if data.get(flag) is not None and parse_bool(data[flag]):
-                        chosen.append(name)
-                except ValueError:
-                    pass  # reported by _bool_string
-            data = {**data, "losses": chosen}
-        return data
+    def _flat_keys(cls, data: object) -> object:
+        return _fold(data) if isinstance(data, dict) else data
+
+    def __getattr__(self, name: str) -> Any:
+        """The flat spelling of a section's field (``cfg.warmup_lr`` = ``cfg.warmup.lr``)."""
+        for key, section in SECTIONS.items():
+            field_name = section.flat_keys().get(name)
+            if field_name is not None:
+                return getattr(getattr(self, key), field_name)
+        return super().__getattr__(name)  # type: ignore[misc]
 
     def enabled_losses(self) -> list[str]:
-        """The losses to train: ``losses``, switched on/off by the authors' flags where given."""
-        chosen = list(self.losses)
-        for flag, name in ((self.cls_loss, "point"), (self.rank_loss, "pair"), (self.scl_loss, "contrastive")):
-            if flag is None:
-                continue
-            if parse_bool(flag) and name not in chosen:
-                chosen.append(name)
-            elif not parse_bool(flag) and name in chosen:
-                chosen.remove(name)
-        chosen = [x for x in LOSS_NAMES if x in chosen]
+        """The losses to train (``alignment.losses``, the authors' switches applied), in registration order."""
+        chosen = [x for x in align_loss_names() if x in self.alignment.losses]
         if not chosen:
             raise ValueError("no loss enabled (check --losses and --cls_loss/--rank_loss/--scl_loss)")
         return chosen
@@ -300,12 +358,14 @@ class RerankConfig(Runtime, StageConfig):
         "saved",
         description="Blend in the retriever rank: saved (weight chosen at training), off, or a reranker weight 0-1.",
     )
-    kind: Literal["auto", "cross-encoder", "bi-encoder"] = Field(
-        "auto", description="Reranker kind (auto: detected from the model folder)."
+    kind: str = Field(
+        "auto", description=f"Reranker kind: auto (detected from the model folder), {', '.join(kind_names())}."
     )
     records_per_chunk: int = Field(64, ge=1, description="Questions scored together (bounds memory).")
     dedupe_ids: bool = dedupe_ids_field()
     limit: int | None = Field(None, description="Only the first N questions.")
+
+    _kind = field_validator("kind")(classmethod(lambda cls, v: check_kind(v)))
 
     @field_validator("fusion", mode="before")
     @classmethod

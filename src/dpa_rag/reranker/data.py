@@ -4,7 +4,8 @@ One training step needs, per record, the classification pair, the rank-list pair
 (and, for the query-anchored contrastive variant, the query alone). :class:`FusedCollator` puts *all* of them in one
 tokenised batch so the encoder runs once (method.md §6.1 has four passes):
 
-1. pairs are laid out group-major (point, rank, positive, negative, query) and identical ``(query, passage)`` pairs
+1. every enabled loss adds its rows (:meth:`~dpa_rag.reranker.losses.base.RerankerLoss.add_rows`), group-major in
+   the registry's order (point; rank list; positives, negatives, query alone), and identical ``(query, passage)`` pairs
    are encoded once (``dedupe``; in the authors' data the classification passage is always ``positive[0]`` or
    ``negative[0]``);
 2. the tokenizer runs once (truncation ``longest_first``, ``max_length``), padding is dynamic;
@@ -24,34 +25,27 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from dpa_rag.data.authors import RerankerTrainRecord
+from dpa_rag.data.reranker_records import RerankerTrainRecord
 from dpa_rag.io import DataError
-from dpa_rag.reranker.losses import LOSS_NAMES
+from dpa_rag.reranker.losses.base import LossOptions, RowBuilder
+from dpa_rag.reranker.losses.registry import loss_classes
 
 __all__ = ["FusedCollator", "RerankerTrainDataset", "check_train_records"]
 
 logger = logging.getLogger(__name__)
 
-GROUPS = ("point", "rank", "positive", "negative", "query")
-
-
 def check_train_records(
-    records: Sequence[RerankerTrainRecord], losses: Sequence[str], source: str = "train data"
+    records: Sequence[RerankerTrainRecord], losses: Sequence[Any], source: str = "train data"
 ) -> list[RerankerTrainRecord]:
-    """Check that every record has what the enabled losses need; raise :class:`DataError` naming the record.
-
-    ``pair`` needs ≥ 2 ``rank_list`` passages; ``contrastive`` needs ≥ 1 positive and ≥ 1 negative.
-    """
+    """Check that every record has what the enabled losses need (each loss's ``check_record``); raise
+    :class:`DataError` naming the record (the pair-wise loss needs ≥ 2 ``rank_list`` passages, the contrastive one ≥ 1
+    positive and ≥ 1 negative)."""
+    classes = loss_classes(losses)
     for i, rec in enumerate(records, start=1):
-        if "pair" in losses and len(rec.rank_list) < 2:
-            raise DataError(
-                f"{source}: record {i}: the pair-wise loss needs ≥ 2 rank_list passages, got {len(rec.rank_list)}"
-            )
-        if "contrastive" in losses and (not rec.positive or not rec.negative):
-            raise DataError(
-                f"{source}: record {i}: the contrastive loss needs ≥ 1 positive and ≥ 1 negative, "
-                f"got {len(rec.positive)} and {len(rec.negative)}"
-            )
+        for cls in classes:
+            problem = cls.check_record(rec)
+            if problem:
+                raise DataError(f"{source}: record {i}: {problem}")
     return list(records)
 
 
@@ -76,22 +70,12 @@ def _pad(rows: list[list[int]], value: int) -> torch.Tensor:
     return out
 
 
-def _index_matrix(lists: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max((len(x) for x in lists), default=0)
-    idx = torch.zeros(len(lists), width, dtype=torch.long)
-    mask = torch.zeros(len(lists), width, dtype=torch.bool)
-    for i, x in enumerate(lists):
-        idx[i, : len(x)] = torch.tensor(x, dtype=torch.long)
-        mask[i, : len(x)] = True
-    return idx, mask
-
-
 class FusedCollator:
     """Collate records into one tokenised batch for all enabled losses.
 
     Args:
         tokenizer: the cross-encoder's tokenizer.
-        losses: enabled losses (``point``, ``pair``, ``contrastive``).
+        losses: enabled losses (registered names, e.g. ``point``, ``pair``, ``contrastive``, or loss classes).
         max_length: truncation length of a (query, passage) pair.
         query_anchor: also encode each query alone (query-anchored contrastive variant).
         sort: sort rows by token length (longest first).
@@ -115,50 +99,28 @@ class FusedCollator:
         dedupe: bool = True,
         pad_to_multiple_of: int | None = None,
     ) -> None:
-        unknown = set(losses) - set(LOSS_NAMES)
-        if unknown or not losses:
-            raise ValueError(f"losses must be a non-empty subset of {', '.join(LOSS_NAMES)}; got {list(losses)}")
+        self.loss_classes = loss_classes(losses)
         self.tokenizer = tokenizer
-        self.losses = tuple(losses)
+        self.losses = tuple(cls.name for cls in self.loss_classes)
         self.max_length = max_length
-        self.query_anchor = query_anchor and "contrastive" in losses
+        self.query_anchor = query_anchor
         self.sort = sort
         self.dedupe = dedupe
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def _texts(self, records: Sequence[RerankerTrainRecord]) -> tuple[list[tuple[str, str | None]], dict[str, Any]]:
-        """Group-major list of (text, pair) plus, per record, the positions of its loss inputs in that list."""
-        texts: list[tuple[str, str | None]] = []
-        seen: dict[tuple[str, str | None], int] = {}
+    def rows(self, records: Sequence[RerankerTrainRecord]) -> tuple[RowBuilder, dict[str, Any]]:
+        """Every enabled loss adds its rows (group-major, in registration order); returns the rows and each loss's
+        plan (:meth:`~dpa_rag.reranker.losses.base.RerankerLoss.add_rows`)."""
+        rows = RowBuilder(dedupe=self.dedupe, options=LossOptions(query_anchor=self.query_anchor))
+        plans = {cls.name: cls.add_rows(records, rows) for cls in self.loss_classes}
+        return rows, plans
 
-        def add(q: str, d: str | None) -> int:
-            key = (q, d)
-            if self.dedupe and key in seen:
-                return seen[key]
-            texts.append(key)
-            seen.setdefault(key, len(texts) - 1)
-            return len(texts) - 1
-
-        layout: dict[str, Any] = {"bounds": {}}
-        start = 0
-        if "point" in self.losses:
-            layout["point"] = [add(r.query, r.classification.text) for r in records]
-            layout["labels"] = [1 if r.classification.label == 1 else 0 for r in records]
-            layout["bounds"]["point"], start = (start, len(texts)), len(texts)
-        if "pair" in self.losses:
-            layout["rank"] = [[add(r.query, d) for d in r.rank_list] for r in records]
-            layout["bounds"]["rank"], start = (start, len(texts)), len(texts)
-        if "contrastive" in self.losses:
-            pos = [[add(r.query, d) for d in r.positive] for r in records]
-            layout["bounds"]["positive"], start = (start, len(texts)), len(texts)
-            neg = [[add(r.query, d) for d in r.negative] for r in records]
-            layout["bounds"]["negative"], start = (start, len(texts)), len(texts)
-            layout["con"] = [p + n for p, n in zip(pos, neg, strict=False)]
-            layout["con_labels"] = [[1] * len(p) + [0] * len(n) for p, n in zip(pos, neg, strict=False)]
-            if self.query_anchor:
-                layout["query"] = [add(r.query, None) for r in records]
-                layout["bounds"]["query"] = (start, len(texts))
-        return texts, layout
+    def index_tensors(self, plans: dict[str, Any], row_of: Sequence[int]) -> dict[str, Any]:
+        """Every loss's index tensors, row positions mapped to the batch's rows by ``row_of``."""
+        out: dict[str, Any] = {}
+        for cls in self.loss_classes:
+            out.update(cls.index_tensors(plans[cls.name], lambda xs: [row_of[i] for i in xs]))
+        return out
 
     def _tokenize(self, texts: list[tuple[str, str | None]]) -> list[dict[str, list[int]]]:
         feats: list[dict[str, list[int]] | None] = [None] * len(texts)
@@ -178,8 +140,8 @@ class FusedCollator:
     def __call__(self, records: Sequence[RerankerTrainRecord]) -> dict[str, Any]:
         if not records:
             raise ValueError("FusedCollator got an empty batch")
-        texts, layout = self._texts(records)
-        feats = self._tokenize(texts)
+        built, plans = self.rows(records)
+        feats = self._tokenize(built.texts)
         n = len(feats)
         order = list(range(n))
         if self.sort:
@@ -202,20 +164,8 @@ class FusedCollator:
                         fill = pad_id if k == "input_ids" else 0
                         batch[k] = torch.nn.functional.pad(batch[k], (0, extra), value=fill)
 
-        def remap(lists: list[list[int]]) -> list[list[int]]:
-            return [[row_of[i] for i in x] for x in lists]
-
-        if "point" in layout:
-            batch["point_idx"] = torch.tensor([row_of[i] for i in layout["point"]], dtype=torch.long)
-            batch["point_labels"] = torch.tensor(layout["labels"], dtype=torch.long)
-        if "rank" in layout:
-            batch["rank_idx"], batch["rank_mask"] = _index_matrix(remap(layout["rank"]))
-        if "con" in layout:
-            batch["con_idx"], batch["con_mask"] = _index_matrix(remap(layout["con"]))
-            batch["con_labels"], _ = _index_matrix(layout["con_labels"])
-        if "query" in layout:
-            batch["query_idx"] = torch.tensor([row_of[i] for i in layout["query"]], dtype=torch.long)
-        batch["group_bounds"] = [list(v) for v in layout["bounds"].values()]
+        batch.update(self.index_tensors(plans, row_of))
+        batch["group_bounds"] = [list(b) for b in built.bounds]
         batch["grouped"] = not self.sort and not self.dedupe  # group_bounds are valid: per-group passes possible
         batch["n_pairs"] = n
         return batch

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from dpa_rag.data.authors import RerankerPairRecord
+from dpa_rag.data.reranker_records import RerankerPairRecord
 from dpa_rag.eval.ranking import ranking_metrics
 from dpa_rag.reranker.inference import predict_logits, score_lists
 from dpa_rag.reranker.metrics import (

@@ -1,9 +1,10 @@
 """Reranker inference: score (query, passage) pairs fast, for rerank, evaluation and training alike.
 
 :func:`predict_logits` tokenises all pairs once, sorts them by token length (stable), runs length-bucketed batches
-under ``torch.inference_mode`` and returns the logits in input order (a bi-encoder's scores come from
-:func:`dpa_rag.reranker.biencoder.score_bi`). :func:`resolve_batch_size` and :func:`resolve_dtype` turn the
-``batch_size``/``dtype`` options into values. :mod:`dpa_rag.reranker.rerank` re-exports all three.
+under ``torch.inference_mode`` and returns the logits in input order (each kind scores its own way:
+:meth:`dpa_rag.reranker.kinds.base.RerankerKind.predict_logits`). :func:`resolve_batch_size` and
+:func:`resolve_dtype` turn the ``batch_size``/``dtype`` options into values. :mod:`dpa_rag.reranker.rerank`
+re-exports all three.
 
 :func:`score_pairs` turns the logits into the inference score (:func:`dpa_rag.reranker.model.inference_scores`, or a
 bi-encoder's cosine); :func:`score_lists` scores per-question passage lists in one call and splits the scores back
@@ -22,7 +23,7 @@ from torch import nn
 from dpa_rag.config import DTYPES, normalize_dtype
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.models import pick_dtype
-from dpa_rag.reranker.model import inference_scores
+from dpa_rag.reranker.kinds import kind_of_model
 
 __all__ = [
     "CPU_BATCH_SIZE",
@@ -65,11 +66,6 @@ def resolve_batch_size(batch_size: int | None, device: str | torch.device) -> in
     return CPU_BATCH_SIZE if torch.device(device).type == "cpu" else GPU_BATCH_SIZE
 
 
-def _pad(rows: list[list[int]], value: int, device: torch.device) -> torch.Tensor:
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [value] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
-
-
 def predict_logits(
     model: nn.Module,
     tokenizer: Any,
@@ -77,52 +73,15 @@ def predict_logits(
     batch_size: int | None = None,
     max_length: int = 512,
 ) -> torch.Tensor:
-    """Logits ``[N, num_labels]`` (float32, CPU) of ``(query, passage)`` pairs, in input order.
+    """Logits ``[N, num_labels]`` (float32, CPU) of ``(query, passage)`` pairs, in input order, by the model's kind
+    (:meth:`~dpa_rag.reranker.kinds.base.RerankerKind.predict_logits`).
 
     Identical pairs are scored once. The model is put in eval mode for the call and restored afterwards.
     ``batch_size``: pairs per forward (default: :func:`resolve_batch_size` for the model's device).
     """
-    if getattr(model, "is_bi_encoder", False):
-        from dpa_rag.reranker.biencoder import score_bi
-
-        return score_bi(model, [(str(q), str(d)) for q, d in pairs], resolve_batch_size(
-            batch_size, next(model.parameters()).device), max_length)
-    n_labels = int(model.config.num_labels)
-    if not pairs:
-        return torch.zeros(0, n_labels)
-    pairs = [(str(q), str(d)) for q, d in pairs]
-    unique = list(dict.fromkeys(pairs))
-    if len(unique) < len(pairs):  # identical pairs are scored once, so they tie exactly
-        where = {p: i for i, p in enumerate(unique)}
-        logits = predict_logits(model, tokenizer, unique, batch_size, max_length)
-        return logits[torch.tensor([where[p] for p in pairs], dtype=torch.long)]
-    device = next(model.parameters()).device
-    batch_size = resolve_batch_size(batch_size, device)
-    enc = tokenizer(
-        [q for q, _ in pairs], [d for _, d in pairs], truncation="longest_first", max_length=max_length
-    )
-    ids = enc["input_ids"]
-    types = enc.get("token_type_ids")
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # stable
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    out = torch.empty(len(ids), n_labels, dtype=torch.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                idx = order[start : start + batch_size]
-                batch = {
-                    "input_ids": _pad([ids[i] for i in idx], pad_id, device),
-                    "attention_mask": _pad([[1] * len(ids[i]) for i in idx], 0, device),
-                }
-                if types is not None:
-                    batch["token_type_ids"] = _pad([types[i] for i in idx], 0, device)
-                logits = model(**batch).logits
-                out[torch.tensor(idx)] = logits.float().cpu()
-    finally:
-        model.train(was_training)
-    return out
+    kind = kind_of_model(model)
+    batch_size = resolve_batch_size(batch_size, next(model.parameters()).device)
+    return kind.predict_logits(model, tokenizer, pairs, batch_size, max_length)
 
 
 def score_pairs(
@@ -139,12 +98,9 @@ def score_pairs(
     the logit; :func:`dpa_rag.reranker.model.inference_scores`), or ``cosine``: a bi-encoder's plain cosine
     similarity (what ``Reranker`` ranks a bi-encoder by; the same order as its logit).
     """
-    if score == "cosine":
-        from dpa_rag.reranker.biencoder import score_bi
-
-        batch = resolve_batch_size(batch_size, next(model.parameters()).device)
-        return score_bi(model, [(str(q), str(d)) for q, d in pairs], batch, max_length, cosine=True).tolist()
-    return inference_scores(predict_logits(model, tokenizer, pairs, batch_size, max_length), score).tolist()
+    kind = kind_of_model(model)
+    batch_size = resolve_batch_size(batch_size, next(model.parameters()).device)
+    return kind.score_pairs(model, tokenizer, pairs, batch_size, max_length, score)
 
 
 def split_scores(scores: Sequence[float], sizes: Sequence[int]) -> list[list[float]]:

@@ -37,39 +37,30 @@ def render_model_card(
     retrieval_report: dict[str, dict[str, float]] | None = None,
     warmup: dict[str, Any] | None = None,
     fusion: dict[str, Any] | None = None,
-    kind: str = "cross-encoder",
+    kind: str | None = None,
     utility_report: str | None = None,
 ) -> str:
     """Markdown model card: what the model is, how it was trained, how it scores, how to load it."""
-    card_cfg = {k: v for k, v in config.items() if v is not None}
-    bi = kind == "bi-encoder"
-    loader = (
-        'model = CrossEncoder("path/to/model")  # 1 logit; predict() applies a sigmoid\n'
-        if head == "single"
-        else 'model = CrossEncoder("path/to/model")  # 2 logits; aligned = index 1 (apply_softmax=True)\n'
-    )
-    if bi:
-        loader = ('model = SentenceTransformer("path/to/model")\n'
-                  'q, d = model.encode(["who wrote hamlet"]), model.encode(["Title: Hamlet Content: ..."])\n'
-                  "model.similarity(q, d)  # the reranker's score (cosine)\n")
+    from dpa_rag.reranker.kinds import DEFAULT_KIND, get_kind
+
+    kind = kind or DEFAULT_KIND
+    card_cfg = {k: {kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict) else v
+                for k, v in config.items() if v is not None}
+    own = get_kind(kind).card_fields(head)
     parts = [
-        "---\nlibrary_name: sentence-transformers\npipeline_tag: "
-        + ("sentence-similarity\ntags:\n- bi-encoder\n" if bi else "text-ranking\ntags:\n- cross-encoder\n")
-        + "- reranker\n- dpa-rag\n---\n",
+        f"---\nlibrary_name: sentence-transformers\npipeline_tag: {own['pipeline_tag']}\ntags:\n- {own['tag']}\n"
+        "- reranker\n- dpa-rag\n---\n",
         "# DPA-RAG aligned reranker\n",
-        ("A bi-encoder (sentence-transformers embedding model; score = cosine of query and passage embeddings) "
-         if bi else "A cross-encoder ")
+        own["description"]
         + "trained with `dpa-rag train-reranker` to rank passages by what the reader LLM can use "
         "(DPA-RAG, Dong et al., WWW 2025): point-wise, pair-wise and contrastive preference losses combined by a "
         "weighting strategy.\n",
-        f"- backbone: `{config.get('backbone')}`\n- kind: `{kind}`\n"
-        + ("" if bi else f"- head: `{head}` "
-           f"({'1 relevance logit' if head == 'single' else 'aligned/unaligned, label 1 = aligned'})\n") +
+        f"- backbone: `{config.get('backbone')}`\n- kind: `{kind}`\n" + own["head_line"] +
         f"- inference score: `{score}`\n- weighting: `{weighting.get('weighting')}`\n",
         "## Usage\n",
         "```python\nfrom dpa_rag.reranker import Reranker\n"
         'rr = Reranker("path/to/model")\nrr.score("who wrote hamlet", ["Title: Hamlet Content: ..."])\n\n'
-        f"from sentence_transformers import {'SentenceTransformer' if bi else 'CrossEncoder'}\n" + loader + "```\n",
+        f"from sentence_transformers import {own['st_class']}\n" + own["loader"] + "```\n",
         "Command line: `dpa-rag rerank --input retrieval.jsonl --model path/to/model --top-k 3`.\n",
         "## Losses\n",
         "```json\n" + json.dumps({"losses": losses, "weighting": weighting}, indent=2) + "\n```\n",

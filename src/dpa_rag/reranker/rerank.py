@@ -55,7 +55,7 @@ logger = logging.getLogger(__name__)
 
 
 class Reranker:
-    """A cross-encoder reranker for inference.
+    """A trained reranker of any kind (:mod:`dpa_rag.reranker.kinds`) for inference.
 
     Args:
         model_path: a folder written by ``dpa-rag train-reranker`` (``model/``), any ``CrossEncoder``-compatible
@@ -69,9 +69,9 @@ class Reranker:
         fusion: how :meth:`rerank` blends in the retriever's rank: ``saved`` (the weight chosen at training, if
             any; none = pure reranker), ``off`` (pure reranker) or a reranker weight in ``[0, 1]`` as a number
             or string (``0`` = retriever order).
-        kind: ``auto`` (see :func:`dpa_rag.reranker.biencoder.resolve_kind`: a bi-encoder for sentence-transformers
-            embedding models and folders saved as bi-encoder rerankers, else a cross-encoder), ``cross-encoder`` or
-            ``bi-encoder``.
+        kind: ``auto`` (see :func:`dpa_rag.reranker.kinds.resolve_kind`: a bi-encoder for sentence-transformers
+            embedding models and folders saved as bi-encoder rerankers, else a cross-encoder) or a registered kind
+            (``cross-encoder``, ``bi-encoder``; :mod:`dpa_rag.reranker.kinds`).
 
     Example:
         >>> rr = Reranker("runs/reranker/model")
@@ -89,38 +89,20 @@ class Reranker:
         fusion: str | float = "saved",
         kind: str = "auto",
     ) -> None:
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from dpa_rag.models import pick_device, resolve_encoder
-        from dpa_rag.reranker.biencoder import load_biencoder, resolve_kind
+        from dpa_rag.models import pick_device
+        from dpa_rag.reranker.kinds import get_kind, resolve_kind
 
         self.device = pick_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.kind = resolve_kind(model_path, kind)
         self.batch_size = resolve_batch_size(batch_size, self.device)
         self.max_length = max_length
-        if self.kind == "bi-encoder":
-            self.model = load_biencoder(model_path, device=self.device, max_length=max_length).to(self.dtype)
-            self.model.eval()
-            self.tokenizer = self.model.tokenizer
-            self.score_mode = "cosine"
-            saved = self.model.config.dpa_rag
-            self.fusion_alpha = resolve_alpha(fusion, saved.get("retriever_fusion"))
-            logger.info("reranker %s (bi-encoder) on %s (%s), retriever fusion %s", model_path, self.device,
-                        self.dtype, "off" if self.fusion_alpha is None else f"alpha={self.fusion_alpha:g}")
-            return
-        path = resolve_encoder(model_path)
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=self.dtype).to(self.device)
-        self.model.eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        n = int(self.model.config.num_labels)
-        if n not in (1, 2):
-            raise ValueError(f"{model_path}: a reranker needs 1 or 2 labels, the model has {n}")
-        saved = getattr(self.model.config, "dpa_rag", None) or {}
-        self.score_mode = score or saved.get("score") or ("logit" if n == 1 else "prob")
+        self.model, self.tokenizer, self.score_mode, saved = get_kind(self.kind).load(
+            model_path, self.device, self.dtype, max_length, score)
         self.fusion_alpha = resolve_alpha(fusion, saved.get("retriever_fusion"))
-        logger.info("reranker %s on %s (%s), score %s, retriever fusion %s", model_path, self.device, self.dtype,
-                    self.score_mode, "off" if self.fusion_alpha is None else f"alpha={self.fusion_alpha:g}")
+        logger.info("reranker %s (%s) on %s (%s), score %s, retriever fusion %s", model_path, self.kind,
+                    self.device, self.dtype, self.score_mode,
+                    "off" if self.fusion_alpha is None else f"alpha={self.fusion_alpha:g}")
 
     def score_pairs(self, pairs: Sequence[tuple[str, str]]) -> list[float]:
         """Scores of ``(query, passage)`` pairs, in input order (a bi-encoder's: the cosine similarity)."""

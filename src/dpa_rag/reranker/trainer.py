@@ -1,4 +1,5 @@
-"""The reranker trainer: ``transformers.Trainer`` with the fused three-loss step and a weighting strategy.
+"""The reranker trainer: ``transformers.Trainer`` with the fused multi-loss step and a weighting strategy (its
+``TrainingArguments`` come from :mod:`dpa_rag.reranker.training_args`).
 
 Riding the HF Trainer gives mixed precision, gradient accumulation, ``accelerate launch``/DeepSpeed, resume from a
 checkpoint, TensorBoard and best-checkpoint selection. What is ours:
@@ -40,9 +41,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback
 
-from dpa_rag.eval.ranking import canonical_metric
 from dpa_rag.reranker.evaluation import PairEvaluator
 from dpa_rag.reranker.model import shared_parameters
 from dpa_rag.reranker.step import compute_losses
@@ -53,7 +53,6 @@ __all__ = [
     "RerankerTrainer",
     "check_weighting_supported",
     "deepspeed_zero3_enabled",
-    "make_training_args",
     "mgda_direct_gradients",
 ]
 
@@ -108,77 +107,6 @@ def check_weighting_supported(weighting: Weighting, n_losses: int, accelerator: 
         )
 
 
-def make_training_args(
-    output_dir: str,
-    *,
-    num_train_epochs: float = 10.0,
-    per_device_train_batch_size: int = 4,
-    learning_rate: float = 1e-5,
-    lr_scheduler_type: str = "constant",
-    warmup_steps: int = 0,
-    gradient_accumulation_steps: int = 1,
-    max_steps: int | None = None,
-    bf16: bool = False,
-    seed: int = 42,
-    use_cpu: bool = False,
-    evaluate: bool = True,
-    eval_strategy: str = "epoch",
-    eval_steps: int = 500,
-    metric_for_best_model: str = "f1",
-    save_total_limit: int = 2,
-    logging_steps: int = 1,
-    tensorboard: bool = True,
-    max_grad_norm: float = 0.0,
-    save: bool = True,
-    seed_data: bool = True,
-) -> TrainingArguments:
-    """``TrainingArguments`` with the authors' optimiser (AdamW, eps 1e-6, weight decay 0, no clipping; §6.4), run by
-    torch's fused AdamW kernel (the same update; transformers' default on torch >= 2.8). The one builder of the
-    reranker's runs: the preference alignment and the relevance warm-up (``evaluate=False, save=False,
-    tensorboard=False, seed_data=False``).
-
-    Args:
-        metric_for_best_model: a validation metric (``f1``, ``hit@1``, ``utility_ndcg@3``, ...; older spellings such
-            as ``hit_at_1`` are mapped by :func:`dpa_rag.eval.ranking.canonical_metric`).
-        save: checkpoint on ``eval_strategy``'s schedule (``False``: never).
-        seed_data: shuffle the data with ``data_seed=seed`` (``False``: leave ``data_seed`` unset).
-    """
-    metric_for_best_model = canonical_metric(metric_for_best_model)
-    greater = not any(x in metric_for_best_model for x in ("loss", "error"))
-    return TrainingArguments(
-        output_dir=output_dir,
-        num_train_epochs=num_train_epochs,
-        max_steps=max_steps if max_steps else -1,
-        per_device_train_batch_size=per_device_train_batch_size,
-        gradient_accumulation_steps=gradient_accumulation_steps,
-        learning_rate=learning_rate,
-        lr_scheduler_type=lr_scheduler_type,
-        warmup_steps=warmup_steps,
-        optim="adamw_torch_fused",
-        adam_epsilon=1e-6,
-        weight_decay=0.0,
-        max_grad_norm=max_grad_norm,
-        bf16=bf16,
-        seed=seed,
-        data_seed=seed if seed_data else None,
-        use_cpu=use_cpu,
-        eval_strategy=eval_strategy if evaluate else "no",
-        eval_steps=eval_steps,
-        save_strategy=eval_strategy if save else "no",
-        save_steps=eval_steps,
-        save_total_limit=save_total_limit,
-        load_best_model_at_end=evaluate,
-        metric_for_best_model=metric_for_best_model if evaluate else None,
-        greater_is_better=greater if evaluate else None,
-        logging_strategy="steps",
-        logging_steps=logging_steps,
-        report_to=["tensorboard"] if tensorboard else [],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        disable_tqdm=True,
-    )
-
-
 def mgda_direct_gradients(
     model: nn.Module,
     losses: dict[str, torch.Tensor],
@@ -227,13 +155,15 @@ class LogCallback(TrainerCallback):
 
 
 class RerankerTrainer(Trainer):
-    """HF ``Trainer`` for the DPA-RAG reranker losses.
+    """HF ``Trainer`` for the reranker's losses: the one Trainer subclass (preference alignment and the relevance
+    warm-up).
 
     Args:
-        loss_modules: ``{"point": ..., "pair": ..., "contrastive": ...}`` (any non-empty subset).
+        loss_modules: loss objects by name (:func:`~dpa_rag.reranker.step.build_losses`; the warm-up: its one loss).
         weighting: the loss weighting strategy.
         evaluator: scores the validation pairs in :meth:`evaluate` (``None``: no evaluation).
         forward_chunk_size: rows per encoder forward (``None`` = one forward per step).
+        kind: the model's :class:`~dpa_rag.reranker.kinds.base.RerankerKind` (default: detected from the model).
         *args, **kwargs: passed to ``transformers.Trainer`` (``model``, ``args``, ``train_dataset``,
             ``data_collator``, ``processing_class`` = the tokenizer, ...).
     """
@@ -247,9 +177,11 @@ class RerankerTrainer(Trainer):
         weighting: Weighting,
         evaluator: PairEvaluator | None = None,
         forward_chunk_size: int | None = None,
+        kind: Any = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(*args, **kwargs)
+        self.kind = kind
         check_weighting_supported(weighting, len(loss_modules), self.accelerator)
         self.loss_modules = loss_modules
         self.weighting = weighting
@@ -269,7 +201,7 @@ class RerankerTrainer(Trainer):
     ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         separate = self.weighting.grouped_batches and bool(inputs.get("grouped", False))
         losses, out = compute_losses(
-            model, inputs, self.loss_modules, chunk_size=self.forward_chunk_size, separate=separate
+            model, inputs, self.loss_modules, chunk_size=self.forward_chunk_size, separate=separate, kind=self.kind
         )
         if model.training and len(losses) > 1 and self.weighting.needs is not None:
             params = None
@@ -320,7 +252,8 @@ class RerankerTrainer(Trainer):
         with self.compute_loss_context_manager():
             separate = bool(inputs.get("grouped", False))
             losses, _ = compute_losses(
-                model, inputs, self.loss_modules, chunk_size=self.forward_chunk_size, separate=separate
+                model, inputs, self.loss_modules, chunk_size=self.forward_chunk_size, separate=separate,
+                kind=self.kind,
             )
         scale = 1.0 / self.current_gradient_accumulation_steps
         weights = mgda_direct_gradients(self.accelerator.unwrap_model(model), losses, self.weighting, scale)

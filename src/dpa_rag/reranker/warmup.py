@@ -20,6 +20,10 @@ half plus a seeded random sample of the rest. Teachers:
   std 1; default ``T`` = 1). The file's own ``ctx.score`` is not used: it is whatever the retriever was (often
   dense), not BM25.
 
+The two losses are :class:`~dpa_rag.reranker.losses.relevance.RelevanceCELoss` and
+:class:`~dpa_rag.reranker.losses.distill.DistillKLLoss` (registered for their targets in
+:mod:`dpa_rag.reranker.losses.registry`), trained by the one :class:`~dpa_rag.reranker.trainer.RerankerTrainer`.
+
 Questions: every question of ``--warmup-retrieval`` (it holds the training split's retrieval), not only those with a
 reranker record, EXCEPT the held-out questions of ``--eval-retrieval`` (its questions that are not reranker
 training queries, the ones the ranking report is computed on): a question is used when it is a reranker training
@@ -35,25 +39,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-import torch.nn.functional as F
-from torch import nn
 from torch.utils.data import Dataset
-from transformers import Trainer
 
-from dpa_rag.data.authors import RerankerTrainRecord
+from dpa_rag.data.reranker_records import RerankerTrainRecord
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.eval.metrics import normalize_answer
-from dpa_rag.reranker.model import encode_pairs, ranking_scores
+from dpa_rag.reranker.losses.distill import DistillCollator, distill_kl_loss
+from dpa_rag.reranker.losses.relevance import WarmupCollator
 
 __all__ = [
     "DEFAULT_TEMPERATURE",
     "WARMUP_TARGETS",
     "DistillCollator",
     "DistillExample",
-    "DistillWarmupTrainer",
     "RelevanceExample",
-    "RelevanceWarmupTrainer",
     "WarmupCollator",
     "bi_encoder_teacher_scores",
     "bm25_teacher_scores",
@@ -116,50 +115,8 @@ class _Examples(Dataset):
         return self.examples[i]
 
 
-class WarmupCollator:
-    """Tokenise ``[positive, negatives...]`` pairs of each example in one batch (group lengths in ``sizes``)."""
-
-    def __init__(self, tokenizer: Any, max_length: int = 512) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    def __call__(self, examples: Sequence[RelevanceExample]) -> dict[str, Any]:
-        a, b, sizes = [], [], []
-        for ex in examples:
-            docs = [ex.positive, *ex.negatives]
-            a += [ex.query] * len(docs)
-            b += docs
-            sizes.append(len(docs))
-        enc = self.tokenizer(
-            a, b, truncation="longest_first", max_length=self.max_length, padding=True, return_tensors="pt"
-        )
-        return {**dict(enc), "sizes": sizes}
-
-
-class RelevanceWarmupTrainer(Trainer):
-    """``Trainer`` whose loss is listwise CE with the positive first in every group."""
-
-    loss_is_scaled_for_ga = False
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        out = encode_pairs(model, inputs)
-        scores = ranking_scores(out.logits).float()
-        losses, start = [], 0
-        for n in inputs["sizes"]:
-            losses.append(-F.log_softmax(scores[start : start + n], dim=0)[0])
-            start += n
-        loss = torch.stack(losses).mean()
-        return (loss, out) if return_outputs else loss
-
-
 def make_warmup_dataset(examples: Sequence[Any]) -> Dataset:
-    """Examples as a map-style dataset for :class:`RelevanceWarmupTrainer` or :class:`DistillWarmupTrainer`."""
+    """Examples as a map-style dataset for the warm-up's :class:`~dpa_rag.reranker.trainer.RerankerTrainer`."""
     return _Examples(examples)
 
 
@@ -177,9 +134,9 @@ def resolve_warmup_target(target: str, backbone: str, teacher: str | None = None
         return target
     if teacher:
         return "bi-encoder"
-    from dpa_rag.reranker.biencoder import resolve_kind
+    from dpa_rag.reranker.kinds import get_kind, resolve_kind
 
-    return "bi-encoder" if resolve_kind(backbone, "auto") == "bi-encoder" else "has-answer"
+    return "bi-encoder" if get_kind(resolve_kind(backbone, "auto")).embeds else "has-answer"
 
 
 def select_distill_questions(
@@ -292,57 +249,3 @@ def build_distill_examples(
             idx = sorted(top + rest)
         out.append(DistillExample(rec.question, [rec.ctxs[i].render() for i in idx], [float(sc[i]) for i in idx]))
     return out
-
-
-def distill_kl_loss(student: torch.Tensor, teacher: torch.Tensor, sizes: Sequence[int],
-                    temperature: float) -> torch.Tensor:
-    """Mean over lists of ``KL(softmax(teacher / T) || softmax(student))``; rows of consecutive lists of ``sizes``."""
-    losses, start = [], 0
-    for n in sizes:
-        s = F.log_softmax(student[start : start + n].float(), dim=0)
-        t = F.log_softmax(teacher[start : start + n].float() / temperature, dim=0)
-        losses.append(F.kl_div(s, t, log_target=True, reduction="sum"))
-        start += n
-    return torch.stack(losses).mean()
-
-
-class DistillCollator:
-    """Tokenise each example's ``(query, passage)`` pairs; ``teacher`` = the scores in row order, ``sizes`` = list
-    lengths."""
-
-    def __init__(self, tokenizer: Any, max_length: int = 512) -> None:
-        self.tokenizer = tokenizer
-        self.max_length = max_length
-
-    def __call__(self, examples: Sequence[DistillExample]) -> dict[str, Any]:
-        a, b, t, sizes = [], [], [], []
-        for ex in examples:
-            a += [ex.query] * len(ex.passages)
-            b += ex.passages
-            t += ex.teacher
-            sizes.append(len(ex.passages))
-        enc = self.tokenizer(
-            a, b, truncation="longest_first", max_length=self.max_length, padding=True, return_tensors="pt"
-        )
-        return {**dict(enc), "teacher": torch.tensor(t, dtype=torch.float32), "sizes": sizes}
-
-
-class DistillWarmupTrainer(Trainer):
-    """``Trainer`` whose loss is :func:`distill_kl_loss` on the ranking score (``temperature`` = the teacher's)."""
-
-    loss_is_scaled_for_ga = False
-
-    def __init__(self, *args: Any, temperature: float = 0.05, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.temperature = temperature
-
-    def compute_loss(
-        self,
-        model: nn.Module,
-        inputs: dict[str, Any],
-        return_outputs: bool = False,
-        num_items_in_batch: torch.Tensor | int | None = None,
-    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
-        out = encode_pairs(model, inputs)
-        loss = distill_kl_loss(ranking_scores(out.logits), inputs["teacher"], inputs["sizes"], self.temperature)
-        return (loss, out) if return_outputs else loss

@@ -13,10 +13,9 @@ PANEL = "Reranker"
 
 
 def _train(cfg: TrainRerankerConfig):
-    from dpa_rag.reranker.config import apply_gpu_flag
     from dpa_rag.reranker.train import run
 
-    return run(apply_gpu_flag(cfg))
+    return run(cfg)  # run() resolves the authors' GPU flag itself, so the pipeline's in-process step does too
 
 
 def _rerank(cfg: RerankConfig):

@@ -18,11 +18,14 @@ the aligned passages' pair vectors and the denominator runs over all passages of
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from dpa_rag.reranker.losses.base import LossOptions, Remap, RerankerLoss, RowBuilder, index_matrix
 
 __all__ = ["ContrastiveLoss"]
 
@@ -30,7 +33,7 @@ __all__ = ["ContrastiveLoss"]
 _NEG = -1e9
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(RerankerLoss):
     """SupCon over each record's positive and negative pair representations (no projection head).
 
     Args:
@@ -43,6 +46,9 @@ class ContrastiveLoss(nn.Module):
         0 = unaligned; ``mask``: optional ``[B, n]`` bool, True for real items; ``query_features``: ``[B, H]``,
         required with ``anchor="query"``.
     """
+
+    name = "contrastive"
+    uses_logits = False
 
     def __init__(
         self, temperature: float = 0.07, base_temperature: float = 0.07, anchor: Literal["pairs", "query"] = "pairs"
@@ -104,6 +110,48 @@ class ContrastiveLoss(nn.Module):
         if not bool(ok.any()):
             return features.sum() * 0.0  # no anchor has a positive: zero loss, still part of the graph
         return per_record[ok].mean()
+
+    @classmethod
+    def from_options(cls, options: LossOptions) -> ContrastiveLoss:
+        return cls(options.temperature, options.base_temperature, anchor=options.contrastive_anchor)  # type: ignore[arg-type]
+
+    @classmethod
+    def check_record(cls, record: Any) -> str | None:
+        if not record.positive or not record.negative:
+            return (f"the contrastive loss needs ≥ 1 positive and ≥ 1 negative, got {len(record.positive)} and "
+                    f"{len(record.negative)}")
+        return None
+
+    @classmethod
+    def add_rows(cls, records: Sequence[Any], rows: RowBuilder) -> dict[str, Any]:
+        """The positives' rows (one group), the negatives' (another) and, with ``query_anchor``, each query alone."""
+        pos = [[rows.add(r.query, d) for d in r.positive] for r in records]
+        rows.end_group()
+        neg = [[rows.add(r.query, d) for d in r.negative] for r in records]
+        rows.end_group()
+        plan: dict[str, Any] = {"con": [p + n for p, n in zip(pos, neg, strict=False)],
+                                "labels": [[1] * len(p) + [0] * len(n) for p, n in zip(pos, neg, strict=False)]}
+        if rows.options.query_anchor:
+            plan["query"] = [rows.add(r.query, None) for r in records]
+            rows.end_group()
+        return plan
+
+    @classmethod
+    def index_tensors(cls, plan: dict[str, Any], remap: Remap) -> dict[str, Tensor]:
+        out = dict(zip(("con_idx", "con_mask"), index_matrix([remap(x) for x in plan["con"]]), strict=True))
+        out["con_labels"], _ = index_matrix(plan["labels"])
+        if "query" in plan:
+            out["query_idx"] = torch.tensor(remap(plan["query"]), dtype=torch.long)
+        return out
+
+    def compute(self, out: Any, batch: dict[str, Any]) -> Tensor:
+        feats = out.take("reps", batch["con_idx"], batch["con_mask"])
+        query = None
+        if self.anchor == "query":
+            if "query_idx" not in batch:
+                raise ValueError("the query-anchored contrastive loss needs a batch collated with query_anchor=True")
+            query = out.take("reps", batch["query_idx"])
+        return self(feats, batch["con_labels"], batch["con_mask"], query_features=query)
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"temperature": self.temperature, "base_temperature": self.base_temperature, "anchor": self.anchor}

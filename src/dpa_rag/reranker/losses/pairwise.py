@@ -11,16 +11,19 @@ length ≥ 2; shorter lists are right-padded and masked.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
+
+from dpa_rag.reranker.losses.base import LossOptions, Remap, RerankerLoss, RowBuilder, index_matrix
 
 __all__ = ["PairwiseLoss"]
 
 
-class PairwiseLoss(nn.Module):
+class PairwiseLoss(RerankerLoss):
     """RankNet-style logistic loss over all ordered pairs of each record's rank list.
 
     Args:
@@ -30,6 +33,8 @@ class PairwiseLoss(nn.Module):
         ``scores``: ``[B, L]`` ranking scores (the logit, or ``z_1`` of the two-class head), list order = preference
         order; ``mask``: optional ``[B, L]`` bool, True for real list items (each row needs ≥ 2, left-aligned).
     """
+
+    name = "pair"
 
     def __init__(self, margin: float = 0.0) -> None:
         super().__init__()
@@ -56,6 +61,32 @@ class PairwiseLoss(nn.Module):
         per_pair = -F.logsigmoid(diff) * valid
         n_pairs = valid.sum(dim=(1, 2)).to(scores.dtype)
         return (per_pair.sum(dim=(1, 2)) / n_pairs).mean()
+
+    @classmethod
+    def from_options(cls, options: LossOptions) -> PairwiseLoss:
+        return cls(margin=options.pair_margin)
+
+    @classmethod
+    def check_record(cls, record: Any) -> str | None:
+        if len(record.rank_list) < 2:
+            return f"the pair-wise loss needs ≥ 2 rank_list passages, got {len(record.rank_list)}"
+        return None
+
+    @classmethod
+    def add_rows(cls, records: Sequence[Any], rows: RowBuilder) -> dict[str, Any]:
+        """One row per ``rank_list`` passage, most preferred first."""
+        plan = {"rank": [[rows.add(r.query, d) for d in r.rank_list] for r in records]}
+        rows.end_group()
+        return plan
+
+    @classmethod
+    def index_tensors(cls, plan: dict[str, Any], remap: Remap) -> dict[str, Tensor]:
+        idx, mask = index_matrix([remap(x) for x in plan["rank"]])
+        return {"rank_idx": idx, "rank_mask": mask}
+
+    def compute(self, out: Any, batch: dict[str, Any]) -> Tensor:
+        logits = out.take("logits", batch["rank_idx"], batch["rank_mask"])  # [B, L, C]
+        return self(logits[..., -1], batch["rank_mask"])  # s = the logit or z_1
 
     def get_config_dict(self) -> dict[str, Any]:
         return {"margin": self.margin, "pairs": "all i<j", "reduction": "mean over pairs, then records"}
