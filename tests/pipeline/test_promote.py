@@ -48,13 +48,15 @@ def test_policies_and_missing_evidence() -> None:
     assert unchecked["promoted"] is True and "unchecked" in unchecked["reason"]
     same = gate.decide_reader(_validation((50.0, 20.0), (50.0, 20.0), step=0), "auto")
     assert same["promoted"] is False and "starting weights" in same["reason"]
-    ev = {"lists": "graded utility lists", "metric": "utility nDCG@3", "retriever": 0.8, "aligned": 0.7, "n_lists": 9}
+    ev = {"lists": "graded utility lists", "metric": "utility nDCG@3", "retriever": 0.8, "aligned": 0.7, "n_lists": 30}
     mrr = {"lists": "answer-ranking lists", "metric": "answer MRR", "retriever": 0.8, "aligned": 0.9, "n_lists": 90}
     assert gate.decide_reranker(ev, "auto")["promoted"] is False
     assert gate.decide_reranker({**ev, "aligned": 0.85}, "auto")["promoted"] is True
     worse_on_one = gate.decide_reranker([ev, mrr], "auto")
     assert worse_on_one["promoted"] is False and "utility nDCG@3 0.700" in worse_on_one["reason"]
     assert gate.decide_reranker([{**ev, "aligned": 0.8}, mrr], "auto")["promoted"] is True  # equal is not worse
+    tiny = gate.decide_reranker([{**ev, "n_lists": 5}, mrr], "auto")  # 5 lists do not outvote 90
+    assert tiny["promoted"] is True and "too few lists" in tiny["reason"]
     assert gate.decide_reranker(ev, "always")["promoted"] is True
     assert gate.decide_reranker(None, "auto")["promoted"] is True
 

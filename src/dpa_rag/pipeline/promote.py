@@ -8,7 +8,8 @@ on held-out training-split questions (never the evaluation questions).
 * **reranker** — the aligned reranker (as the answer step uses it: with its saved retriever fusion) against the
   retriever's order on the held-out lists ``train-reranker`` scores: utility nDCG@3 on the graded lists
   (``utility_metrics.json``) and answer-ranking MRR on the held-out training-split questions' retrieval lists
-  (``retrieval_metrics.json``, with the saved retriever fusion). Worse = below the retriever on either.
+  (``retrieval_metrics.json``, with the saved retriever fusion). Worse = below the retriever on either (a comparison
+  on fewer than 20 held-out lists decides only when no larger one was measured).
 
 Policies per component: ``auto`` (the rule above), ``always``, ``never``. Without the evidence (no held-out
 validation), ``auto`` promotes and says so. ``promotion.json`` holds the decisions with their numbers and reasons;
@@ -135,11 +136,18 @@ def _reranker_evidence(reranker_dir: Path) -> list[dict[str, Any]]:
     return evidence
 
 
-def decide_reranker(evidence: list[dict[str, Any]] | dict[str, Any] | None, policy: Policy) -> dict[str, Any]:
+MIN_LISTS = 20  # a held-out comparison on fewer lists is reported, but decides only when no other one is larger
+
+
+def decide_reranker(
+    evidence: list[dict[str, Any]] | dict[str, Any] | None, policy: Policy, min_lists: int = MIN_LISTS
+) -> dict[str, Any]:
     """The reranker's decision from its held-out evidence (one comparison or several; ``None``/empty: none was
-    measured): not promoted when it ranks below the retriever on any of them."""
+    measured): not promoted when it ranks below the retriever on any comparison that has at least ``min_lists``
+    held-out lists (all of them when none has)."""
     items = [evidence] if isinstance(evidence, dict) else list(evidence or [])
     out: dict[str, Any] = {"policy": policy, "baseline": "retriever order", "evidence": items}
+    deciding = [e for e in items if e.get("n_lists", 0) >= min_lists] or items
     if policy != "auto":
         return {**out, "promoted": policy == "always", "reason": f"policy {policy}"}
     if not items:
@@ -149,10 +157,12 @@ def decide_reranker(evidence: list[dict[str, Any]] | dict[str, Any] | None, poli
         return (f"{e['metric']} {e['aligned']:.3f} vs the retriever's {e['retriever']:.3f} on {e['n_lists']} held-out "
                 f"{e['lists']}")
 
-    worse = [e for e in items if e["aligned"] - e["retriever"] < -1e-9]
+    worse = [e for e in deciding if e["aligned"] - e["retriever"] < -1e-9]
     if worse:
         return {**out, "promoted": False, "reason": "; ".join(said(e) for e in worse)}
-    return {**out, "promoted": True, "reason": "; ".join(said(e) for e in items)}
+    small = [e for e in items if e not in deciding]
+    note = f" (too few lists to decide: {'; '.join(said(e) for e in small)})" if small else ""
+    return {**out, "promoted": True, "reason": "; ".join(said(e) for e in deciding) + note}
 
 
 def _markdown(decisions: dict[str, dict[str, Any]]) -> str:
