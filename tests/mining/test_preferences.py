@@ -63,7 +63,9 @@ def test_mined_file_round_trips_byte_for_byte(tmp_path: Path, kw: dict) -> None:
     assert [json.dumps(p.dump(), ensure_ascii=False) for p in prefs] == path.read_text(encoding="utf-8").splitlines()
     if kw["label_rule"] == "loglik":
         assert all(p.graded for p in prefs)
-        assert prefs[0].closed_book.answer is not None and prefs[4].closed_book.answer is None  # agreement questions
+        # every question is answered closed-book; only the agreement questions' probes are answered too
+        assert all(p.closed_book.answer is not None for p in prefs)
+        assert prefs[0].probes[0].answer is not None and prefs[4].probes[0].answer is None
         first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
         assert list(first["closed_book"]) == ["loglik", "answer", "hit", "f1"]
         assert list(first["probes"][0]) == ["rank", "ctx", "loglik", "gain", "category", "answer", "hit", "f1",
@@ -160,7 +162,10 @@ def test_qa_prompt_text_with_and_without_title_is_unchanged() -> None:
 
 
 def test_judge_prompt_text_with_and_without_title_is_unchanged() -> None:
-    expected = [{"role": "system", "content": SYSTEM},
+    # the judgement task has its own system prompt (judging a passage is not answering the question)
+    judge_system = ("Judge whether a passage is useful for answering the question: Positive if it helps you answer "
+                    "correctly, Negative if it misleads you.")
+    expected = [{"role": "system", "content": judge_system},
                 {"role": "user", "content": "Passages:\n[1] Title: Hamlet Content: A tragedy by William Shakespeare.\n"
                                             "[2] No title here.\n\nQuestion: who wrote hamlet\n\nIs passage [2] "
                                             "positive knowledge (it helps you answer the question correctly) or "

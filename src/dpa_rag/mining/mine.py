@@ -95,6 +95,10 @@ class MineConfig(GeneratorOptions, StageConfig):
     loglik_max_golds: int = Field(
         3, ge=1, description="loglik rule: score at most this many distinct gold answers per question (best counts)."
     )
+    closed_book_answers: bool = Field(
+        True, description="loglik rule: also generate every question's closed-book answer (one short generation per "
+        "question; build-llm-data's closed-book examples use them)."
+    )
     agreement_questions: int = Field(
         32, ge=0, description="loglik rule: also generate answers for the first N questions, to report agreement "
         "with the hit rule on the same probes (0 = none)."
@@ -215,7 +219,8 @@ def mine_loglik(
     """Mine one chunk with the ``loglik`` rule: every (prompt, gold) pair scored in one cached ``loglik`` call.
 
     Questions in ``answer_ids`` are also answered by generation (closed-book and per probe), so their probes carry
-    ``answer``/``hit``/``f1`` and the hit rule's category (``hit_category``) beside the loglik one.
+    ``answer``/``hit``/``f1`` and the hit rule's category (``hit_category``) beside the loglik one; with
+    ``closed_book_answers`` every other question is answered closed-book (its ``closed_book.answer``).
     """
     answer_ids = answer_ids or set()
     prompts: list[list[dict[str, str]]] = []
@@ -234,6 +239,8 @@ def mine_loglik(
                 conts.append(g)
         if r.id in answer_ids:
             gen_prompts.extend(question_prompts)
+        elif cfg.closed_book_answers:
+            gen_prompts.append(question_prompts[0])
     scores = generator.loglik(prompts, conts, desc="mine (loglik)")
     answers = generator.generate(gen_prompts, cfg.generation_params(), desc="mine (answers)") if gen_prompts else []
     out: list[Preference] = []
@@ -246,10 +253,10 @@ def mine_loglik(
             i += len(golds)
             values.append(max(per_gold) if per_gold else float("-inf"))
         answered = r.id in answer_ids
-        texts = answers[j : j + 1 + len(ranks)] if answered else []
+        texts = answers[j : j + (1 + len(ranks) if answered else int(cfg.closed_book_answers))]
         j += len(texts)
         before = ClosedBook(loglik=values[0])
-        if answered:
+        if texts:
             cb = clean_answer(texts[0])
             before = ClosedBook(loglik=values[0], answer=cb, **score(cb, r.answers))
         probes = []
