@@ -18,6 +18,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from dpa_rag.io import write_text
 
 __all__ = [
+    "ATTN_HELP",
+    "ATTN_IMPLEMENTATIONS",
+    "AttnImplementation",
     "DTYPES",
     "ConfigError",
     "DeviceOption",
@@ -28,6 +31,7 @@ __all__ = [
     "config_hash",
     "load_config",
     "load_yaml",
+    "normalize_attn",
     "normalize_dtype",
     "save_config",
 ]
@@ -62,6 +66,30 @@ def normalize_dtype(value: object) -> object:
 
 
 Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], BeforeValidator(normalize_dtype)]
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+# LLaMA-Factory's --flash_attn values (auto, disabled, sdpa, fa2; a bool in old versions) and short names
+_ATTN_ALIASES = {
+    "fa2": "flash_attention_2", "flash_attn": "flash_attention_2", "flash-attention-2": "flash_attention_2",
+    "disabled": "eager", "off": "eager", "true": "flash_attention_2", "false": "auto",
+}
+ATTN_HELP = ("Attention kernel of the model: auto (transformers chooses, sdpa where supported), sdpa, eager or "
+             "flash_attention_2 (needs the flash-attn package and a CUDA GPU); LLaMA-Factory's --flash_attn values "
+             "(fa2, sdpa, disabled, auto) are accepted.")
+
+
+def normalize_attn(value: object) -> object:
+    """The one spelling of an attention implementation (transformers' ``attn_implementation`` names, or ``auto``);
+    LLaMA-Factory's ``--flash_attn`` values (``fa2``, ``disabled``, ``auto``, ``sdpa``, an old bool) map to it."""
+    if isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        v = value.strip().lower()
+        return _ATTN_ALIASES.get(v, v)
+    return value
+
+
+AttnImplementation = Annotated[Literal["auto", "sdpa", "eager", "flash_attention_2"], BeforeValidator(normalize_attn)]
 
 
 class _Options(BaseModel):

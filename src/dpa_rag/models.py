@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 __all__ = [
+    "attn_kwargs",
     "BUNDLED_ENCODERS",
     "DEFAULT_ENCODER",
     "DEFAULT_READER",
@@ -308,6 +309,22 @@ def fingerprint(name_or_path: str) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
     return f"{path.name}@{h.hexdigest()[:12]}"
+
+
+def attn_kwargs(attn_implementation: str = "auto") -> dict[str, str]:
+    """``from_pretrained`` keyword arguments for an attention implementation: none for ``auto`` (transformers picks).
+
+    Raises:
+        ModelError: ``flash_attention_2`` without the ``flash-attn`` package.
+    """
+    if attn_implementation in ("auto", "", None):
+        return {}
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError(
+            "attn_implementation flash_attention_2 needs the flash-attn package, which is not installed (pip install "
+            "flash-attn --no-build-isolation, on a CUDA machine); use sdpa, eager or auto"
+        )
+    return {"attn_implementation": attn_implementation}
 
 
 def pick_device(device: str = "auto") -> str:

@@ -240,8 +240,10 @@ def _model_fields(cfg: BaseModel) -> list[str]:
 def check_stage_models(cfg: BaseModel) -> None:
     """Fail before a stage writes anything if a model its config names cannot be loaded (see
     :func:`dpa_rag.models.check_model`): a missing folder, a folder without a model, a hub id missing while offline."""
-    from dpa_rag.models import check_model
+    from dpa_rag.models import attn_kwargs, check_model
 
+    if getattr(cfg, "backend", None) in (None, "hf"):
+        attn_kwargs(getattr(cfg, "attn_implementation", "auto"))  # flash_attention_2 without flash-attn
     for name in _model_fields(cfg):
         value = getattr(cfg, name, None)
         if isinstance(value, (str, Path)) and str(value):

@@ -146,7 +146,8 @@ def add_stage_command(
         decls += aliases
         if "flag_value" in extra:
             flag_values.update({d: str(extra["flag_value"]) for d in [flag, *aliases]})
-        help_text = " ".join(x for x in (field.description or "", note, _default_text(field)) if x)
+        default = "" if "[default:" in (field.description or "") else _default_text(field)
+        help_text = " ".join(x for x in (field.description or "", note, default) if x)
         if field.is_required():
             help_text += " [required]"
         help_text = _plain(help_text)
@@ -189,5 +190,6 @@ def add_stage_command(
         doc += "\n\nSet in the YAML file only: " + ", ".join(yaml_only) + "."
     command.__doc__ = doc
     extra_kw = {"cls": _switch_command(flag_values)} if flag_values else {}
+    command.command_kwargs = extra_kw  # type: ignore[attr-defined]  # for wrappers that register it themselves
     app.command(name, help=doc, rich_help_panel=rich_help_panel, **extra_kw)(command)
     return command
