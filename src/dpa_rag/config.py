@@ -68,10 +68,11 @@ def normalize_dtype(value: object) -> object:
 Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], BeforeValidator(normalize_dtype)]
 
 ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
-# LLaMA-Factory's --flash_attn values (auto, disabled, sdpa, fa2; a bool in old versions) and short names
+# LLaMA-Factory's --flash_attn values (v0.8: auto, off, sdpa, fa2; later: disabled; v0.6: a bool, `--flash_attn no`)
 _ATTN_ALIASES = {
     "fa2": "flash_attention_2", "flash_attn": "flash_attention_2", "flash-attention-2": "flash_attention_2",
-    "disabled": "eager", "off": "eager", "true": "flash_attention_2", "false": "auto",
+    "disabled": "eager", "off": "eager", "true": "flash_attention_2", "yes": "flash_attention_2", "false": "auto",
+    "no": "auto",
 }
 ATTN_HELP = ("Attention kernel of the model: auto (transformers chooses, sdpa where supported), sdpa, eager or "
              "flash_attention_2 (needs the flash-attn package and a CUDA GPU); LLaMA-Factory's --flash_attn values "

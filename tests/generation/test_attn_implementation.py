@@ -28,7 +28,7 @@ def no_flash_attn(monkeypatch):
     ("given", "expected"),
     [("auto", "auto"), ("sdpa", "sdpa"), ("eager", "eager"), ("flash_attention_2", "flash_attention_2"),
      ("fa2", "flash_attention_2"), ("FA2", "flash_attention_2"), ("disabled", "eager"), (True, "flash_attention_2"),
-     ("False", "auto")],
+     ("False", "auto"), ("no", "auto"), ("off", "eager")],
 )
 def test_names_and_llama_factory_values(given, expected):
     assert GeneratorOptions(attn_implementation=given).attn_implementation == expected
@@ -101,7 +101,7 @@ def _error_lines(output: str) -> list[str]:
     return [ln.strip() for ln in output.splitlines() if ln.strip().startswith("error:")]
 
 
-@pytest.mark.parametrize("flag", [["--attn-implementation", "flash_attention_2"]])
+@pytest.mark.parametrize("flag", [["--attn-implementation", "flash_attention_2"], ["--flash_attn", "fa2"]])
 def test_flash_attention_without_the_package_is_one_error_line(no_flash_attn, tmp_path, tiny_llm_dir, flag):
     out = tmp_path / "answer"
     res = CliRunner().invoke(app, ["-q", "answer", "--questions", str(sample_path("questions.jsonl")), "--model",

@@ -121,7 +121,8 @@ class GeneratorOptions(Runtime):
         "scored as plain 'role: content' text (with a warning).",
     )
     attn_implementation: AttnImplementation = Field(
-        "auto", description="hf: " + ATTN_HELP + " vllm picks its own attention backend and ignores this."
+        "auto", description="hf: " + ATTN_HELP + " vllm picks its own attention backend and ignores this.",
+        json_schema_extra={"cli": ["--flash_attn"]},  # the authors' inference command: --flash_attn no
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory vLLM may take.")
