@@ -28,8 +28,11 @@ __all__ = [
     "cpu_has_fast_bf16",
     "default_model_dir",
     "explain_model_error",
+    "ENCODER_KIND",
+    "LLM_KIND",
     "fingerprint",
     "hub_reachable",
+    "model_kind",
     "pick_device",
     "pick_dtype",
     "resolve_encoder",
@@ -52,6 +55,42 @@ class ModelError(ValueError):
 _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", ".h5", ".index"}
 # folders that hold a loadable model: HF (config.json), PEFT adapter, sentence-transformers (modules.json)
 _MODEL_MARKERS = ("config.json", "adapter_config.json", "modules.json")
+
+
+LLM_KIND = "a reader (causal LM)"
+ENCODER_KIND = "an encoder or reranker"
+_ADAPTER_CONFIG, _ST_MODULES, _HF_CONFIG = "adapter_config.json", "modules.json", "config.json"
+_LLM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+_ENCODER_HEADS = ("ForSequenceClassification", "ForMaskedLM", "Model", "ForTextEncoding")
+
+
+def model_kind(path: str | Path) -> tuple[str, str] | None:
+    """What the model folder ``path`` holds, :data:`LLM_KIND` or :data:`ENCODER_KIND`, and the evidence; ``None``
+    when it is not a model folder or the kind is not known. Judged by ``adapter_config.json`` (task type),
+    ``modules.json`` (sentence-transformers) or the ``architectures`` of ``config.json``."""
+    import json
+
+    path = Path(path)
+    try:
+        adapter = path / _ADAPTER_CONFIG
+        if adapter.is_file():
+            task = str(json.loads(adapter.read_text(encoding="utf-8")).get("task_type") or "")
+            if task == "CAUSAL_LM":
+                return LLM_KIND, "a LoRA adapter with task_type CAUSAL_LM"
+            if task in ("SEQ_CLS", "FEATURE_EXTRACTION"):
+                return ENCODER_KIND, f"a LoRA adapter with task_type {task}"
+        if (path / _ST_MODULES).is_file():
+            return ENCODER_KIND, "a sentence-transformers folder"
+        config = path / _HF_CONFIG
+        if config.is_file():
+            archs = [str(a) for a in json.loads(config.read_text(encoding="utf-8")).get("architectures") or []]
+            for heads, kind in ((_LLM_HEADS, LLM_KIND), (_ENCODER_HEADS, ENCODER_KIND)):
+                arch = next((a for a in archs if a.endswith(heads)), None)
+                if arch is not None:
+                    return kind, f"config.json: {arch}"
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
 
 
 def _offline() -> bool:

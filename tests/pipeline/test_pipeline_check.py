@@ -147,7 +147,9 @@ def test_models_of_the_wrong_kind_on_disk_fail(tmp_path, tiny_bert_dir, tiny_llm
 
 
 def test_folder_kind_reads_adapters_and_sentence_transformers(tmp_path):
-    from dpa_rag.pipeline.check import ENCODER, LLM, folder_kind
+    from dpa_rag.models import ENCODER_KIND as ENCODER
+    from dpa_rag.models import LLM_KIND as LLM
+    from dpa_rag.models import model_kind as folder_kind
 
     (tmp_path / "adapter").mkdir()
     (tmp_path / "adapter" / "adapter_config.json").write_text('{"task_type": "CAUSAL_LM"}')

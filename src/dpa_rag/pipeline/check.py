@@ -13,7 +13,6 @@ rerankers). Nothing runs.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -23,10 +22,13 @@ from typing import Any
 from pydantic import BaseModel
 
 from dpa_rag.config import ConfigError
+from dpa_rag.models import ENCODER_KIND as ENCODER
+from dpa_rag.models import LLM_KIND as LLM
+from dpa_rag.models import model_kind
 from dpa_rag.pipeline.config import PipelineConfig
 from dpa_rag.pipeline.runner import Step
 
-__all__ = ["CheckReport", "check_pipeline", "check_steps", "folder_kind"]
+__all__ = ["CheckReport", "check_pipeline", "check_steps"]
 
 # config fields that a step writes or that are not files (never checked as inputs)
 _NOT_READ = {"out_dir", "cache_dir", "tensorboard_log_dir", "run_dir", "resume_from_checkpoint", "steps"}
@@ -59,12 +61,6 @@ def _strings(value: Any, key: str) -> Iterator[tuple[str, str]]:
     elif isinstance(value, (list, tuple)):
         for v in value:
             yield from _strings(v, key)
-
-
-LLM = "a reader (causal LM)"
-ENCODER = "an encoder or reranker"
-_LLM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
-_ENCODER_HEADS = ("ForSequenceClassification", "ForMaskedLM", "Model", "ForTextEncoding")
 
 
 def _model_roles(cfg: BaseModel) -> dict[str, str]:
@@ -103,32 +99,6 @@ def _produced_kind(cfg: BaseModel | None) -> str | None:
     return None
 
 
-def folder_kind(path: Path) -> tuple[str, str] | None:
-    """The kind of model in the folder ``path`` and the evidence (``None``: not a model folder, or not known)."""
-    try:
-        adapter = path / "adapter_config.json"
-        if adapter.is_file():
-            task = str(json.loads(adapter.read_text(encoding="utf-8")).get("task_type") or "")
-            if task == "CAUSAL_LM":
-                return LLM, "a LoRA adapter with task_type CAUSAL_LM"
-            if task in ("SEQ_CLS", "FEATURE_EXTRACTION"):
-                return ENCODER, f"a LoRA adapter with task_type {task}"
-        if (path / "modules.json").is_file():
-            return ENCODER, "a sentence-transformers folder"
-        config = path / "config.json"
-        if config.is_file():
-            archs = json.loads(config.read_text(encoding="utf-8")).get("architectures") or []
-            for arch in archs:
-                if str(arch).endswith(_LLM_HEADS):
-                    return LLM, f"config.json: {arch}"
-            for arch in archs:
-                if str(arch).endswith(_ENCODER_HEADS):
-                    return ENCODER, f"config.json: {arch}"
-    except (OSError, ValueError, AttributeError):
-        return None
-    return None
-
-
 def _kind_problem(name: str, key: str, text: str, want: str, owner: str | None,
                   configs: dict[str, BaseModel]) -> str | None:
     """Why the model ``text`` that step ``name`` loads as ``key`` is the wrong kind, or ``None``."""
@@ -138,7 +108,7 @@ def _kind_problem(name: str, key: str, text: str, want: str, owner: str | None,
             return f"step '{name}': {key} = {text} is written by step '{owner}' ({made}), but {key} needs {want}"
         return None
     path = Path(text).expanduser()
-    found = folder_kind(path) if path.is_dir() else None
+    found = model_kind(path) if path.is_dir() else None
     if found is not None and found[0] != want:
         return f"step '{name}': {key} = {text} is {found[0]} ({found[1]}), but {key} needs {want}"
     return None
