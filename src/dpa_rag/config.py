@@ -18,6 +18,9 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from dpa_rag.io import write_text
 
 __all__ = [
+    "ATTN_HELP",
+    "ATTN_IMPLEMENTATIONS",
+    "AttnImplementation",
     "DTYPES",
     "ConfigError",
     "ConfigSection",
@@ -29,6 +32,7 @@ __all__ = [
     "config_hash",
     "load_config",
     "load_yaml",
+    "normalize_attn",
     "normalize_dtype",
     "save_config",
 ]
@@ -63,6 +67,31 @@ def normalize_dtype(value: object) -> object:
 
 
 Dtype = Annotated[Literal["auto", "float32", "bfloat16", "float16"], BeforeValidator(normalize_dtype)]
+
+ATTN_IMPLEMENTATIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+# LLaMA-Factory's --flash_attn values (v0.8: auto, off, sdpa, fa2; later: disabled; v0.6: a bool, `--flash_attn no`)
+_ATTN_ALIASES = {
+    "fa2": "flash_attention_2", "flash_attn": "flash_attention_2", "flash-attention-2": "flash_attention_2",
+    "disabled": "eager", "off": "eager", "true": "flash_attention_2", "yes": "flash_attention_2", "false": "auto",
+    "no": "auto",
+}
+ATTN_HELP = ("Attention kernel of the model: auto (transformers chooses, sdpa where supported), sdpa, eager or "
+             "flash_attention_2 (needs the flash-attn package and a CUDA GPU); LLaMA-Factory's --flash_attn values "
+             "(fa2, sdpa, disabled, auto) are accepted.")
+
+
+def normalize_attn(value: object) -> object:
+    """The one spelling of an attention implementation (transformers' ``attn_implementation`` names, or ``auto``);
+    LLaMA-Factory's ``--flash_attn`` values (``fa2``, ``disabled``, ``auto``, ``sdpa``, an old bool) map to it."""
+    if isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, str):
+        v = value.strip().lower()
+        return _ATTN_ALIASES.get(v, v)
+    return value
+
+
+AttnImplementation = Annotated[Literal["auto", "sdpa", "eager", "flash_attention_2"], BeforeValidator(normalize_attn)]
 
 
 class ConfigSection(BaseModel):

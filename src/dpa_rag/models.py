@@ -18,6 +18,7 @@ import os
 from pathlib import Path
 
 __all__ = [
+    "attn_kwargs",
     "BUNDLED_ENCODERS",
     "DEFAULT_ENCODER",
     "DEFAULT_READER",
@@ -27,7 +28,11 @@ __all__ = [
     "cpu_has_fast_bf16",
     "default_model_dir",
     "explain_model_error",
+    "ENCODER_KIND",
+    "LLM_KIND",
     "fingerprint",
+    "hub_reachable",
+    "model_kind",
     "pick_device",
     "pick_dtype",
     "resolve_encoder",
@@ -52,9 +57,106 @@ _WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".gguf", ".msgpack", 
 _MODEL_MARKERS = ("config.json", "adapter_config.json", "modules.json")
 
 
+LLM_KIND = "a reader (causal LM)"
+ENCODER_KIND = "an encoder or reranker"
+_ADAPTER_CONFIG, _ST_MODULES, _HF_CONFIG = "adapter_config.json", "modules.json", "config.json"
+_LLM_HEADS = ("ForCausalLM", "LMHeadModel", "ForConditionalGeneration")
+_ENCODER_HEADS = ("ForSequenceClassification", "ForMaskedLM", "Model", "ForTextEncoding")
+
+
+def model_kind(path: str | Path) -> tuple[str, str] | None:
+    """What the model folder ``path`` holds, :data:`LLM_KIND` or :data:`ENCODER_KIND`, and the evidence; ``None``
+    when it is not a model folder or the kind is not known. Judged by ``adapter_config.json`` (task type),
+    ``modules.json`` (sentence-transformers) or the ``architectures`` of ``config.json``."""
+    import json
+
+    path = Path(path)
+    try:
+        adapter = path / _ADAPTER_CONFIG
+        if adapter.is_file():
+            task = str(json.loads(adapter.read_text(encoding="utf-8")).get("task_type") or "")
+            if task == "CAUSAL_LM":
+                return LLM_KIND, "a LoRA adapter with task_type CAUSAL_LM"
+            if task in ("SEQ_CLS", "FEATURE_EXTRACTION"):
+                return ENCODER_KIND, f"a LoRA adapter with task_type {task}"
+        if (path / _ST_MODULES).is_file():
+            return ENCODER_KIND, "a sentence-transformers folder"
+        config = path / _HF_CONFIG
+        if config.is_file():
+            archs = [str(a) for a in json.loads(config.read_text(encoding="utf-8")).get("architectures") or []]
+            for heads, kind in ((_LLM_HEADS, LLM_KIND), (_ENCODER_HEADS, ENCODER_KIND)):
+                arch = next((a for a in archs if a.endswith(heads)), None)
+                if arch is not None:
+                    return kind, f"config.json: {arch}"
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None
+
+
 def _offline() -> bool:
     flags = (os.environ.get(v, "").lower() for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
     return any(f in ("1", "true", "yes", "on") for f in flags)
+
+
+HUB_TIMEOUT_ENV = "DPA_RAG_HUB_TIMEOUT"
+
+
+def _hub_address() -> tuple[str, int]:
+    """Host and port to probe: the https proxy if one is configured, else huggingface_hub's endpoint (HF_ENDPOINT)."""
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    url = urllib.request.getproxies().get("https") or constants.ENDPOINT
+    parts = urllib.parse.urlsplit(url if "://" in url else f"http://{url}")
+    return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
+
+
+@functools.lru_cache(maxsize=1)
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub (or the proxy in front of it) accepts a TCP connection, checked once per process.
+
+    One connection attempt (name lookup included) bounded by ``$DPA_RAG_HUB_TIMEOUT`` seconds (default 3; ``0``
+    skips the check and assumes the hub is reachable). Without it a missing hub id costs 30-100 s of retries.
+    """
+    import socket
+    import threading
+
+    try:
+        timeout = float(os.environ.get(HUB_TIMEOUT_ENV, "3"))
+    except ValueError:
+        timeout = 3.0
+    if timeout <= 0:
+        return True
+    host, port = _hub_address()
+    if not host:
+        return True
+    result: list[bool] = []
+
+    def probe() -> None:
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)  # getaddrinfo has no timeout of its own
+    worker.start()
+    worker.join(timeout + 0.5)
+    ok = bool(result and result[0])
+    if not ok:
+        logger.info("the hub (%s:%d) is not reachable within %g s: loading from the local cache only", host, port,
+                    timeout)
+    return ok
+
+
+def _go_offline() -> None:
+    """Make transformers/huggingface_hub read the local cache only (no retries against an unreachable hub)."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
 
 
 def _looks_like_path(name: str) -> bool:
@@ -66,7 +168,9 @@ def check_model(name: str, what: str = "model") -> None:
 
     Checks a bundled alias's package, that a local folder holds a model (``config.json``, an adapter or a
     sentence-transformers folder, plus weights), that a path-like name exists, and, when ``HF_HUB_OFFLINE`` is set,
-    that an ``org/name`` hub id is in the local cache. Plain hub ids online are left to the loader.
+    that an ``org/name`` hub id is in the local cache. Plain hub ids are left to the loader when the hub is
+    reachable (:func:`hub_reachable`); when it is not, the process switches to offline mode and a hub id missing
+    from the cache fails here, in seconds.
 
     Raises:
         ModelError: the message names the model and what to do.
@@ -102,13 +206,19 @@ def check_model(name: str, what: str = "model") -> None:
         return
     if _looks_like_path(name):
         raise ModelError(f"{what} '{name}': no such model folder; check the path (or give a hub id such as org/name)")
+    if name.count("/") == 1 and not _offline() and not hub_reachable():
+        _go_offline()
+        unreachable = True
+    else:
+        unreachable = False
     if name.count("/") == 1 and _offline():
         from huggingface_hub import try_to_load_from_cache
 
         if not isinstance(try_to_load_from_cache(name, "config.json"), str):
+            why = "the hub is not reachable (no network)" if unreachable else "HF_HUB_OFFLINE is set"
             raise ModelError(
-                f"{what} '{name}' is neither a local folder nor in the Hugging Face cache, and HF_HUB_OFFLINE is "
-                f"set; download it first (hf download {name}) or give a local folder"
+                f"{what} '{name}' is neither a local folder nor in the Hugging Face cache, and {why}; download it "
+                f"first (hf download {name}) or give a local folder"
             )
 
 
@@ -238,6 +348,22 @@ def fingerprint(name_or_path: str) -> str:
             st = f.stat()
             h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
     return f"{path.name}@{h.hexdigest()[:12]}"
+
+
+def attn_kwargs(attn_implementation: str = "auto") -> dict[str, str]:
+    """``from_pretrained`` keyword arguments for an attention implementation: none for ``auto`` (transformers picks).
+
+    Raises:
+        ModelError: ``flash_attention_2`` without the ``flash-attn`` package.
+    """
+    if attn_implementation in ("auto", "", None):
+        return {}
+    if attn_implementation == "flash_attention_2" and importlib.util.find_spec("flash_attn") is None:
+        raise ModelError(
+            "attn_implementation flash_attention_2 needs the flash-attn package, which is not installed (pip install "
+            "flash-attn --no-build-isolation, on a CUDA machine); use sdpa, eager or auto"
+        )
+    return {"attn_implementation": attn_implementation}
 
 
 def pick_device(device: str = "auto") -> str:

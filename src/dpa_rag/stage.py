@@ -8,6 +8,11 @@ A stage never destroys a finished result before its new run is known to start: t
 and the models the config names (:func:`dpa_rag.models.check_model`) when it is created, but it removes the old
 ``manifest.json`` and writes the new ``config.yaml`` only just before the stage first writes into its folder (or at
 :meth:`StageRecorder.finish`). A run that fails on its inputs or models leaves a finished folder as it was.
+
+A run that fails after it started writing is undone by :func:`discard_unfinished` (the command line's error boundary
+calls it): the files and folders the run created are removed, files that were there before are never touched, and the
+old ``config.yaml`` and ``manifest.json`` come back when every other file the folder held is unchanged. Resume state
+is kept so a re-run picks up finished work: ``*.partial.jsonl``/``*.partial.json`` and ``checkpoints/``.
 """
 
 from __future__ import annotations
@@ -15,11 +20,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
+import logging
 import os
 import platform
 import subprocess
+import threading
 import time
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path, PurePath
 from typing import IO, Any, ClassVar, TypeVar
@@ -49,6 +58,7 @@ __all__ = [
     "StageRecorder",
     "check_out_dir",
     "check_stage_models",
+    "discard_unfinished",
     "hash_inputs",
     "manifest_matches",
     "resume_state",
@@ -56,8 +66,11 @@ __all__ = [
     "rebase_path",
     "rebase_values",
     "recorded_run_dir",
+    "recorder_mark",
     "stage_recorder",
 ]
+
+_log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 STAGE_CONFIG = "config.yaml"  # the resolved config a stage writes next to its outputs
@@ -292,8 +305,10 @@ def _model_fields(cfg: BaseModel) -> list[str]:
 def check_stage_models(cfg: BaseModel) -> None:
     """Fail before a stage writes anything if a model its config names cannot be loaded (see
     :func:`dpa_rag.models.check_model`): a missing folder, a folder without a model, a hub id missing while offline."""
-    from dpa_rag.models import check_model
+    from dpa_rag.models import attn_kwargs, check_model
 
+    if getattr(cfg, "backend", None) in (None, "hf"):
+        attn_kwargs(getattr(cfg, "attn_implementation", "auto"))  # flash_attention_2 without flash-attn
     for name in _model_fields(cfg):
         value = getattr(cfg, name, None)
         if isinstance(value, (str, Path)) and str(value):
@@ -321,6 +336,58 @@ def _fix_private_modes(out_dir: Path, outputs: Iterable[str]) -> None:
                 respect_umask(q)
 
 
+# what a failed run leaves for its re-run to resume from (see discard_unfinished)
+KEEP_ON_FAILURE_DIRS = frozenset({"checkpoints"})
+KEEP_ON_FAILURE_SUFFIXES = (".partial.jsonl", ".partial.json")
+_SEQ = itertools.count()
+_UNFINISHED: dict[int, weakref.ref[StageRecorder]] = {}
+_UNFINISHED_LOCK = threading.Lock()
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[bool, int, int]]:
+    """Every path under ``folder`` (relative, ``/``-separated) → (is a folder, size, mtime in ns)."""
+    out: dict[str, tuple[bool, int, int]] = {}
+    if not folder.is_dir():
+        return out
+    for root, dirs, files in os.walk(folder):
+        for name in [*dirs, *files]:
+            p = Path(root) / name
+            try:
+                st = p.lstat()
+            except OSError:
+                continue
+            is_dir = p.is_dir() and not p.is_symlink()
+            key = (True, 0, 0) if is_dir else (False, st.st_size, st.st_mtime_ns)
+            out[p.relative_to(folder).as_posix()] = key
+    return out
+
+
+def _kept_on_failure(rel: str) -> bool:
+    return rel.split("/", 1)[0] in KEEP_ON_FAILURE_DIRS or rel.endswith(KEEP_ON_FAILURE_SUFFIXES)
+
+
+def recorder_mark() -> int:
+    """A mark for :func:`discard_unfinished`: recorders created after it are the ones it may undo."""
+    return next(_SEQ)
+
+
+def discard_unfinished(since: int = 0) -> list[Path]:
+    """Undo the unfinished stage runs recorded after ``since`` (see :func:`recorder_mark`); returns their folders.
+
+    Called when a stage fails: each such run's folder is put back as the recorder found it (see the module doc).
+    """
+    with _UNFINISHED_LOCK:
+        seqs = sorted((s for s in _UNFINISHED if s > since), reverse=True)
+        refs = [_UNFINISHED.pop(s) for s in seqs]
+    folders = []
+    for ref in refs:
+        rec = ref()
+        if rec is not None and not rec.finished:
+            rec.discard()
+            folders.append(rec.out_dir)
+    return folders
+
+
 class StageRecorder:
     """Collects counts and timings during a stage; writes ``config.yaml`` and ``manifest.json``.
 
@@ -338,10 +405,58 @@ class StageRecorder:
         self.timings: dict[str, float] = {}
         self._t0 = time.time()
         self.started = False
+        self.finished = False
         check_out_dir(self.out_dir)
         check_stage_models(cfg)
+        # what the folder held, so a failed run can be undone (discard)
+        self._created = next((p for p in [*reversed(self.out_dir.parents), self.out_dir] if not p.exists()), None)
+        self._before = _snapshot(self.out_dir)
+        self._saved = {n: (self.out_dir / n).read_bytes() for n in (MANIFEST, "config.yaml")
+                       if (self.out_dir / n).is_file()}
         self.out_dir.mkdir(parents=True, exist_ok=True)
         watch_folder(self.out_dir, self)
+        self._seq = next(_SEQ)
+        with _UNFINISHED_LOCK:
+            _UNFINISHED[self._seq] = weakref.ref(self)
+
+    def discard(self) -> None:
+        """Undo this unfinished run: remove what it created (resume state excepted), restore the old
+        ``config.yaml``/``manifest.json`` when nothing else that was there changed, remove a folder it created."""
+        if self.finished:
+            return
+        self.finished = True
+        unwatch_folder(self.out_dir, self)
+        with _UNFINISHED_LOCK:
+            _UNFINISHED.pop(self._seq, None)
+        now = _snapshot(self.out_dir)
+        removed = []
+        for rel in sorted(now, key=lambda r: r.count("/"), reverse=True):  # deepest first
+            if rel in self._before or _kept_on_failure(rel):
+                continue
+            p = self.out_dir / rel
+            try:
+                if now[rel][0]:
+                    if not any(p.iterdir()):
+                        p.rmdir()
+                        removed.append(rel)
+                else:
+                    p.unlink()
+                    removed.append(rel)
+            except OSError as exc:
+                _log.warning("could not remove %s of the failed %s run: %s", p, self.stage, exc)
+        others = {r: v for r, v in self._before.items() if r not in self._saved}
+        if self._saved and all(now.get(r) == v for r, v in others.items()):
+            for name, data in self._saved.items():
+                (self.out_dir / name).write_bytes(data)
+        if self._created is not None:
+            for folder in [self.out_dir, *self.out_dir.parents]:
+                if not folder.is_dir() or any(folder.iterdir()):
+                    break
+                folder.rmdir()
+                if folder == self._created:
+                    break
+        if removed:
+            _log.info("%s failed: removed what it wrote in %s (%s)", self.stage, self.out_dir, ", ".join(removed[:5]))
 
     def before_first_write(self) -> None:
         """Called by :mod:`dpa_rag.io` before the stage's first write into its folder."""
@@ -370,6 +485,9 @@ class StageRecorder:
         import transformers
 
         self.start()
+        self.finished = True
+        with _UNFINISHED_LOCK:
+            _UNFINISHED.pop(self._seq, None)
         outputs = list(outputs)
         _fix_private_modes(self.out_dir, outputs)
         self.counts.update(counts)

@@ -52,3 +52,29 @@ def test_env_runs():
     res = CliRunner().invoke(app, ["env"])
     assert res.exit_code == 0
     assert "torch" in res.output and "transformers" in res.output
+
+
+def _rendered_help(name: str) -> str:
+    res = CliRunner().invoke(app, [name, "--help"], env={"COLUMNS": "400", "TERMINAL_WIDTH": "400"})
+    assert res.exit_code == 0, res.output
+    return " ".join(res.output.replace("│", " ").split())
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("train-llm", ["LoRA rank. [default: 16]", "Peak learning rate. [default: 0.0002]", "Epochs. [default: 3.0]",
+                       "[default: smollm2-135m]", "Output folder. [default: runs/llm-<stage>]",
+                       "bf16 mixed precision. [default: on for CUDA with bf16, else off]", "[required]"]),
+        ("train-reranker", ["[default: minilm]", "Training epochs. [default: 10.0]",
+                            "[default: ['point', 'pair', 'contrastive']]"]),
+        ("index", ["[default: minilm]"]),
+        ("answer", ["[default: smollm2-135m]"]),
+    ],
+)
+def test_help_shows_defaults(name, expected):
+    """Rich help must not swallow ``[default: …]`` as a markup tag (it did for every scalar default)."""
+    text = _rendered_help(name)
+    for needle in expected:
+        assert needle in text, f"{name} --help lacks {needle!r}"
+    assert "\\[" not in text  # escapes are not shown

@@ -117,3 +117,59 @@ def test_launcher_config_file_must_exist(tmp_path):
     })
     report = check_pipeline(cfg)
     assert any("no shipped accelerate config named 'nope'" in p for p in report.problems)
+
+
+def _demo(tmp_path: Path, **edit) -> PipelineConfig:
+    return load_config(PipelineConfig, demo_config(), {
+        "out_dir": tmp_path / "demo", "questions": sample_path("questions.jsonl"),
+        "corpus": [sample_path("corpus.jsonl")], **edit,
+    })
+
+
+def test_aligned_reader_on_the_reranker_folder_fails(tmp_path):
+    """A reader pointed at what train-reranker writes (the folder exists only later: judged by the writing step)."""
+    report = check_pipeline(_demo(tmp_path, aligned_reader={"model": str(tmp_path / "demo/train-reranker/model")}))
+    assert (f"step 'answer-aligned-reader': model = {tmp_path}/demo/train-reranker/model is written by step "
+            "'train-reranker' (an encoder or reranker), but model needs a reader (causal LM)") in report.problems
+
+
+def test_models_of_the_wrong_kind_on_disk_fail(tmp_path, tiny_bert_dir, tiny_llm_dir):
+    report = check_pipeline(_demo(tmp_path, reader={"model": str(tiny_bert_dir)},
+                                  sections={"train_reranker": {"backbone": str(tiny_llm_dir)}}))
+    assert (f"step 'mine': model = {tiny_bert_dir} is an encoder or reranker (config.json: BertModel), but model "
+            "needs a reader (causal LM)") in report.problems
+    assert (f"step 'train-reranker': backbone = {tiny_llm_dir} is a reader (causal LM) (config.json: "
+            "LlamaForCausalLM), but backbone needs an encoder or reranker") in report.problems
+    # the right kinds pass
+    ok = check_pipeline(_demo(tmp_path, reader={"model": str(tiny_llm_dir)},
+                              sections={"train_reranker": {"backbone": str(tiny_bert_dir)}}))
+    assert not [p for p in ok.problems if "needs" in p], ok.problems
+
+
+def test_folder_kind_reads_adapters_and_sentence_transformers(tmp_path):
+    from dpa_rag.models import ENCODER_KIND as ENCODER
+    from dpa_rag.models import LLM_KIND as LLM
+    from dpa_rag.models import model_kind as folder_kind
+
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text('{"task_type": "CAUSAL_LM"}')
+    (tmp_path / "st").mkdir()
+    (tmp_path / "st" / "modules.json").write_text("[]")
+    (tmp_path / "ce").mkdir()
+    (tmp_path / "ce" / "config.json").write_text('{"architectures": ["XLMRobertaForSequenceClassification"]}')
+    assert folder_kind(tmp_path / "adapter")[0] == LLM
+    assert folder_kind(tmp_path / "st")[0] == ENCODER
+    assert folder_kind(tmp_path / "ce") == (ENCODER, "config.json: XLMRobertaForSequenceClassification")
+    assert folder_kind(tmp_path) is None
+
+
+def test_check_cli_fails_on_a_reranker_given_a_reader_folder(tmp_path, tiny_llm_dir):
+    raw = yaml.safe_load(Path(demo_config()).read_text())
+    raw.update({"out_dir": str(tmp_path / "demo"), "questions": str(sample_path("questions.jsonl")),
+                "corpus": [str(sample_path("corpus.jsonl"))]})
+    raw.setdefault("sections", {}).setdefault("train_reranker", {})["backbone"] = str(tiny_llm_dir)
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    result = _check([str(path)])
+    assert result.exit_code == 1, result.output
+    assert "backbone needs an encoder or reranker" in " ".join(result.output.split())

@@ -136,7 +136,7 @@ def test_pipeline_generator_sections_are_typed(tmp_path: Path) -> None:
         PipelineConfig(questions=q, corpus=[q], reader={"template": "dpa"})
     with pytest.raises(ConfigError) as err:  # the CLI's message lists the section's own keys
         load_config(PipelineConfig, overrides={"questions": q, "corpus": [q], "reader": {"template": "dpa"}})
-    assert "unknown key 'reader.template' (known keys: api_key_env, backend," in str(err.value)
+    assert "unknown key 'reader.template' (known keys: api_key_env, attn_implementation, backend," in str(err.value)
     assert "compare_retrievers" not in str(err.value)
 
 

@@ -5,8 +5,9 @@ Each field of the :class:`~dpa_rag.config.StageConfig` becomes a ``--kebab-case`
 names for a field (e.g. the authors' ``--train_data_path``) come from ``json_schema_extra={"cli": [...]}``.
 A field with ``json_schema_extra={"flag_value": "True"}`` also works as a bare switch: ``--cls_loss`` alone (last, or
 followed by another option) means ``--cls_loss True``, like an ``argparse`` ``store_true`` flag.
-Every command runs inside :func:`~dpa_rag.cli.errors.error_boundary` (one ``error:`` line and exit code 2 for expected
-failures); commands whose stage reads question files also get ``--dedupe-ids``.
+Each option's help ends with its default (``[default: 2e-4]``; escaped so rich help shows it rather than reading it
+as markup). Every command runs inside :func:`~dpa_rag.cli.errors.error_boundary` (one ``error:`` line and exit code
+2 for expected failures); commands whose stage reads question files also get ``--dedupe-ids``.
 """
 
 from __future__ import annotations
@@ -82,6 +83,17 @@ def _default_text(field: FieldInfo) -> str:
     return f"[default: {value}]"
 
 
+def _plain(text: str) -> str:
+    """``text`` shown as written by typer's rich help (``[default: 16]`` is not read as a markup tag)."""
+    from typer import core
+
+    if not getattr(core, "HAS_RICH", False):
+        return text
+    from rich.markup import escape
+
+    return escape(text)
+
+
 def bare_switches(args: list[str], flag_values: dict[str, str]) -> list[str]:
     """Rewrite a bare ``--name`` of an optional-value option to ``--name=VALUE`` (the next token is not its value
     when there is none or it starts with ``-``); ``--name True`` and ``--name=False`` pass unchanged."""
@@ -153,9 +165,11 @@ def add_stage_command(
         decls += [a for a in aliases if a != flag]
         if "flag_value" in extra:
             flag_values.update({d: str(extra["flag_value"]) for d in [flag, *aliases]})
-        help_text = " ".join(x for x in (field.description or "", note, _default_text(field)) if x)
+        default = "" if "[default:" in (field.description or "") else _default_text(field)
+        help_text = " ".join(x for x in (field.description or "", note, default) if x)
         if field.is_required():
-            help_text += " \\[required]"
+            help_text += " [required]"
+        help_text = _plain(help_text)
         params.append(
             inspect.Parameter(
                 fname,
@@ -195,5 +209,6 @@ def add_stage_command(
         doc += "\n\nSet in the YAML file only: " + ", ".join(yaml_only) + "."
     command.__doc__ = doc
     extra_kw = {"cls": _switch_command(flag_values)} if flag_values else {}
+    command.command_kwargs = extra_kw  # type: ignore[attr-defined]  # for wrappers that register it themselves
     app.command(name, help=doc, rich_help_panel=rich_help_panel, **extra_kw)(command)
     return command

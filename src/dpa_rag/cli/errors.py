@@ -5,7 +5,8 @@ Expected failures are bad data or configuration (:class:`~dpa_rag.io.DataError`,
 retries, a backend that cannot score answers (:class:`~dpa_rag.generation.base.LoglikUnsupported`), and running out of
 memory. Each is printed as a single line that names the file (and line), the model or the endpoint, and what to do;
 ``-v``/``--debug`` adds the traceback. Anything else is a bug: a one-line summary, a pointer to ``dpa-rag env`` for the
-report, then the traceback, and exit code 1.
+report, then the traceback, and exit code 1. Either way a stage that failed after it started writing leaves its
+output folder as it found it (:func:`dpa_rag.stage.discard_unfinished`; resume state is kept).
 """
 
 from __future__ import annotations
@@ -116,6 +117,9 @@ def _is_usage_error(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def error_boundary(command: str) -> Iterator[None]:
     """Run a command's body: expected failures → one ``error:`` line, exit 2; bugs → summary, traceback, exit 1."""
+    from dpa_rag.stage import discard_unfinished, recorder_mark
+
+    mark = recorder_mark()
     try:
         yield
     except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
@@ -123,6 +127,7 @@ def error_boundary(command: str) -> Iterator[None]:
     except Exception as exc:  # noqa: BLE001 - this is the boundary
         if _is_usage_error(exc):  # click's / typer's own (bundled click since typer 0.2x): its usage message
             raise
+        discard_unfinished(since=mark)
         message = explain(exc)
         if message is not None:
             if _debug():

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, Protocol, Union, runtime_checkable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from dpa_rag.config import Runtime
+from dpa_rag.config import ATTN_HELP, AttnImplementation, Runtime
 from dpa_rag.models import DEFAULT_READER
 
 __all__ = [
@@ -119,6 +119,10 @@ class GeneratorOptions(Runtime):
         description="openai: the served model's tokenizer (hub id, local folder or bundled alias) whose chat "
         "template renders chats for answer scoring (label_rule loglik), as the server would; without it chats are "
         "scored as plain 'role: content' text (with a warning).",
+    )
+    attn_implementation: AttnImplementation = Field(
+        "auto", description="hf: " + ATTN_HELP + " vllm picks its own attention backend and ignores this.",
+        json_schema_extra={"cli": ["--flash_attn"]},  # the authors' inference command: --flash_attn no
     )
     tensor_parallel_size: int = Field(1, ge=1, description="vllm: GPUs to shard the model over.")
     gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="vllm: share of GPU memory vLLM may take.")

@@ -17,7 +17,8 @@ def build_backend(opts: GeneratorOptions) -> Generator:
     if opts.backend == "hf":
         from dpa_rag.generation.hf import HFGenerator
 
-        return HFGenerator(opts.model, dtype=opts.dtype, device=opts.device, batch_size=opts.batch_size)
+        return HFGenerator(opts.model, dtype=opts.dtype, device=opts.device, batch_size=opts.batch_size,
+                           attn_implementation=opts.attn_implementation)
     if opts.backend == "openai":
         from dpa_rag.generation.openai_compat import OpenAICompatibleGenerator
 
@@ -30,7 +31,7 @@ def build_backend(opts: GeneratorOptions) -> Generator:
             max_retries=opts.max_retries,
             tokenizer=opts.tokenizer,
         )
-    if opts.backend == "vllm":
+    if opts.backend == "vllm":  # vLLM picks its own attention backend: attn_implementation is not passed
         from dpa_rag.generation.vllm_backend import VLLMGenerator
 
         return VLLMGenerator(

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from dpa_rag.generation.base import GenerationParams, Prompt, prompt_to_text
-from dpa_rag.models import fingerprint, pick_device, pick_dtype, resolve_llm
+from dpa_rag.models import attn_kwargs, fingerprint, pick_device, pick_dtype, resolve_llm
 
 __all__ = ["HFGenerator", "truncate_at_stop"]
 
@@ -45,6 +45,8 @@ class HFGenerator:
         num_threads: if given, ``torch.set_num_threads(num_threads)``; by default torch's setting is left alone.
         cache_dir: where bundled aliases are converted (default: the dpa-rag cache folder).
         trust_remote_code: passed to ``from_pretrained``.
+        attn_implementation: ``auto`` (transformers chooses), ``sdpa``, ``eager`` or ``flash_attention_2`` (needs
+            the ``flash-attn`` package; see :func:`dpa_rag.models.attn_kwargs`).
 
     Attributes:
         model_id: weights fingerprint, dtype (it changes outputs) and a hash of the chat template; part of the cache
@@ -60,6 +62,7 @@ class HFGenerator:
         num_threads: int | None = None,
         cache_dir: str | Path | None = None,
         trust_remote_code: bool = False,
+        attn_implementation: str = "auto",
     ) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -68,6 +71,7 @@ class HFGenerator:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if num_threads is not None:
             torch.set_num_threads(num_threads)
+        attn = attn_kwargs(attn_implementation)  # fails before anything loads
         self.path = resolve_llm(model, cache_dir)
         self.device = pick_device(device)
         self.dtype = pick_dtype(dtype, self.device)
@@ -80,9 +84,12 @@ class HFGenerator:
             tok.pad_token = tok.eos_token
         self.tokenizer = tok
         logger.info("loading %s on %s (%s)", self.path, self.device, str(self.dtype).removeprefix("torch."))
-        lm = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype, trust_remote_code=trust_remote_code)
+        lm = AutoModelForCausalLM.from_pretrained(self.path, dtype=self.dtype, trust_remote_code=trust_remote_code,
+                                                  **attn)
         self.model = lm.to(self.device).eval()
         self.model_id = f"{fingerprint(self.path)}:{str(self.dtype).removeprefix('torch.')}"
+        if attn:  # another kernel can change a greedy answer in the last bits; auto keeps the ids of older caches
+            self.model_id += f":attn-{attn['attn_implementation']}"
         template = getattr(tok, "chat_template", None)
         if isinstance(template, str):  # the template shapes every chat prompt; the weights fingerprint misses it
             self.model_id += ":chat-" + hashlib.sha1(template.encode("utf-8")).hexdigest()[:8]

@@ -7,7 +7,7 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from dpa_rag.config import DeviceOption, Dtype, StageConfig
+from dpa_rag.config import ATTN_HELP, AttnImplementation, DeviceOption, Dtype, StageConfig
 from dpa_rag.models import DEFAULT_READER
 
 __all__ = ["TrainLLMConfig"]
@@ -79,6 +79,8 @@ class TrainLLMConfig(DeviceOption, StageConfig):
     dtype: Dtype = Field(
         "auto", description="Dtype the base weights load in (auto: fp32 on CPU and for full; bf16 on CUDA for LoRA)."
     )
+    attn_implementation: AttnImplementation = Field(
+        "auto", description=ATTN_HELP, json_schema_extra={"cli": ["--flash_attn"], "flag_value": "fa2"})
     deepspeed: str | None = Field(
         None, description="DeepSpeed JSON file or shipped name (zero3); not needed under an accelerate DS config."
     )

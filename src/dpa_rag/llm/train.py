@@ -38,7 +38,7 @@ from dpa_rag.llm.validation import (
     write_model_card_section,
     write_validation,
 )
-from dpa_rag.models import pick_device, pick_dtype, resolve_llm
+from dpa_rag.models import attn_kwargs, pick_device, pick_dtype, resolve_llm
 from dpa_rag.stage import StageOutputs, stage_recorder
 
 __all__ = [
@@ -158,7 +158,7 @@ def build_model(cfg: TrainLLMConfig, device: str | None = None) -> tuple[Any, An
 
     device = device or pick_device(cfg.device)
     base = _base_name(cfg)
-    kwargs: dict[str, Any] = {"dtype": _load_dtype(cfg, device)}
+    kwargs: dict[str, Any] = {"dtype": _load_dtype(cfg, device), **attn_kwargs(cfg.attn_implementation)}
     if cfg.method == "qlora":
         _check_qlora(device)
         from transformers import BitsAndBytesConfig

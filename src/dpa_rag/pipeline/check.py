@@ -4,7 +4,11 @@ For every enabled step it builds the step's config (unknown keys and bad values 
 checks each path the step reads: a path inside the run folder must be written by a step upstream of it (its
 dependency, transitively), and, where the writing step's outputs are known (its stage's ``Outputs.written``), be one
 of them (e.g. ``model/`` after full fine-tuning, ``merged/`` after a merged LoRA run); a path outside the run folder
-must exist. Nothing runs.
+must exist. A path that names a model is also checked for the right kind of model: a reader (causal LM) where a
+reader is loaded, an encoder or reranker (a sentence-transformers folder, a classification or plain encoder) where a
+reranker, backbone or retrieval encoder is loaded: an existing folder by its ``config.json``/``adapter_config.json``/
+``modules.json``, a folder a step will write by that step's stage (``train-llm`` writes readers, ``train-reranker``
+rerankers). Nothing runs.
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from typing import Any
 from pydantic import BaseModel
 
 from dpa_rag.config import ConfigError
+from dpa_rag.models import ENCODER_KIND as ENCODER
+from dpa_rag.models import LLM_KIND as LLM
+from dpa_rag.models import model_kind
 from dpa_rag.pipeline.config import PipelineConfig
 from dpa_rag.pipeline.runner import Step
 
@@ -67,6 +74,57 @@ def _flat_items(stage_cfg: BaseModel) -> Iterator[tuple[str, Any]]:
             yield key, value
 
 
+def _model_roles(cfg: BaseModel) -> dict[str, str]:
+    """The fields of a stage config that name a model it loads, and the kind each must be."""
+    from dpa_rag.generation.base import GeneratorOptions
+    from dpa_rag.llm.config import TrainLLMConfig
+    from dpa_rag.rag.answer import AnswerConfig
+    from dpa_rag.reranker.config import RerankConfig, TrainRerankerConfig
+
+    roles: dict[str, str] = {}
+    if isinstance(cfg, TrainLLMConfig):
+        roles.update(model=LLM, init_model=LLM)
+    elif isinstance(cfg, GeneratorOptions) and cfg.backend in ("hf", "vllm"):
+        roles["model"] = LLM
+    if isinstance(cfg, AnswerConfig):
+        roles["reranker"] = ENCODER
+    if isinstance(cfg, RerankConfig):
+        roles["model"] = ENCODER
+    if isinstance(cfg, TrainRerankerConfig):
+        roles["backbone"] = ENCODER
+    for name in ("encoder", "query_encoder", "nli_model"):
+        if name in type(cfg).model_fields:
+            roles[name] = ENCODER
+    return roles
+
+
+def _produced_kind(cfg: BaseModel | None) -> str | None:
+    """The kind of model a step's stage writes (``None``: no model, or not known)."""
+    from dpa_rag.llm.config import TrainLLMConfig
+    from dpa_rag.reranker.config import TrainRerankerConfig
+
+    if isinstance(cfg, TrainLLMConfig):
+        return LLM
+    if isinstance(cfg, TrainRerankerConfig):
+        return ENCODER
+    return None
+
+
+def _kind_problem(name: str, key: str, text: str, want: str, owner: str | None,
+                  configs: dict[str, BaseModel]) -> str | None:
+    """Why the model ``text`` that step ``name`` loads as ``key`` is the wrong kind, or ``None``."""
+    if owner is not None:
+        made = _produced_kind(configs.get(owner))
+        if made is not None and made != want:
+            return f"step '{name}': {key} = {text} is written by step '{owner}' ({made}), but {key} needs {want}"
+        return None
+    path = Path(text).expanduser()
+    found = model_kind(path) if path.is_dir() else None
+    if found is not None and found[0] != want:
+        return f"step '{name}': {key} = {text} is {found[0]} ({found[1]}), but {key} needs {want}"
+    return None
+
+
 def _norm(path: str | Path) -> str:
     return os.path.normpath(os.path.abspath(path))
 
@@ -104,6 +162,15 @@ def check_steps(steps: Sequence[Step], run_dir: Path) -> CheckReport:
     owners = sorted(((_norm(p), n) for n, p in folders.items()), key=lambda x: -len(x[0]))
     for name, stage_cfg in configs.items():
         reads: list[str] = []
+        for key, want in _model_roles(stage_cfg).items():
+            value = getattr(stage_cfg, key, None)
+            if isinstance(value, (str, Path)) and str(value):
+                path = _norm(value)
+                inside = path == run_root or path.startswith(run_root + os.sep)
+                owner = next((n for p, n in owners if path == p or path.startswith(p + os.sep)), None)
+                problem = _kind_problem(name, key, str(value), want, owner if inside else None, configs)
+                if problem:
+                    report.problems.append(problem)
         for key, value in _flat_items(stage_cfg):
             if key in _NOT_READ or value is None:
                 continue

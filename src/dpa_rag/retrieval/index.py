@@ -112,29 +112,35 @@ Outputs = IndexOutputs
 def build_index(cfg: IndexConfig, passages: list[Passage] | None = None) -> dict[str, Any]:
     """Load the corpus (unless ``passages`` is given) and write the index folder; returns the ``index.json`` info."""
     out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if passages is None:
         passages = load_corpus(cfg.corpus, dedup=cfg.dedup)
+    kinds = ["bm25", "dense"] if cfg.kind == "both" else [cfg.kind]
+    # Build every part in memory first (the encoder loads here), so a failure leaves the folder untouched.
+    bm25 = dense = None
+    if "bm25" in kinds:
+        bm25 = BM25Retriever.build(
+            passages, k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method, stopwords=cfg.stopwords,
+            stemmer=cfg.stemmer, show_progress=cfg.progress,
+        )
+    if "dense" in kinds:
+        dense = DenseRetriever.build(
+            passages, encoder=cfg.encoder, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
+            normalize=cfg.normalize, index_type=cfg.faiss_index, hnsw_m=cfg.hnsw_m,
+            ef_construction=cfg.hnsw_ef_construction, max_seq_length=cfg.max_seq_length,
+            query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt, show_progress=cfg.progress,
+            query_encoder=cfg.query_encoder, pooling=cfg.pooling,
+        )
+    out.mkdir(parents=True, exist_ok=True)
     # Parts of an older index in the same folder would no longer match the passages: remove them first.
     (out / INDEX_INFO).unlink(missing_ok=True)
     for part in ("bm25", "dense"):
         if (out / part).exists():
             shutil.rmtree(out / part)
     write_jsonl(out / PASSAGES, passages)
-    kinds = ["bm25", "dense"] if cfg.kind == "both" else [cfg.kind]
-    if "bm25" in kinds:
-        BM25Retriever.build(
-            passages, k1=cfg.bm25_k1, b=cfg.bm25_b, method=cfg.bm25_method, stopwords=cfg.stopwords,
-            stemmer=cfg.stemmer, show_progress=cfg.progress,
-        ).save(out / "bm25")
-    if "dense" in kinds:
-        DenseRetriever.build(
-            passages, encoder=cfg.encoder, batch_size=cfg.batch_size, device=cfg.device, dtype=cfg.dtype,
-            normalize=cfg.normalize, index_type=cfg.faiss_index, hnsw_m=cfg.hnsw_m,
-            ef_construction=cfg.hnsw_ef_construction, max_seq_length=cfg.max_seq_length,
-            query_prompt=cfg.query_prompt, passage_prompt=cfg.passage_prompt, show_progress=cfg.progress,
-            query_encoder=cfg.query_encoder, pooling=cfg.pooling,
-        ).save(out / "dense")
+    if bm25 is not None:
+        bm25.save(out / "bm25")
+    if dense is not None:
+        dense.save(out / "dense")
     info = {"kinds": kinds, "count": len(passages), "corpus": [str(p) for p in cfg.corpus]}
     write_json(out / INDEX_INFO, info)
     return info

@@ -45,4 +45,5 @@ def register(app: typer.Typer) -> None:
 
     train_llm.__signature__ = inspect.signature(inner)  # type: ignore[attr-defined]
     train_llm.__annotations__ = dict(inner.__annotations__)
-    app.command("train-llm", help=inner.__doc__, rich_help_panel="Reader alignment")(train_llm)
+    app.command("train-llm", help=inner.__doc__, rich_help_panel="Reader alignment",
+                **inner.command_kwargs)(train_llm)  # type: ignore[attr-defined]  # bare --flash_attn
