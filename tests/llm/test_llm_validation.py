@@ -60,11 +60,12 @@ def test_select_step_rules() -> None:
     assert select_step(rows, base, rule="final") == 12
     worse = [{"step": 0, "hits@1": 40.0, "f1": 10.0}, {"step": 5, "hits@1": 30.0, "f1": 50.0}]
     assert select_step(worse, base) == 0  # nothing eligible: the starting weights
-    # closed-book answers lost (forgetting) make a step ineligible too
+    # closed-book answers lost (forgetting) make a step ineligible when asked to
     closed_base = {**base, "closed_book_hits@1": 30.0}
     forgets = [{"step": 0, "hits@1": 50.0, "f1": 20.0, "closed_book_hits@1": 30.0},
                {"step": 3, "hits@1": 60.0, "f1": 50.0, "closed_book_hits@1": 20.0}]
-    assert select_step(forgets, closed_base) == 0 and select_step(forgets, base) == 3
+    assert select_step(forgets, closed_base) == 3  # by default forgetting is reported, not decisive
+    assert select_step(forgets, closed_base, closed_book=True) == 0
     with pytest.raises(ValueError, match="unknown selection rule"):
         select_step(rows, base, rule="best")  # type: ignore[arg-type]
 

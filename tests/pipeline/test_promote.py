@@ -33,10 +33,11 @@ def test_reader_decision(base, aligned, tolerance, promoted) -> None:
     assert d["base"]["hits@1"] == base[0] and d["aligned"]["f1"] == aligned[1]
 
 
-def test_reader_that_forgets_closed_book_is_not_promoted() -> None:
+def test_reader_that_forgets_closed_book_with_no_forgetting() -> None:
     v = _validation((50.0, 20.0), (55.0, 40.0))
     v["base"]["closed_book_hits@1"], v["selected"]["closed_book_hits@1"] = 30.0, 20.0
-    d = gate.decide_reader(v, "auto")
+    assert gate.decide_reader(v, "auto")["promoted"] is True  # the full system answers with passages
+    d = gate.decide_reader(v, "auto", no_forgetting=True)
     assert d["promoted"] is False and "closed-book Hits@1 20.0" in d["reason"]
 
 

@@ -109,8 +109,12 @@ class TrainLLMConfig(DeviceOption, StageConfig):
     valid_chat: bool = Field(True, description="Validation prompts as chat messages (the answer step's --chat).")
     valid_max_new_tokens: int = Field(32, ge=1, description="Validation decoding budget (greedy; the answer step's).")
     valid_closed_book: bool = Field(
-        True, description="Also validate closed-book (forgetting: a kept step must not lose the answers the base "
-        "reader had without passages either)."
+        True, description="Also validate closed-book (reports forgetting: the answers the base reader had without "
+        "passages)."
+    )
+    select_no_forgetting: bool = Field(
+        False, description="f1-no-hit-loss: a kept step must not lose closed-book Hits@1 either (needs "
+        "--valid-closed-book)."
     )
     valid_limit: int | None = Field(None, ge=1, description="Validate on the first N questions only.")
     valid_batch_size: int = Field(16, ge=1, description="Validation prompts per generation batch.")

@@ -362,7 +362,8 @@ class ValidationCallback:
         row = {"step": step, **metrics}
         self.result.steps.append(row)
         logger.info("validation at step %d: %s", step, _fmt(row))
-        chosen = select_step(self.result.steps, self.result.base, self.cfg.select, self.cfg.hit_tolerance)
+        chosen = select_step(self.result.steps, self.result.base, self.cfg.select, self.cfg.hit_tolerance,
+                             self.cfg.select_no_forgetting)
         if chosen == step:
             self.kept_predictions = preds
             self.snapshot_step = step
@@ -381,7 +382,8 @@ class ValidationCallback:
     def finish(self, model, deepspeed: bool) -> bool:
         """Put the chosen weights back into ``model`` (unless they are the last ones) and fill in the comparison
         with the base reader; returns whether the model's weights were replaced."""
-        chosen = select_step(self.result.steps, self.result.base, self.cfg.select, self.cfg.hit_tolerance)
+        chosen = select_step(self.result.steps, self.result.base, self.cfg.select, self.cfg.hit_tolerance,
+                             self.cfg.select_no_forgetting)
         self.result.selected_step = chosen
         self.result.selected = next(r for r in self.result.steps if r["step"] == chosen)
         self.result.selected = {k: v for k, v in self.result.selected.items() if k != "step"}

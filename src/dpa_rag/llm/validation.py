@@ -47,10 +47,14 @@ def _metrics(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
 CLOSED = "closed_book_"  # prefix of the closed-book metrics in a validation row
 
 
-def hit_loss(row: dict[str, Any], base: dict[str, float], hit_tolerance: float = 0.0) -> str | None:
-    """Why ``row`` loses answers the base reader had (``None``: it does not): its Hits@1 with the passages, or
-    closed-book when measured (forgetting), below the base reader's by more than ``hit_tolerance`` points."""
-    for key, label in (("hits@1", "Hits@1"), (f"{CLOSED}hits@1", "closed-book Hits@1")):
+def hit_loss(
+    row: dict[str, Any], base: dict[str, float], hit_tolerance: float = 0.0, closed_book: bool = False
+) -> str | None:
+    """Why ``row`` loses answers the base reader had (``None``: it does not): its Hits@1 with the passages (and, with
+    ``closed_book``, closed-book when measured: forgetting) below the base reader's by more than ``hit_tolerance``
+    points."""
+    keys = [("hits@1", "Hits@1"), *([(f"{CLOSED}hits@1", "closed-book Hits@1")] if closed_book else [])]
+    for key, label in keys:
         if key in row and key in base and row[key] < base[key] - hit_tolerance - 1e-9:
             return f"{label} {row[key]:.1f} vs the base reader's {base[key]:.1f} ({row[key] - base[key]:+.1f} points)"
     return None
@@ -58,14 +62,13 @@ def hit_loss(row: dict[str, Any], base: dict[str, float], hit_tolerance: float =
 
 def select_step(
     steps: Sequence[dict[str, Any]], base: dict[str, float], rule: SelectRule = "f1-no-hit-loss",
-    hit_tolerance: float = 0.0,
+    hit_tolerance: float = 0.0, closed_book: bool = False,
 ) -> int:
     """The optimizer step whose weights to keep, from the validation rows ``steps`` (``{"step", "hits@1", "f1",
     …}``, step 0 first) and the base reader's metrics ``base``.
 
-    * ``f1-no-hit-loss``: among steps with ``hits@1 >= base hits@1 - hit_tolerance`` (and the same for the
-      closed-book Hits@1 when the rows have it), the highest F1 (ties: the earlier step); step 0 when none is
-      eligible.
+    * ``f1-no-hit-loss``: among steps with ``hits@1 >= base hits@1 - hit_tolerance`` (with ``closed_book``, the
+      same for the closed-book Hits@1), the highest F1 (ties: the earlier step); step 0 when none is eligible.
     * ``hits``: the highest Hits@1, ties broken by F1, then the earlier step.
     * ``final``: the last evaluated step.
 
@@ -84,7 +87,7 @@ def select_step(
         return int(best["step"])
     if rule != "f1-no-hit-loss":
         raise ValueError(f"unknown selection rule {rule!r} (one of {', '.join(SELECT_RULES)})")
-    eligible = [r for r in steps if not hit_loss(r, base, hit_tolerance)]
+    eligible = [r for r in steps if not hit_loss(r, base, hit_tolerance, closed_book)]
     if not eligible:
         return int(steps[0]["step"])
     best = max(eligible, key=lambda r: (r["f1"], -r["step"]))

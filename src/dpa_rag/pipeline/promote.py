@@ -3,8 +3,8 @@ on held-out training-split questions (never the evaluation questions).
 
 * **reader** — the self-aligned reader against the base reader, from ``train-llm``'s held-out validation
   (``validation.json``: the kept weights and the base reader answered the same held-out questions with the same
-  passages, prompt and decoding). Worse = Hits@1 (with the passages, or closed-book when validation measured it:
-  forgetting) below the base reader's by more than ``hit_tolerance`` points, or a lower F1.
+  passages, prompt and decoding). Worse = Hits@1 with the passages below the base reader's by more than
+  ``hit_tolerance`` points, or a lower F1 (with ``no_forgetting``, also a lower closed-book Hits@1).
 * **reranker** — the aligned reranker (as the answer step uses it: with its saved retriever fusion) against the
   retriever's order on the held-out lists ``train-reranker`` scores: utility nDCG@3 on the graded lists
   (``utility_metrics.json``) and answer-ranking MRR on the held-out training-split questions' retrieval lists
@@ -53,6 +53,10 @@ class PromoteConfig(StageConfig):
     hit_tolerance: float = Field(
         0.0, ge=0.0, description="Hits@1 points the aligned reader may lose against the base reader (auto)."
     )
+    no_forgetting: bool = Field(
+        False, description="Also refuse a reader that loses closed-book Hits@1 on the held-out questions (the full "
+        "system always answers with passages, so by default forgetting is reported, not decisive)."
+    )
     out_dir: Path = Field(description="Folder for promotion.json and promotion.md.")
 
 
@@ -69,7 +73,9 @@ Config = PromoteConfig
 Outputs = PromoteOutputs
 
 
-def decide_reader(validation: dict[str, Any] | None, policy: Policy, hit_tolerance: float = 0.0) -> dict[str, Any]:
+def decide_reader(
+    validation: dict[str, Any] | None, policy: Policy, hit_tolerance: float = 0.0, no_forgetting: bool = False
+) -> dict[str, Any]:
     """The reader's decision from a ``validation.json`` (``None``: no held-out validation ran).
 
     Example:
@@ -95,7 +101,7 @@ def decide_reader(validation: dict[str, Any] | None, policy: Policy, hit_toleran
     base, aligned = validation["base"], validation["selected"]
     d_hits = aligned["hits@1"] - base["hits@1"]
     d_f1 = aligned["f1"] - base["f1"]
-    loss = hit_loss(aligned, base, hit_tolerance)
+    loss = hit_loss(aligned, base, hit_tolerance, closed_book=no_forgetting)
     if loss is not None:
         return {**out, "promoted": False, "reason": loss}
     if d_f1 < -1e-9:
@@ -198,7 +204,7 @@ def run(cfg: PromoteConfig) -> PromoteOutputs:
     decisions: dict[str, dict[str, Any]] = {}
     if cfg.reader_validation is not None:
         validation = read_json(cfg.reader_validation) if Path(cfg.reader_validation).exists() else None
-        decisions["reader"] = decide_reader(validation, cfg.reader, cfg.hit_tolerance)
+        decisions["reader"] = decide_reader(validation, cfg.reader, cfg.hit_tolerance, cfg.no_forgetting)
     if cfg.reranker_dir is not None:
         decisions["reranker"] = decide_reranker(_reranker_evidence(Path(cfg.reranker_dir)), cfg.reranker)
     write_json(out.promotion, decisions)
