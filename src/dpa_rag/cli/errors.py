@@ -5,7 +5,8 @@ Expected failures are bad data or configuration (:class:`~dpa_rag.io.DataError`,
 retries, a backend that cannot score answers (:class:`~dpa_rag.generation.base.LoglikUnsupported`), and running out of
 memory. Each is printed as a single line that names the file (and line), the model or the endpoint, and what to do;
 ``-v``/``--debug`` adds the traceback. Anything else is a bug: a one-line summary, a pointer to ``dpa-rag env`` for the
-report, then the traceback, and exit code 1.
+report, then the traceback, and exit code 1. A stop on SIGTERM/SIGINT (:class:`~dpa_rag.jobs.Preempted`) is one
+``stopped:`` line saying how to resume, and exit code :data:`~dpa_rag.jobs.PREEMPTED_EXIT` (75).
 """
 
 from __future__ import annotations
@@ -116,10 +117,16 @@ def _is_usage_error(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def error_boundary(command: str) -> Iterator[None]:
     """Run a command's body: expected failures → one ``error:`` line, exit 2; bugs → summary, traceback, exit 1."""
+    from dpa_rag.jobs import PREEMPTED_EXIT, Preempted, resume_hint
+
     try:
         yield
     except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
         raise
+    except Preempted as exc:  # SIGTERM/SIGINT: stopped at a safe point, what resumes is saved
+        typer.secho(f"stopped: {exc}; {resume_hint()} (exit code {PREEMPTED_EXIT})", fg=typer.colors.YELLOW,
+                    err=True)
+        raise typer.Exit(PREEMPTED_EXIT) from None
     except Exception as exc:  # noqa: BLE001 - this is the boundary
         if _is_usage_error(exc):  # click's / typer's own (bundled click since typer 0.2x): its usage message
             raise
