@@ -12,13 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_llm_validation import _cfg, _inputs
 
 from dpa_rag.checkpoints import RESUME_FILE
 from dpa_rag.config import save_config
 from dpa_rag.jobs import PREEMPTED_EXIT
 from dpa_rag.llm import run
 from test_jobs import _stop, _wait_for
-from test_llm_validation import _cfg, _inputs
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 

@@ -14,9 +14,10 @@ import pytest
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
+from test_serve import DOCS, QUERY, RecordingScorer, _error  # noqa: E402
+
 from dpa_rag.serve import ServeConfig, ServerThread, build_app  # noqa: E402
 from dpa_rag.serve.server import LoadingGate  # noqa: E402
-from test_serve import DOCS, QUERY, RecordingScorer, _error  # noqa: E402
 
 
 class FailsOnce(RecordingScorer):
