@@ -23,11 +23,11 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from dpa_rag.jobs import Preempted, preempt_requested
+from dpa_rag.jobs import Preempted, _rank, preempt_requested
 from dpa_rag.stage import resume_state
 
 __all__ = ["CHECKPOINT_NEUTRAL", "RESUME_FILE", "CheckpointCallback", "checkpoint_state", "complete_checkpoints",
-           "resolve_resume"]
+           "finished_checkpoints", "resolve_resume"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,10 +91,21 @@ def resolve_resume(option: str | None, folder: Path, state: dict[str, Any], what
             logger.info("%s: ignoring %d checkpoint(s) of another config, input or an unfinished save", what,
                         len(others))
         return str(same[0])
+    if _rank() != 0:
+        return None
     for p in others:
         logger.warning("%s: removing %s (another config or input, or cut by a kill before it was complete)", what, p)
         shutil.rmtree(p, ignore_errors=True)
     return None
+
+
+def finished_checkpoints(folder: Path) -> None:
+    """The run finished: its checkpoints (kept for inspection) are no longer resumed from (their marks go), so a
+    forced re-run trains from the start."""
+    if _rank() != 0:
+        return
+    for _, p in _checkpoints(folder):
+        (p / RESUME_FILE).unlink(missing_ok=True)
 
 
 class CheckpointCallback:

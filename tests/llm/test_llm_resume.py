@@ -14,10 +14,11 @@ import pytest
 import torch
 from test_llm_validation import _cfg, _inputs
 
-from dpa_rag.checkpoints import RESUME_FILE
+from dpa_rag.checkpoints import RESUME_FILE, checkpoint_state
 from dpa_rag.config import save_config
 from dpa_rag.jobs import PREEMPTED_EXIT
 from dpa_rag.llm import run
+from dpa_rag.llm.train import _inputs as _inputs_of
 from test_jobs import _stop, _wait_for
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -104,8 +105,12 @@ def test_checkpoint_of_another_config_is_never_used(run_dir: Path, tiny_llm_dir:
                                                     caplog: pytest.LogCaptureFixture) -> None:
     data, _ = _inputs(run_dir)
     opts = {"max_steps": 2, "save_steps": 1, "keep_checkpoints": True, "lora_r": 4, "lora_alpha": 8}
-    run(_cfg(tiny_llm_dir, data, None, run_dir / "out", learning_rate=1e-2, **opts))
-    assert (run_dir / "out" / "checkpoints" / "checkpoint-2" / RESUME_FILE).exists()
+    first = _cfg(tiny_llm_dir, data, None, run_dir / "out", learning_rate=1e-2, **opts)
+    run(first)
+    ckpt = run_dir / "out" / "checkpoints" / "checkpoint-2"
+    assert not (ckpt / RESUME_FILE).exists()  # a finished run's kept checkpoints are not resumed from
+    # as a run killed after this checkpoint leaves it: complete, marked with its config and inputs
+    (ckpt / RESUME_FILE).write_text(json.dumps(checkpoint_state(first, _inputs_of(first)), sort_keys=True))
     with caplog.at_level("INFO", logger="dpa_rag"):
         out = run(_cfg(tiny_llm_dir, data, None, run_dir / "out", learning_rate=5e-3, **opts))
     assert "resuming from" not in caplog.text and "another config or input" in caplog.text

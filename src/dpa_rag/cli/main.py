@@ -69,11 +69,10 @@ def _guard(name: str, callback):
 
     from dpa_rag.jobs import handle_preemption
 
-    # serve: uvicorn handles SIGTERM/SIGINT itself (it drains in-flight requests)
-    signals = contextlib.nullcontext() if name == "serve" else handle_preemption()
-
     @functools.wraps(callback)
     def guarded(*args, **kwargs):
+        # serve: uvicorn handles SIGTERM/SIGINT itself (it drains in-flight requests)
+        signals = contextlib.nullcontext() if name == "serve" else handle_preemption()
         with error_boundary(name), signals:
             return callback(*args, **kwargs)
 

@@ -21,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from dpa_rag.checkpoints import CheckpointCallback, checkpoint_state, resolve_resume
+from dpa_rag.checkpoints import CheckpointCallback, checkpoint_state, finished_checkpoints, resolve_resume
 from dpa_rag.io import write_json
 from dpa_rag.jobs import preempt_requested
 from dpa_rag.llm.config import TrainLLMConfig
@@ -490,6 +490,7 @@ def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:
     ckpt_dir = out_dir / CHECKPOINTS_DIR
     if ckpt_dir.is_dir() and (not cfg.keep_checkpoints or not any(ckpt_dir.iterdir())):
         shutil.rmtree(ckpt_dir)  # the weights are saved; checkpoints of a 7B reader take a lot of disk
+    finished_checkpoints(ckpt_dir)  # kept ones (--keep-checkpoints) are not resumed from by a forced re-run
     history = trainer.state.log_history
     write_json(out.train_log, history)
     outputs = [weights_dir.name, TRAIN_LOG, DATA_REPORT, TRAIN_INFO]

@@ -52,7 +52,9 @@ def parse_loss_weights(text: str) -> dict[str, float]:
 class TrainRerankerConfig(DeviceOption, StageConfig):
     """``dpa-rag train-reranker``: align a cross-encoder with the reader's preferences (method.md §6)."""
 
-    result_neutral: ClassVar[frozenset[str]] = frozenset({"per_device_eval_batch_size", "gpu"})
+    result_neutral: ClassVar[frozenset[str]] = frozenset({
+        "per_device_eval_batch_size", "gpu", "save_minutes", "resume_from_checkpoint",
+    })
 
     train: str | None = Field(
         None, description="Training file (authors' format: query, classification, rank_list, positive, negative).",
@@ -152,7 +154,14 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
         "(default: on for CPU training, where it made a MiniLM step 5-14% faster in three runs on 2 cores; off on "
         "GPUs). Same drop probability and scaling; nothing of it is saved with the model.",
     )
-    resume_from_checkpoint: str | None = Field(None, description="Checkpoint folder to resume from ('last' = newest).")
+    resume_from_checkpoint: str | None = Field(
+        "auto", description="auto: resume from the newest complete checkpoint of the same config and inputs; "
+        "never: start over; last: the newest checkpoint whatever wrote it; or a checkpoint folder."
+    )
+    save_minutes: float = Field(
+        30.0, ge=0, description="Also checkpoint every N minutes of training (0: only on the --eval-strategy "
+        "schedule; a SIGTERM/SIGINT always saves one)."
+    )
     warmup_relevance: bool = Field(
         True, description="Relevance warm-up before alignment (needs --warmup-retrieval; skipped otherwise)."
     )

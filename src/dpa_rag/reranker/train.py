@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from dpa_rag.checkpoints import CheckpointCallback, checkpoint_state, finished_checkpoints, resolve_resume
 from dpa_rag.data.authors import load_reranker_pairs, load_reranker_train
 from dpa_rag.io import write_json, write_text
 from dpa_rag.models import pick_device
@@ -445,15 +446,24 @@ def _align(cfg: TrainRerankerConfig, model: Any, tokenizer: Any, kind: str, inpu
     )
     _point_tensorboard(trainer, cfg.tensorboard_log_dir or str(out_dir / "tensorboard"))
     _log_to_logging(trainer)
-    resume: str | bool | None = cfg.resume_from_checkpoint
-    if resume == "last":
-        resume = True
+    # automatic resume (dpa_rag.checkpoints): checkpoints tied to this config and these inputs, saved on SIGTERM
+    checkpoints = CheckpointCallback(checkpoint_state(cfg, _input_paths(cfg)), cfg.save_minutes)
+    trainer.add_callback(checkpoints.hooks)
+    resume = resolve_resume(cfg.resume_from_checkpoint, out_dir / CHECKPOINTS_DIR, checkpoints.state,
+                            "train-reranker")
     fast_dropout = resolve_fast_dropout(cfg.fast_dropout, use_cpu)
     ranks.barrier()  # the other processes wait for the main one's scoring before training together
     with rec.timer("train"), fast_cpu_dropout(model, enabled=fast_dropout):
         result = trainer.train(resume_from_checkpoint=resume)
+    checkpoints.raise_if_preempted()
+    finished_checkpoints(out_dir / CHECKPOINTS_DIR)
     logger.info("trained %d steps; best checkpoint: %s", result.global_step, trainer.state.best_model_checkpoint)
     return trainer, result, chunk_size, fast_dropout
+
+
+def _input_paths(cfg: TrainRerankerConfig) -> list[Any]:
+    return [cfg.train, cfg.valid, cfg.test, cfg.warmup_retrieval, cfg.eval_retrieval, cfg.utility_valid,
+            cfg.utility_test]
 
 
 def _fusion_weight(model: Any, held: _HeldOut, scores: list[list[float]]) -> dict[str, Any] | None:
@@ -569,8 +579,7 @@ def run(cfg: TrainRerankerConfig) -> TrainRerankerOutputs:
         raise ValueError("no training file: pass --train (or the authors' --train_data_path)")
     losses = cfg.enabled_losses()
     out_dir = Path(cfg.out_dir)
-    rec = stage_recorder("train-reranker", cfg, out_dir, [cfg.train, cfg.valid, cfg.test, cfg.warmup_retrieval,
-                                                          cfg.eval_retrieval, cfg.utility_valid, cfg.utility_test])
+    rec = stage_recorder("train-reranker", cfg, out_dir, _input_paths(cfg))
     inputs = _Inputs.load(cfg, losses)
     fixed = parse_loss_weights(cfg.loss_weights) if cfg.loss_weights else None
     weighting = build_weighting(cfg.weighting, fixed)
