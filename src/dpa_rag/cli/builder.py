@@ -28,6 +28,7 @@ from dpa_rag.cli.errors import error_boundary
 from dpa_rag.config import StageConfig, load_config
 from dpa_rag.data.loaders import DEDUPE_IDS_HELP, dedupe_ids
 from dpa_rag.jobs import folder_lock
+from dpa_rag.stage import check_out_dir
 
 __all__ = ["add_stage_command", "bare_switches", "fail"]
 
@@ -166,6 +167,8 @@ def add_stage_command(
         with error_boundary(name):
             cfg = load_config(config_cls, config_path, overrides)
             out_dir = cfg.resolved_out_dir() if hasattr(cfg, "resolved_out_dir") else getattr(cfg, "out_dir", None)
+            if out_dir is not None:
+                check_out_dir(out_dir)  # a file in the way is named as such before the lock creates the folder
             lock = folder_lock(out_dir) if out_dir is not None else contextlib.nullcontext()
             with lock, dedupe_ids(dedupe or bool(getattr(cfg, "dedupe_ids", False))):
                 result = run(cfg)
