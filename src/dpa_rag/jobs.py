@@ -10,7 +10,7 @@ the process: they set a flag, and the stage stops at its next safe point (a fini
 calls, a training step) by raising :class:`Preempted` from :func:`check_preempted`, after saving what resumes (the
 partial file, the generation cache, a checkpoint). The CLI turns it into one line that says how to resume and exit
 code :data:`PREEMPTED_EXIT`. A second signal stops at once (outputs are still only ever renamed into place). The
-signal is forwarded to launched child processes (:func:`track_child`), which stop the same way.
+signal is forwarded to launched child processes (:func:`forward_signals`), which stop the same way.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Any
 from dpa_rag.config import ConfigError
 
 __all__ = [
-    "LOCK_FILE", "PREEMPTED_EXIT", "FolderBusy", "Preempted", "check_preempted", "folder_lock", "handle_preemption",
-    "preempt_requested", "resume_hint", "track_child",
+    "LOCK_FILE", "PREEMPTED_EXIT", "FolderBusy", "Preempted", "check_preempted", "folder_lock", "forward_signals",
+    "handle_preemption", "preempt_requested", "resume_hint",
 ]
 
 logger = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def folder_lock(folder: str | Path, what: str = "") -> Iterator[None]:
 # ---------------------------------------------------------------- preemption
 
 _signal: list[str] = []  # the first signal received inside handle_preemption (empty: none)
-_children: set[Any] = set()
+_forwarding: list[bool] = []  # inside forward_signals(): pass the signal on to this process's children
 
 
 def preempt_requested() -> str | None:
@@ -182,9 +182,10 @@ def check_preempted(saved: str = "") -> None:
 
 def _handler(signum: int, frame: Any) -> None:
     name = signal.Signals(signum).name
-    for child in list(_children):
-        with contextlib.suppress(OSError):
-            child.send_signal(signum)
+    if _forwarding:
+        for pid in _child_pids():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signum)
     if _signal:
         raise Preempted(name, "stopped at once on a second signal; finished work is kept")
     _signal.append(name)
@@ -209,14 +210,24 @@ def handle_preemption() -> Iterator[None]:
         _signal.clear()
 
 
+def _child_pids() -> list[int]:
+    """The direct children of this process (Linux ``/proc``; none found elsewhere)."""
+    pids: list[int] = []
+    for task in Path(f"/proc/{os.getpid()}/task").glob("*/children"):
+        with contextlib.suppress(OSError, ValueError):
+            pids += [int(x) for x in task.read_text().split()]
+    return pids
+
+
 @contextlib.contextmanager
-def track_child(proc: Any) -> Iterator[None]:
-    """Forward SIGTERM/SIGINT to ``proc`` (a ``subprocess.Popen``) while the body runs."""
-    _children.add(proc)
+def forward_signals() -> Iterator[None]:
+    """Pass SIGTERM/SIGINT on to the child processes (a launcher, which passes them to every rank) while the body
+    runs."""
+    _forwarding.append(True)
     try:
         yield
     finally:
-        _children.discard(proc)
+        _forwarding.pop()
 
 
 def resume_hint() -> str:

@@ -12,7 +12,6 @@ subprocess writes its own ``config.yaml`` and ``manifest.json`` as in-process, s
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import shlex
@@ -25,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dpa_rag.config import ConfigError, save_config
-from dpa_rag.jobs import Preempted, preempt_requested, track_child
+from dpa_rag.jobs import Preempted, forward_signals, preempt_requested
 
 __all__ = ["LAUNCHED_COMMANDS", "LaunchError", "LauncherConfig", "launch_command", "launched"]
 
@@ -110,15 +109,9 @@ def launch_command(launcher: LauncherConfig, command: str, config_yaml: Path) ->
     raise ValueError(f"launcher kind {launcher.kind!r} runs nothing as a subprocess")
 
 
-def _wait(proc: subprocess.Popen) -> int:
-    """The child's exit code; a signal handler that raises (a second SIGTERM) interrupts the wait, not the child."""
-    while True:
-        try:
-            return proc.wait()
-        except Preempted:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(60)
-            raise
+def _wait(argv: list[str], env: dict[str, Any]) -> int:
+    """Run the launcher; its exit code."""
+    return subprocess.run(argv, check=False, **env).returncode
 
 
 def launched(
@@ -147,14 +140,13 @@ def launched(
         # --dedupe-ids reaches the launched processes through the environment
         env = {"env": {**os.environ, DEDUPE_ENV: "1"}} if _dedupe_enabled(None) else {}
         try:
-            proc = subprocess.Popen(argv, **env)
+            with forward_signals():  # SIGTERM/SIGINT reach the launcher, which passes them to every rank
+                returncode = _wait(argv, env)
         except FileNotFoundError:
             raise LaunchError(
                 f"step '{step_name}': launcher `{argv[0]}` not found; install it (pip install "
                 "'dpa-rag[deepspeed]' for deepspeed) or set launcher.kind: none"
             ) from None
-        with track_child(proc):  # SIGTERM/SIGINT reach the launcher, which passes them to every rank
-            returncode = _wait(proc)
         if preempt_requested() is not None:
             raise Preempted(preempt_requested() or "SIGTERM", f"step '{step_name}' saved its checkpoint (exit code "
                             f"{returncode})")
