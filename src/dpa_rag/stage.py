@@ -49,6 +49,7 @@ from dpa_rag.io import (
     watch_folder,
     write_json,
 )
+from dpa_rag.jobs import LOCK_FILE, check_preempted
 
 __all__ = [
     "MANIFEST",
@@ -150,7 +151,8 @@ def hash_inputs(paths: Iterable[str | Path | None]) -> dict[str, str]:
         p = Path(p)
         if p.is_dir():
             h = hashlib.sha256()
-            for f in sorted(x for x in p.rglob("*") if x.is_file() and x.name not in (MANIFEST, "config.yaml")):
+            skip = (MANIFEST, "config.yaml", LOCK_FILE)
+            for f in sorted(x for x in p.rglob("*") if x.is_file() and x.name not in skip):
                 st = f.stat()
                 h.update(f"{f.relative_to(p)}:{st.st_size}:{st.st_mtime_ns}\n".encode())
             out[str(p)] = "dir:" + h.hexdigest()
@@ -598,12 +600,16 @@ class ChunkLog:
             self._fh = None
 
     def append(self, records: Iterable[Any]) -> None:
-        """Append one finished chunk (dicts or pydantic models; each flushed)."""
+        """Append one finished chunk (dicts or pydantic models; each flushed); then stop here after SIGTERM/SIGINT
+        (:func:`~dpa_rag.jobs.check_preempted`)."""
         if self._fh is None:
             self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed by __exit__/finish
         for r in records:
             append_jsonl(self._fh, r)
             self.done.append(r)
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        check_preempted(f"{len(self.done)} finished item(s) are kept in {self.path}")  # a safe point
 
     def finish(self, rename_to: str | Path | None = None) -> None:
         """All chunks done: rename the partial file to ``rename_to`` (atomically), or delete it; drop the state."""

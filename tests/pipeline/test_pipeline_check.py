@@ -87,8 +87,8 @@ def test_aligned_reader_on_a_folder_never_written_fails(tmp_path, monkeypatch):
     assert result.exit_code == 1
     assert ("step 'answer-aligned-reader': model = runs/paper_nq/train-llm-sft/merged, but step 'train-llm-sft' "
             "writes only checkpoints, data_report.json, loss.png, model, train_info.json, train_log.json, "
-            "valid_predictions.jsonl, validation.json, validation.md, validation.png in runs/paper_nq/train-llm-sft"
-            ) in result.output
+            "valid_predictions.jsonl, validation.json, validation.md, validation.png in "
+            "runs/paper_nq/train-llm-sft") in result.output
 
 
 def test_missing_data_file_and_disabled_writer_fail(tmp_path, monkeypatch):

@@ -12,6 +12,7 @@ as markup). Every command runs inside :func:`~dpa_rag.cli.errors.error_boundary`
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import types
 import typing
@@ -27,6 +28,8 @@ from typer.core import TyperCommand
 from dpa_rag.cli.errors import error_boundary
 from dpa_rag.config import StageConfig, load_config
 from dpa_rag.data.loaders import DEDUPE_IDS_HELP, dedupe_ids
+from dpa_rag.jobs import folder_lock
+from dpa_rag.stage import check_out_dir
 
 __all__ = ["add_stage_command", "bare_switches", "fail"]
 
@@ -196,7 +199,11 @@ def add_stage_command(
         overrides = {k: v for k, v in kwargs.items() if v is not None and v != []}
         with error_boundary(name):
             cfg = load_config(config_cls, config_path, overrides)
-            with dedupe_ids(dedupe or bool(getattr(cfg, "dedupe_ids", False))):
+            out_dir = cfg.resolved_out_dir() if hasattr(cfg, "resolved_out_dir") else getattr(cfg, "out_dir", None)
+            if out_dir is not None:
+                check_out_dir(out_dir)  # a file in the way is named as such before the lock creates the folder
+            lock = folder_lock(out_dir) if out_dir is not None else contextlib.nullcontext()
+            with lock, dedupe_ids(dedupe or bool(getattr(cfg, "dedupe_ids", False))):
                 result = run(cfg)
         if result is not None:
             typer.echo(f"{name}: wrote {result}")

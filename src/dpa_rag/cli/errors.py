@@ -7,6 +7,8 @@ memory. Each is printed as a single line that names the file (and line), the mod
 ``-v``/``--debug`` adds the traceback. Anything else is a bug: a one-line summary, a pointer to ``dpa-rag env`` for the
 report, then the traceback, and exit code 1. Either way a stage that failed after it started writing leaves its
 output folder as it found it (:func:`dpa_rag.stage.discard_unfinished`; resume state is kept).
+A stop on SIGTERM/SIGINT (:class:`~dpa_rag.jobs.Preempted`) is one ``stopped:`` line saying how to
+resume, and exit code :data:`~dpa_rag.jobs.PREEMPTED_EXIT` (75); what resumes is kept.
 """
 
 from __future__ import annotations
@@ -117,6 +119,7 @@ def _is_usage_error(exc: BaseException) -> bool:
 @contextlib.contextmanager
 def error_boundary(command: str) -> Iterator[None]:
     """Run a command's body: expected failures → one ``error:`` line, exit 2; bugs → summary, traceback, exit 1."""
+    from dpa_rag.jobs import PREEMPTED_EXIT, Preempted, resume_hint
     from dpa_rag.stage import discard_unfinished, recorder_mark
 
     mark = recorder_mark()
@@ -124,6 +127,10 @@ def error_boundary(command: str) -> Iterator[None]:
         yield
     except (typer.Exit, typer.Abort, KeyboardInterrupt, SystemExit):
         raise
+    except Preempted as exc:  # SIGTERM/SIGINT: stopped at a safe point, what resumes is saved
+        typer.secho(f"stopped: {exc}; {resume_hint()} (exit code {PREEMPTED_EXIT})", fg=typer.colors.YELLOW,
+                    err=True)
+        raise typer.Exit(PREEMPTED_EXIT) from None
     except Exception as exc:  # noqa: BLE001 - this is the boundary
         if _is_usage_error(exc):  # click's / typer's own (bundled click since typer 0.2x): its usage message
             raise

@@ -6,6 +6,7 @@ pipeline order so ``--help`` reads like the pipeline.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
@@ -63,11 +64,16 @@ def _global(
 
 
 def _guard(name: str, callback):
-    """Run ``callback`` inside the error boundary (one ``error:`` line, exit code 2; see ``cli/errors.py``)."""
+    """Run ``callback`` inside the error boundary (one ``error:`` line, exit code 2; see ``cli/errors.py``) with
+    SIGTERM/SIGINT turned into a stop at the next safe point (:mod:`dpa_rag.jobs`)."""
+
+    from dpa_rag.jobs import handle_preemption
 
     @functools.wraps(callback)
     def guarded(*args, **kwargs):
-        with error_boundary(name):
+        # serve: uvicorn handles SIGTERM/SIGINT itself (it drains in-flight requests)
+        signals = contextlib.nullcontext() if name == "serve" else handle_preemption()
+        with error_boundary(name), signals:
             return callback(*args, **kwargs)
 
     return guarded

@@ -19,6 +19,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from dpa_rag.generation.base import GenerationParams, Generator, LoglikUnsupported, Prompt, supports_loglik
+from dpa_rag.jobs import check_preempted
 
 __all__ = ["CachedGenerator", "GenerationCache", "default_cache_dir"]
 
@@ -151,6 +152,8 @@ class CachedGenerator:
                         for i in todo[k]:
                             results[i] = out
                     bar.update(len(batch_keys))
+                    if self.cache is not None:  # a safe point: this batch is stored
+                        check_preempted(f"{self.calls} call(s) of this run are in the generation cache")
             finally:
                 bar.close()
         return [r if r is not None else "" for r in results]

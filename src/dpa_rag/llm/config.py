@@ -16,8 +16,12 @@ __all__ = ["TrainLLMConfig"]
 class TrainLLMConfig(DeviceOption, StageConfig):
     """LLM self-alignment: the pre-aligned stage, then SFT, with TRL's ``SFTTrainer`` (LoRA, QLoRA or full)."""
 
-    # options that change how fast validation runs, not what it finds (left out of the manifest hash)
-    result_neutral: ClassVar[frozenset[str]] = frozenset({"valid_batch_size"})
+    # options that change how fast validation runs, not what it finds, and when/where checkpoints are written (left
+    # out of the manifest hash)
+    result_neutral: ClassVar[frozenset[str]] = frozenset({
+        "valid_batch_size", "save_steps", "save_minutes", "save_total_limit", "resume_from_checkpoint",
+        "keep_checkpoints",
+    })
 
     # What to train, on what
     stage: Literal["prealign", "sft", "mixed"] = Field(
@@ -121,9 +125,21 @@ class TrainLLMConfig(DeviceOption, StageConfig):
 
     # Logging and saving
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
-    save_steps: int = Field(0, ge=0, description="Checkpoint every N steps under out_dir/checkpoints (0: off).")
-    save_total_limit: int | None = Field(2, description="Checkpoints to keep.")
-    resume_from_checkpoint: str | None = Field(None, description="A checkpoint folder, or 'last'.")
+    save_steps: int = Field(
+        0, ge=0, description="Also checkpoint every N steps under out_dir/checkpoints (0: by time only)."
+    )
+    save_minutes: float = Field(
+        30.0, ge=0, description="Checkpoint every N minutes of training under out_dir/checkpoints (0: by steps only; "
+        "a SIGTERM/SIGINT always saves one)."
+    )
+    save_total_limit: int | None = Field(2, ge=1, description="Checkpoints to keep (older ones are deleted).")
+    resume_from_checkpoint: str | None = Field(
+        "auto", description="auto: resume from the newest complete checkpoint of the same config and inputs; "
+        "never: start over; last: the newest checkpoint whatever wrote it; or a checkpoint folder."
+    )
+    keep_checkpoints: bool = Field(
+        False, description="Keep out_dir/checkpoints after a finished run (default: deleted; the weights are saved)."
+    )
     report_to: str = Field("none", description="none, tensorboard, wandb, …")
     merge: bool = Field(False, description="Also write a merged full model to out_dir/merged (LoRA/QLoRA).")
 

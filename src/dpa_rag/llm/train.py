@@ -19,9 +19,11 @@ import os
 import random
 import shutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
+from dpa_rag.checkpoints import CheckpointCallback, checkpoint_state, finished_checkpoints, resolve_resume
 from dpa_rag.io import write_json
+from dpa_rag.jobs import preempt_requested
 from dpa_rag.llm.config import TrainLLMConfig
 from dpa_rag.llm.data import DataReport, LLMExample, check_lengths, find_data_file, load_examples
 from dpa_rag.llm.merge import TRAIN_INFO, merge_adapter
@@ -54,6 +56,9 @@ MODEL_DIR = "model"  # full fine-tuning: the trained model
 ADAPTER_DIR = "adapter"  # LoRA/QLoRA: the adapter
 MERGED_DIR = "merged"  # LoRA/QLoRA with merge: the base model with the adapter merged in
 VALIDATION = "validation.json"  # with --valid: the held-out validation curve and the kept step (llm/validation.py)
+VALIDATION_STATE = "dpa_rag_validation.pt"  # in each checkpoint: the validation so far, for a resumed run
+CHECKPOINTS_DIR = "checkpoints"
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,7 +233,7 @@ def _sft_args(cfg: TrainLLMConfig, device: str, out_dir: Path):
     names = {f.name for f in dataclasses.fields(SFTConfig)}
     ckpt_key = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
     return SFTConfig(
-        output_dir=str(out_dir / "checkpoints"),
+        output_dir=str(out_dir / CHECKPOINTS_DIR),
         **{ckpt_key: cfg.gradient_checkpointing},
         num_train_epochs=cfg.num_train_epochs,
         max_steps=cfg.max_steps,
@@ -247,7 +252,7 @@ def _sft_args(cfg: TrainLLMConfig, device: str, out_dir: Path):
         use_cpu=device == "cpu",
         logging_steps=cfg.logging_steps,
         logging_first_step=True,
-        save_strategy="steps" if cfg.save_steps else "no",
+        save_strategy="steps" if cfg.save_steps else "no",  # by time and on SIGTERM: CheckpointCallback
         save_steps=cfg.save_steps or 500,
         save_total_limit=cfg.save_total_limit,
         report_to=cfg.report_to,
@@ -282,7 +287,23 @@ def build_trainer(cfg: TrainLLMConfig) -> tuple[Any, DataReport]:
     )
     if cfg.valid is not None:
         trainer.add_callback(ValidationCallback(cfg, _validator(cfg, tokenizer)).hooks)
+    # last: it marks a checkpoint complete after the validation state is saved into it
+    checkpoints = CheckpointCallback(checkpoint_state(cfg, _inputs(cfg)), cfg.save_minutes)
+    checkpoints.hooks.owner = checkpoints
+    trainer.add_callback(checkpoints.hooks)
     return trainer, report
+
+
+def _inputs(cfg: TrainLLMConfig) -> list[Path | str]:
+    """The files a run depends on: the data, and the adapter or model it starts from."""
+    inputs: list[Path | str] = [*data_files(cfg)]
+    return inputs + [p for p in (cfg.init_adapter, cfg.init_model) if p is not None and Path(p).exists()]
+
+
+def _owner(trainer, kind: type[T]) -> T | None:
+    """The callback object of type ``kind`` behind one of the trainer's hooks."""
+    return next((c.owner for c in trainer.callback_handler.callbacks if isinstance(getattr(c, "owner", None), kind)),
+                None)
 
 
 def _validator(cfg: TrainLLMConfig, tokenizer) -> Validator:
@@ -316,8 +337,15 @@ class ValidationCallback:
                     self._validate(state.global_step, model)
 
             def on_train_end(hooks, args, state, control, model=None, **kw):  # noqa: N805
+                if preempt_requested() is not None:  # stopped early: the resumed run validates at its end
+                    return
                 if not self.result.steps or self.result.steps[-1]["step"] != state.global_step:
                     self._validate(state.global_step, model)
+
+            def on_save(hooks, args, state, control, **kw):  # noqa: N805
+                ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if state.is_world_process_zero and ckpt.is_dir():
+                    self.save_state(ckpt)
 
         self.hooks = _Hooks()
         self.hooks.owner = self
@@ -332,8 +360,37 @@ class ValidationCallback:
         self.kept_predictions: dict[str, list[dict[str, Any]]] = {}
         self.snapshot: dict[str, Any] | None = None
         self.snapshot_step: int | None = None
+        self.restored = False
+
+    def save_state(self, folder: Path) -> None:
+        """Write what the validation knows so far (rows, predictions, the kept weights) into a checkpoint."""
+        import torch
+
+        state = {"steps": self.result.steps, "base": self.result.base, "base_predictions": self.base_predictions,
+                 "kept_predictions": self.kept_predictions, "snapshot": self.snapshot,
+                 "snapshot_step": self.snapshot_step, "every": self.every}
+        torch.save(state, folder / VALIDATION_STATE)
+
+    def restore(self, folder: str | Path) -> None:
+        """Continue from the state :meth:`save_state` wrote into the checkpoint ``folder`` (a resumed run)."""
+        import torch
+
+        path = Path(folder) / VALIDATION_STATE
+        if not path.exists():
+            logger.warning("%s has no validation state; validating from the resumed step on", folder)
+            return
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        self.result.steps, self.result.base = state["steps"], state["base"]
+        self.base_predictions, self.kept_predictions = state["base_predictions"], state["kept_predictions"]
+        self.snapshot = state["snapshot"]
+        self.snapshot_step, self.every = state["snapshot_step"], state["every"]
+        self.restored = True
+        logger.info("validation: resumed with %d validation(s) done, keeping step %s so far", len(self.result.steps),
+                    self.snapshot_step)
 
     def _begin(self, state, model) -> None:
+        if self.restored:
+            return
         if not self.cfg.eval_steps:
             self.every = max(1, -(-state.max_steps // 4))
         self.result.base, self.base_predictions = self._base_evaluation(model)
@@ -419,26 +476,24 @@ def _fmt(m: dict[str, Any]) -> str:
 
 
 def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:
-    """Train one stage and write its artefacts."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """Train one stage and write its artefacts; a re-run after a kill resumes from the newest complete checkpoint
+    of the same config and inputs (:mod:`dpa_rag.checkpoints`)."""
     out_dir = cfg.resolved_out_dir()
     out = TrainLLMOutputs.at(out_dir)
     trainer, report = build_trainer(cfg)
     main = trainer.is_world_process_zero()
-    inputs: list[Path | str] = [*data_files(cfg)]
-    inputs += [p for p in (cfg.init_adapter, cfg.init_model) if p is not None and Path(p).exists()]
-    rec = stage_recorder("train-llm", cfg, out_dir, inputs) if main else None
+    rec = stage_recorder("train-llm", cfg, out_dir, _inputs(cfg)) if main else None
     if main:
         write_json(out.data_report, report.to_dict())
-    resume = cfg.resume_from_checkpoint
-    if resume == "last":
-        resume = get_last_checkpoint(str(out_dir / "checkpoints"))
-        if resume is None:
-            logger.warning("no checkpoint in %s; starting from scratch", out_dir / "checkpoints")
+    checkpoints = _owner(trainer, CheckpointCallback)
+    validation = _owner(trainer, ValidationCallback)
+    assert checkpoints is not None
+    resume = resolve_resume(cfg.resume_from_checkpoint, out_dir / CHECKPOINTS_DIR, checkpoints.state, "train-llm")
+    if resume is not None and validation is not None:
+        validation.restore(resume)
     logger.info("training %s (%s) on %d examples", cfg.stage, cfg.method, report.kept)
     result = trainer.train(resume_from_checkpoint=resume)
-    validation = next((c.owner for c in trainer.callback_handler.callbacks if hasattr(c, "owner")), None)
+    checkpoints.raise_if_preempted()
     if validation is not None:
         validation.finish(trainer.model, deepspeed=trainer.is_deepspeed_enabled)
     peft = hasattr(trainer.model, "peft_config")
@@ -451,9 +506,10 @@ def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:
     trainer.save_model(str(weights_dir))  # every process: DeepSpeed gathers the shards here
     if not main:
         return out
-    ckpt_dir = out_dir / "checkpoints"
-    if ckpt_dir.is_dir() and not any(ckpt_dir.iterdir()):
-        ckpt_dir.rmdir()
+    ckpt_dir = out_dir / CHECKPOINTS_DIR
+    if ckpt_dir.is_dir() and (not cfg.keep_checkpoints or not any(ckpt_dir.iterdir())):
+        shutil.rmtree(ckpt_dir)  # the weights are saved; checkpoints of a 7B reader take a lot of disk
+    finished_checkpoints(ckpt_dir)  # kept ones (--keep-checkpoints) are not resumed from by a forced re-run
     history = trainer.state.log_history
     write_json(out.train_log, history)
     outputs = [weights_dir.name, TRAIN_LOG, DATA_REPORT, TRAIN_INFO]

@@ -37,6 +37,7 @@ from dpa_rag.data.schema import ClosedBook, Ctx, Preference, Probe, RetrievalRec
 from dpa_rag.eval.metrics import normalize_answer
 from dpa_rag.generation import CachedGenerator, Generator, GeneratorOptions, build_generator
 from dpa_rag.io import DataError, append_jsonl, file_sha256, read_json, read_resumable_jsonl, write_json, write_text
+from dpa_rag.jobs import check_preempted
 from dpa_rag.mining.common import preference_from
 from dpa_rag.mining.labels import (
     LabelRule,
@@ -431,6 +432,8 @@ def run(cfg: MineConfig, backend: Generator | None = None) -> MineOutputs:
                     new.extend(mined)
                     bar.update(len(chunk))
                     bar.set_postfix(calls=generator.calls, cache_hits=generator.hits)
+                    fh.flush()
+                    check_preempted(f"{len(done) + len(new)} mined question(s) are kept in {prefs_path}")
         finally:
             bar.close()
 

@@ -35,15 +35,17 @@ def run_pipeline(
 ) -> Path:
     """Run (or resume) every enabled step; returns the report's path (or the run folder with ``until``)."""
     from dpa_rag.data.loaders import dedupe_ids
+    from dpa_rag.jobs import folder_lock
     from dpa_rag.pipeline import report as report_stage
     from dpa_rag.pipeline.dpa import build_steps
 
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, cfg.out_dir / PIPELINE_CONFIG)
-    steps = build_steps(cfg)
-    # steps whose stage config has no dedupe_ids field (and launched steps, through the environment) follow this
-    with dedupe_ids(True) if cfg.dedupe_ids else contextlib.nullcontext():
-        run_steps(steps, cfg.out_dir, from_step=from_step, force=force, until=until, on_step=on_step)
+    with folder_lock(cfg.out_dir):  # one writer per run folder: a second `dpa-rag run` here fails at once
+        save_config(cfg, cfg.out_dir / PIPELINE_CONFIG)
+        steps = build_steps(cfg)
+        # steps whose stage config has no dedupe_ids field (and launched steps, through the environment) follow this
+        with dedupe_ids(True) if cfg.dedupe_ids else contextlib.nullcontext():
+            run_steps(steps, cfg.out_dir, from_step=from_step, force=force, until=until, on_step=on_step)
     report = report_stage.Outputs.at(cfg.out_dir / "report").report
     return report if until is None and report.exists() else cfg.out_dir
 

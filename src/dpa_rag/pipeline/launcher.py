@@ -24,6 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from dpa_rag.config import ConfigError, save_config
+from dpa_rag.jobs import Preempted, forward_signals, preempt_requested
 
 __all__ = ["LAUNCHED_COMMANDS", "LaunchError", "LauncherConfig", "launch_command", "launched"]
 
@@ -108,6 +109,11 @@ def launch_command(launcher: LauncherConfig, command: str, config_yaml: Path) ->
     raise ValueError(f"launcher kind {launcher.kind!r} runs nothing as a subprocess")
 
 
+def _wait(argv: list[str], env: dict[str, Any]) -> int:
+    """Run the launcher; its exit code."""
+    return subprocess.run(argv, check=False, **env).returncode
+
+
 def launched(
     launcher: LauncherConfig, step_name: str, run: Callable[[Any], Any], out_dir: Callable[[Any], Path]
 ) -> Callable[[Any], Any]:
@@ -134,15 +140,19 @@ def launched(
         # --dedupe-ids reaches the launched processes through the environment
         env = {"env": {**os.environ, DEDUPE_ENV: "1"}} if _dedupe_enabled(None) else {}
         try:
-            done = subprocess.run(argv, check=False, **env)
+            with forward_signals():  # SIGTERM/SIGINT reach the launcher, which passes them to every rank
+                returncode = _wait(argv, env)
         except FileNotFoundError:
             raise LaunchError(
                 f"step '{step_name}': launcher `{argv[0]}` not found; install it (pip install "
                 "'dpa-rag[deepspeed]' for deepspeed) or set launcher.kind: none"
             ) from None
-        if done.returncode != 0:
+        if preempt_requested() is not None:
+            raise Preempted(preempt_requested() or "SIGTERM", f"step '{step_name}' saved its checkpoint (exit code "
+                            f"{returncode})")
+        if returncode != 0:
             raise LaunchError(
-                f"step '{step_name}': `{shlex.join(argv)}` exited with code {done.returncode}; its own error is "
+                f"step '{step_name}': `{shlex.join(argv)}` exited with code {returncode}; its own error is "
                 f"printed above; fix the cause and re-run (finished steps are skipped); to debug it in one process: "
                 f"dpa-rag {command} --config {config_yaml}"
             )

@@ -4,7 +4,8 @@ A :class:`Step` knows its name, the steps it depends on, how to build its stage 
 skipped when its folder holds a complete manifest for the same config hash, its recorded input files are unchanged
 *and* its upstream steps have not been re-run since (each manifest records their run ids), so re-running an upstream
 step re-runs everything after it. A step that was killed has no complete manifest and runs again; the stages
-themselves resume their own partial work (mining, augmentation) and the generation cache serves finished LLM calls.
+themselves resume their own partial work (mining, augmentation, training checkpoints) and the generation cache serves
+finished LLM calls. After SIGTERM/SIGINT no new step starts (:mod:`dpa_rag.jobs`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 from pydantic import BaseModel
 
 from dpa_rag.io import write_json
+from dpa_rag.jobs import check_preempted
 from dpa_rag.stage import MANIFEST, manifest_matches, read_manifest, recorded_run_dir
 
 __all__ = ["Step", "StepResult", "run_steps"]
@@ -123,6 +125,7 @@ def run_steps(
         missing = [d for d in step.deps if d not in enabled]
         if missing:
             raise ValueError(f"step '{step.name}' needs {', '.join(missing)}, which is disabled in this config")
+        check_preempted(f"the steps before '{step.name}' are finished")
         out_dir = folders[step.name]
         cfg = step.make_config(folders)
         upstream = {d: _run_id(folders[d]) for d in step.deps}

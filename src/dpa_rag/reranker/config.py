@@ -203,7 +203,9 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
 
     cli_options: ClassVar[dict[str, dict[str, Any]]] = _authors_cli_options()
 
-    result_neutral: ClassVar[frozenset[str]] = frozenset({"per_device_eval_batch_size", "gpu"})
+    result_neutral: ClassVar[frozenset[str]] = frozenset({
+        "per_device_eval_batch_size", "gpu", "save_minutes", "resume_from_checkpoint",
+    })
 
     train: str | None = Field(
         None, description="Training file (authors' format: query, classification, rank_list, positive, negative).",
@@ -288,7 +290,14 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
         "(default: on for CPU training, where it made a MiniLM step 5-14% faster in three runs on 2 cores; off on "
         "GPUs). Same drop probability and scaling; nothing of it is saved with the model.",
     )
-    resume_from_checkpoint: str | None = Field(None, description="Checkpoint folder to resume from ('last' = newest).")
+    resume_from_checkpoint: str | None = Field(
+        "auto", description="auto: resume from the newest complete checkpoint of the same config and inputs; "
+        "never: start over; last: the newest checkpoint whatever wrote it; or a checkpoint folder."
+    )
+    save_minutes: float = Field(
+        30.0, ge=0, description="Also checkpoint every N minutes of training (0: only on the --eval-strategy "
+        "schedule; a SIGTERM/SIGINT always saves one)."
+    )
     alignment: AlignmentSection = Field(default_factory=AlignmentSection, description="Preference alignment.")
     warmup: WarmupSection = Field(default_factory=WarmupSection, description="Relevance warm-up.")
     held_out: HeldOutSection = Field(default_factory=HeldOutSection, description="Held-out reports and fusion.")

@@ -22,6 +22,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from dpa_rag.checkpoints import CheckpointCallback, checkpoint_state, finished_checkpoints, resolve_resume
 from dpa_rag.data.reranker_records import load_reranker_pairs, load_reranker_train
 from dpa_rag.io import write_json, write_text
 from dpa_rag.models import pick_device
@@ -300,15 +301,25 @@ def _align(run: _Run, evaluator: PairEvaluator | None) -> None:
     )
     _point_tensorboard(trainer, cfg.tensorboard_log_dir or str(run.out_dir / "tensorboard"))
     _log_to_logging(trainer)
-    resume: str | bool | None = cfg.resume_from_checkpoint
-    if resume == "last":
-        resume = True
+    # automatic resume (dpa_rag.checkpoints): checkpoints tied to this config and these inputs, saved on SIGTERM
+    checkpoints = CheckpointCallback(checkpoint_state(cfg, _input_paths(cfg)), cfg.save_minutes)
+    trainer.add_callback(checkpoints.hooks)
+    resume = resolve_resume(cfg.resume_from_checkpoint, run.out_dir / CHECKPOINTS_DIR, checkpoints.state,
+                            "train-reranker")
     run.fast_dropout = resolve_fast_dropout(cfg.fast_dropout, run.use_cpu)
     ranks.barrier()  # the other processes wait for the main one's scoring before training together
     with run.rec.timer("train"), fast_cpu_dropout(model, enabled=run.fast_dropout):
         run.result = trainer.train(resume_from_checkpoint=resume)
+    checkpoints.raise_if_preempted()
+    finished_checkpoints(run.out_dir / CHECKPOINTS_DIR)
     logger.info("trained %d steps; best checkpoint: %s", run.result.global_step, trainer.state.best_model_checkpoint)
     run.trainer = trainer
+
+
+def _input_paths(cfg: TrainRerankerConfig) -> list[Any]:
+    held = cfg.held_out
+    return [cfg.train, cfg.valid, cfg.test, cfg.warmup.retrieval, held.eval_retrieval, held.utility_valid,
+            held.utility_test]
 
 
 def _report_trained(run: _Run) -> None:
@@ -384,9 +395,7 @@ def _start(cfg: TrainRerankerConfig) -> _Run:
         raise ValueError("no training file: pass --train (or the authors' --train_data_path)")
     losses = cfg.enabled_losses()
     out_dir = Path(cfg.out_dir)
-    held = cfg.held_out
-    rec = stage_recorder("train-reranker", cfg, out_dir, [cfg.train, cfg.valid, cfg.test, cfg.warmup.retrieval,
-                                                          held.eval_retrieval, held.utility_valid, held.utility_test])
+    rec = stage_recorder("train-reranker", cfg, out_dir, _input_paths(cfg))
     inputs = _Inputs.load(cfg, losses)
     fixed = parse_loss_weights(cfg.alignment.loss_weights) if cfg.alignment.loss_weights else None
     weighting = build_weighting(cfg.alignment.weighting, fixed)

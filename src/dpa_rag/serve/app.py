@@ -18,6 +18,7 @@ Endpoints:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import time
 import uuid
@@ -109,7 +110,9 @@ class _Guard:
                 self.engine.metrics.inc("dpa_rag_errors_total", {"endpoint": endpoint, "type": error.type})
                 await error.response()(scope, receive, send_tracked)
                 return
-            await self.app(scope, _replay(body, receive), send_tracked)
+            if not await _until_disconnect(self.app, scope, body, receive, send_tracked):
+                status["code"] = 499  # the client closed the connection first (nginx's code)
+                self.engine.metrics.inc("dpa_rag_disconnects_total", {"endpoint": endpoint})
         finally:
             m = self.engine.metrics
             m.inc("dpa_rag_requests_total", {"endpoint": endpoint, "status": str(status["code"])})
@@ -152,7 +155,10 @@ class _Guard:
         return b"".join(chunks), None
 
 
-def _replay(body: bytes, receive: Any) -> Any:
+async def _until_disconnect(app: Any, scope: dict, body: bytes, receive: Any, send: Any) -> bool:
+    """Run ``app`` on the request whose ``body`` was read; if the client disconnects first, cancel it (its place in
+    a model queue is freed at once) and return ``False``."""
+    gone = asyncio.Event()
     sent = False
 
     async def replay() -> dict:
@@ -160,9 +166,31 @@ def _replay(body: bytes, receive: Any) -> Any:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+        await gone.wait()  # the app listens for the disconnect (streaming responses): the watcher below sees it
+        return {"type": "http.disconnect"}
 
-    return replay
+    async def watch() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        gone.set()
+
+    task = asyncio.ensure_future(app(scope, replay, send))
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        task.result()
+        return True
+    finally:
+        for t in (task, watcher):
+            if not t.done():
+                t.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await watcher
 
 
 def _score_legend(engine: Engine, reranked: bool) -> dict[str, str]:
@@ -194,6 +222,7 @@ def create_app(engine: Engine, api_key: str | None = None) -> FastAPI:
 
     app = FastAPI(title="dpa-rag", summary="DPA-RAG: retrieval, aligned reranker, self-aligned reader",
                   lifespan=lifespan, docs_url="/docs", redoc_url=None)
+    app.state.engine = engine  # for a server that wraps the app (LoadingGate closes it on shutdown)
 
     def count_error(request: Request, err: ApiError) -> JSONResponse:
         endpoint = endpoint_of(request.url.path)

@@ -10,12 +10,14 @@ request is its own call (the same worker thread, so the two modes compare fairly
 
 At most ``max_queue`` requests wait; one more raises :class:`QueueFull` (the server answers 503 with
 ``Retry-After``), so latency stays bounded under overload instead of growing with the queue. A request cancelled
-while waiting (a client timeout) is dropped before it reaches the model.
+while waiting (a client timeout, a client that disconnected) leaves the queue at once and never reaches the model;
+a model call that raises fails only the requests of its batch.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -104,11 +106,18 @@ class MicroBatcher(Generic[T, R]):
                 self.metrics.inc("dpa_rag_rejected_total", {"model": self.name})
             raise QueueFull(self.name, retry)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
-        self._pending.append(_Request(list(items), fut))
+        req = _Request(list(items), fut)
+        self._pending.append(req)
         self._gauge()
         assert self._wake is not None
         self._wake.set()
-        return await fut  # cancelling the caller cancels fut; the loop then skips the request
+        try:
+            return await fut  # cancelling the caller cancels fut
+        except asyncio.CancelledError:  # a client that went away or timed out frees its place in the queue now
+            with contextlib.suppress(ValueError):
+                self._pending.remove(req)
+            self._gauge()
+            raise
 
     def _retry_after(self) -> int:
         """Whole seconds until the queue has drained, from the recent time per batch (at least 1)."""

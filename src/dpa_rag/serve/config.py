@@ -84,6 +84,10 @@ class ServeConfig(StageConfig):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body in bytes (413 above).")
     max_top_k: int = Field(100, ge=1, description="Largest top_k/candidates a request may ask for.")
     request_timeout: float = Field(60.0, gt=0, description="Seconds before a request is answered 504.")
+    drain_timeout: float = Field(
+        30.0, ge=0, description="On SIGTERM/SIGINT: stop accepting, let requests in flight finish for up to this "
+        "many seconds, then exit."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ServeConfig:

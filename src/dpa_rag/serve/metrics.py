@@ -30,6 +30,7 @@ _DEFS: dict[str, tuple[str, str, tuple[float, ...]]] = {
     "dpa_rag_batch_seconds": ("histogram", "Duration of one model call in seconds.", LATENCY_BUCKETS),
     "dpa_rag_queue_depth": ("gauge", "Requests waiting for the model.", ()),
     "dpa_rag_rejected_total": ("counter", "Requests refused with 503 because the queue was full.", ()),
+    "dpa_rag_disconnects_total": ("counter", "Requests whose client disconnected before the answer (cancelled).", ()),
 }
 
 Labels = tuple[tuple[str, str], ...]
