@@ -247,6 +247,8 @@ LAYERS: dict[str, int] = {
     "io": 0,
     "config": 0,
     "stage": 0,
+    "jobs": 0,  # folder locks and preemption (every stage command, the trainers)
+    "checkpoints": 0,  # automatic training resume (train-llm, train-reranker)
     "models": 0,
     "data": 0,
     "sample": 0,

@@ -122,6 +122,7 @@ def folder_lock(folder: str | Path, what: str = "") -> Iterator[None]:
             with _held_lock:
                 _held[folder] -= 1
         return
+    created = [d for d in (folder, *folder.parents) if not d.exists()]  # what mkdir below makes (deepest first)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
     info = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -160,6 +161,9 @@ def folder_lock(folder: str | Path, what: str = "") -> Iterator[None]:
         if current is not None and current.get("pid") == os.getpid():
             with contextlib.suppress(OSError):
                 path.unlink()
+        for d in created:  # a run that failed and rolled back leaves no empty folder the lock made
+            with contextlib.suppress(OSError):
+                d.rmdir()  # only when empty
 
 
 # ---------------------------------------------------------------- preemption

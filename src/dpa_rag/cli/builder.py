@@ -28,8 +28,8 @@ from typer.core import TyperCommand
 from dpa_rag.cli.errors import error_boundary
 from dpa_rag.config import StageConfig, load_config
 from dpa_rag.data.loaders import DEDUPE_IDS_HELP, dedupe_ids
-from dpa_rag.jobs import folder_lock
-from dpa_rag.stage import check_out_dir
+from dpa_rag.jobs import Preempted, folder_lock
+from dpa_rag.stage import check_out_dir, discard_unfinished, recorder_mark
 
 __all__ = ["add_stage_command", "bare_switches", "fail"]
 
@@ -204,7 +204,14 @@ def add_stage_command(
                 check_out_dir(out_dir)  # a file in the way is named as such before the lock creates the folder
             lock = folder_lock(out_dir) if out_dir is not None else contextlib.nullcontext()
             with lock, dedupe_ids(dedupe or bool(getattr(cfg, "dedupe_ids", False))):
-                result = run(cfg)
+                mark = recorder_mark()
+                try:
+                    result = run(cfg)
+                except Preempted:  # what resumes stays
+                    raise
+                except Exception:  # roll the folder back while the lock still holds it (the lock then tidies up)
+                    discard_unfinished(since=mark)
+                    raise
         if result is not None:
             typer.echo(f"{name}: wrote {result}")
 
