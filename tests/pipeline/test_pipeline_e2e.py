@@ -29,6 +29,9 @@ def _config(out_dir: Path, bert: Path, llm: Path, **extra) -> PipelineConfig:
         "retrieve_top_k": 8,
         "top_k": 2,
         "reader": {"backend": "fake", "model": str(llm), "batch_size": 8},  # the reader trained by train-llm
+        # random tiny models: the gate's `auto` decisions are noise here (tests/pipeline/test_promote.py covers them);
+        # every trained part is wired and served
+        "promote": "always",
         "sections": {
             "index": {"encoder": str(bert)},
             "mine": {"ranks": [1, 3, 8]},
