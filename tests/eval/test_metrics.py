@@ -131,3 +131,14 @@ def test_ranking_metrics_hand_cases():
     assert ndcg_at_k([1, 0, 0], 3) == 1.0
     assert ndcg_at_k([0, 0], 2) == 0.0
     assert ndcg_at_k([0, 2, 1], 3) == pytest.approx((2 / math.log2(3) + 1 / 2) / (2 + 1 / math.log2(3)))
+
+
+def test_passage_has_answer_prefers_the_stored_flag() -> None:
+    from dpa_rag.data.schema import Ctx
+    from dpa_rag.eval.metrics import passage_has_answer
+
+    holds = Ctx(id="a", title="Paris", text="the capital of france is paris")
+    assert passage_has_answer(holds, ["Paris"]) is True
+    assert passage_has_answer(holds, ["Lyon"]) is False
+    assert passage_has_answer(holds.model_copy(update={"has_answer": False}), ["Paris"]) is False  # stored wins
+    assert passage_has_answer(holds.model_copy(update={"has_answer": True}), ["Lyon"]) is True

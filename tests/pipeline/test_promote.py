@@ -122,3 +122,12 @@ def test_pipeline_wires_the_gate_and_validation(tmp_path: Path) -> None:
     steps = {s.name: s for s in build_steps(off)}
     assert steps["train-llm-sft"].make_config(folders).valid is None
     assert steps["promote"].make_config(folders).reranker_dir is None
+
+
+@pytest.mark.parametrize("bad", ["sometimes", {"reader": "never", "rerankr": "auto"}, {"reader": "maybe"}])
+def test_a_bad_promote_setting_is_one_clear_error(tmp_path: Path, bad) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="expected one of auto, always, never, or a mapping"):
+        _pipeline(tmp_path, promote=bad)
+    assert _pipeline(tmp_path, promote={"reranker": "never"}).promote_policy("reader") == "auto"

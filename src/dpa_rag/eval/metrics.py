@@ -101,6 +101,13 @@ def has_answer(passage: str, golds: Sequence[str]) -> bool:
     return bool(hit_word(passage, golds))
 
 
+def passage_has_answer(ctx: object, golds: Sequence[str]) -> bool:
+    """A retrieved passage's ``has_answer`` flag when the retrieval file stored one, else :func:`has_answer` of its
+    rendered text (any object with ``has_answer`` and ``render()``, e.g. :class:`~dpa_rag.data.schema.Ctx`)."""
+    stored = getattr(ctx, "has_answer", None)
+    return bool(stored) if stored is not None else has_answer(ctx.render(), golds)  # type: ignore[attr-defined]
+
+
 def recall_at_k(relevant: Sequence[int | bool], k: int, n_relevant: int | None = None) -> float:
     """Share of the relevant items found in the first ``k`` (``n_relevant`` defaults to those in the list)."""
     total = sum(bool(r) for r in relevant) if n_relevant is None else n_relevant

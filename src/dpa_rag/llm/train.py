@@ -33,6 +33,8 @@ from dpa_rag.llm.templates import apply_chat_template_option
 from dpa_rag.llm.validation import (
     CLOSED,
     METRICS,
+    VALIDATION,
+    VALIDATION_FILES,
     ValidationResult,
     Validator,
     compare_to_base,
@@ -55,7 +57,6 @@ DATA_REPORT = "data_report.json"
 MODEL_DIR = "model"  # full fine-tuning: the trained model
 ADAPTER_DIR = "adapter"  # LoRA/QLoRA: the adapter
 MERGED_DIR = "merged"  # LoRA/QLoRA with merge: the base model with the adapter merged in
-VALIDATION = "validation.json"  # with --valid: the held-out validation curve and the kept step (llm/validation.py)
 VALIDATION_STATE = "dpa_rag_validation.pt"  # in each checkpoint: the validation so far, for a resumed run
 CHECKPOINTS_DIR = "checkpoints"
 T = TypeVar("T")
@@ -83,7 +84,7 @@ class TrainLLMOutputs(StageOutputs):
         """The files plus only the weights folders ``cfg``'s method writes (``run --check`` catches a reader of
         ``merged/`` after full fine-tuning)."""
         weights = {MODEL_DIR} if cfg.method == "full" else {ADAPTER_DIR, MERGED_DIR} if cfg.merge else {ADAPTER_DIR}
-        validation = {VALIDATION, "validation.md", "validation.png", "valid_predictions.jsonl"} if cfg.valid else set()
+        validation = set(VALIDATION_FILES) if cfg.valid else set()
         return {TRAIN_INFO, TRAIN_LOG, DATA_REPORT, "loss.png", "checkpoints", *weights, *validation}
 
     def weights(self, method: str, merged: bool) -> Path:

@@ -26,9 +26,9 @@ from dpa_rag.eval.bootstrap import paired_bootstrap
 from dpa_rag.eval.evaluate import evaluate_predictions
 
 __all__ = [
-    "CLOSED", "METRICS", "SELECT_RULES", "ValidationResult", "Validator", "compare_to_base", "hit_loss",
-    "row_metrics", "select_step",
-    "validation_markdown", "write_model_card_section", "write_validation",
+    "CLOSED", "METRICS", "SELECT_RULES", "VALIDATION", "VALIDATION_FILES", "ValidationResult", "Validator",
+    "compare_to_base", "hit_loss", "row_metrics", "select_step", "validation_markdown", "write_model_card_section",
+    "write_validation",
 ]
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ def _metrics(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 CLOSED = "closed_book_"  # prefix of the closed-book metrics in a validation row
+VALIDATION = "validation.json"
+VALIDATION_FILES = (VALIDATION, "validation.md", "validation.png", "valid_predictions.jsonl")  # what --valid writes
 
 
 def hit_loss(
@@ -226,9 +228,6 @@ class Validator:
             preds["closed_book"] = self.predict(model, top_k=0)
         return row_metrics(preds["open_book"], preds.get("closed_book")), preds
 
-    @staticmethod
-    def metrics(predictions: Sequence[dict[str, Any]]) -> dict[str, float]:
-        return _metrics(predictions)
 
 
 def write_validation(
@@ -239,13 +238,14 @@ def write_validation(
     from dpa_rag.io import write_json, write_jsonl, write_text
 
     data = result.to_dict()
-    write_json(out_dir / "validation.json", data)
-    write_text(out_dir / "validation.md", validation_markdown(data))
+    json_name, md_name, png_name, preds_name = VALIDATION_FILES
+    write_json(out_dir / json_name, data)
+    write_text(out_dir / md_name, validation_markdown(data))
     rows = [{**p, "reader": name} for name, preds in predictions.items() for p in preds]
-    write_jsonl(out_dir / "valid_predictions.jsonl", rows)
-    names = ["validation.json", "validation.md", "valid_predictions.jsonl"]
-    if _plot(data, out_dir / "validation.png"):
-        names.append("validation.png")
+    write_jsonl(out_dir / preds_name, rows)
+    names = [json_name, md_name, preds_name]
+    if _plot(data, out_dir / png_name):
+        names.append(png_name)
     return names
 
 

@@ -28,7 +28,7 @@ from pydantic import Field, field_validator
 from dpa_rag.config import StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field, load_retrieval
 from dpa_rag.data.schema import Ctx, Passage, Preference, Question, RetrievalRecord
-from dpa_rag.eval.metrics import has_answer
+from dpa_rag.eval.metrics import passage_has_answer
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.mining.common import (
     inherit_augmented,
@@ -144,10 +144,6 @@ class LLMDataOutputs(StageOutputs):
 
 Config = LLMDataConfig
 Outputs = LLMDataOutputs
-
-
-def _has_answer(ctx: Ctx, answers: Sequence[str]) -> bool:
-    return bool(ctx.has_answer) if ctx.has_answer is not None else has_answer(ctx.render(), answers)
 
 
 def _rng(seed: int, qid: str) -> random.Random:
@@ -324,7 +320,7 @@ def run(cfg: LLMDataConfig) -> LLMDataOutputs:
             counts["sft_skipped_no_answer"] += 1
             continue
         passages = r.ctxs[: cfg.k]
-        if cfg.sft_filter == "has-answer" and not any(_has_answer(c, r.answers) for c in passages):
+        if cfg.sft_filter == "has-answer" and not any(passage_has_answer(c, r.answers) for c in passages):
             counts["sft_skipped_answer_not_in_passages"] += 1
             continue
         counts["sft_short"] += int(len(passages) < cfg.k)

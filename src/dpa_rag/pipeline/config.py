@@ -134,6 +134,17 @@ class PipelineConfig(StageConfig):
         "num_processes, extra_args} (docs/scale.md).",
     )
 
+    @field_validator("promote", mode="before")
+    @classmethod
+    def _promote(cls, v: Any) -> Any:
+        policies, parts = ("auto", "always", "never"), ("reader", "reranker")
+        items = v.items() if isinstance(v, dict) else [("", v)]
+        for part, policy in items:
+            if (part and part not in parts) or policy not in policies:
+                raise ValueError(f"expected one of {', '.join(policies)}, or a mapping such as "
+                                 f"{{reader: auto, reranker: always}}; got {v!r}")
+        return v
+
     @field_validator("sections")
     @classmethod
     def _known_sections(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -23,7 +23,7 @@ from dpa_rag.config import StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field, load_questions, load_retrieval
 from dpa_rag.data.schema import RetrievalRecord
 from dpa_rag.eval.evaluate import evaluate_predictions
-from dpa_rag.eval.metrics import has_answer, score_answer
+from dpa_rag.eval.metrics import passage_has_answer, score_answer
 from dpa_rag.generation import CachedGenerator, GenerationParams, Generator, GeneratorOptions, build_generator
 from dpa_rag.io import write_json, write_jsonl
 from dpa_rag.prompts import DEFAULT_TEMPLATE, PromptTemplate, clean_answer, load_template
@@ -148,9 +148,7 @@ def answer_records(
             "prediction": pred,
             "raw_output": output,
             "ctx_ids": [c.id for c in ctxs],
-            "ctx_has_answer": [
-                bool(c.has_answer) if c.has_answer is not None else has_answer(c.render(), rec.answers) for c in ctxs
-            ],
+            "ctx_has_answer": [passage_has_answer(c, rec.answers) for c in ctxs],
             "scores": score_answer(pred, rec.answers) if rec.answers else None,
         }
         category = (rec.model_extra or {}).get("category")
