@@ -173,3 +173,12 @@ def test_check_cli_fails_on_a_reranker_given_a_reader_folder(tmp_path, tiny_llm_
     result = _check([str(path)])
     assert result.exit_code == 1, result.output
     assert "backbone needs an encoder or reranker" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize("name", ["nq_loglik_cpu", "nq_pref_cpu"])
+def test_nq_configs_pass_check(name, shared_data, monkeypatch):
+    """The real-data configs (reranker-only ones included: their report reads the promotion gate's decisions)."""
+    monkeypatch.chdir(REPO)  # their data paths are relative to the repo root (../shared/data)
+    result = _check([str(REPO / "configs" / f"{name}.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "steps OK" in result.output

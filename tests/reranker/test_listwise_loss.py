@@ -68,3 +68,14 @@ def test_mgda_over_four_losses_on_the_tiny_encoder(tiny_bert_dir, run_dir):
         assert set(step["weights"]) == set(log["losses"])
         assert sum(step["weights"].values()) == pytest.approx(1.0) and min(step["weights"].values()) >= 0
         assert math.isfinite(step["losses"]["listwise"]) and step["losses"]["listwise"] > 0
+
+
+def test_listwise_temperature_comes_from_the_config():
+    from dpa_rag.reranker.config import TrainRerankerConfig
+    from dpa_rag.reranker.losses.base import LossOptions
+
+    assert ListwiseLoss.from_options(LossOptions(listwise_temperature=0.25)).temperature == 0.25
+    cfg = TrainRerankerConfig(train="t.jsonl", losses=["listwise"], listwise_temperature=0.5)
+    assert cfg.alignment.listwise_temperature == 0.5
+    with pytest.raises(ValueError):
+        TrainRerankerConfig(train="t.jsonl", listwise_temperature=0)

@@ -21,6 +21,13 @@ it replaces the F1 change everywhere above, the rank list is all probes by gain 
 best-gain probe, missing negatives ← the worst-gain one. ``valid_lists.jsonl``/``test_lists.jsonl`` keep, per
 held-out original question, every probed passage with its gain, category and retriever rank: the utility-ranking
 evaluation of ``train-reranker --utility-eval`` (nDCG against the gains, MRR of aligned passages, top-1 gain).
+Graded training records also carry ``rank_gains`` (the gain of each ``rank_list`` passage, in order): the target of
+the listwise loss (``train-reranker --losses listwise``).
+
+``labels: relevance`` is the control of the reader's preference signal: the *training* split's probes are relabelled
+from the passages' ``has_answer`` (gain 1 / aligned with the answer string, 0 / unaligned without) before the records
+are built, so the same questions, passages, losses and selection train on plain relevance instead; the held-out
+valid/test files keep the reader's labels, so both trainings are chosen and judged alike.
 """
 
 from __future__ import annotations
@@ -49,8 +56,10 @@ from dpa_rag.mining.common import (
 from dpa_rag.mining.labels import ALIGNED, AUTHORS_CATEGORY, BOTH_CORRECT, BOTH_WRONG, UNALIGNED, normalize_rule
 from dpa_rag.stage import StageOutputs, stage_recorder
 
+GAINS_KEY = "rank_gains"  # = dpa_rag.reranker.losses.listwise.GAINS_KEY (kept torch-free here)
+
 __all__ = [
-    "SPLITS_FILE", "STATS_FILE", "TEST_FILE", "TEST_LISTS", "TRAIN_FILE", "VALID_FILE", "VALID_LISTS",
+    "GAINS_KEY", "SPLITS_FILE", "STATS_FILE", "TEST_FILE", "TEST_LISTS", "TRAIN_FILE", "VALID_FILE", "VALID_LISTS",
     "Config",
     "Outputs",
     "RerankerDataConfig",
@@ -59,6 +68,8 @@ __all__ = [
     "build_list_record",
     "build_pair_records",
     "build_train_record",
+    "ordered_split",
+    "relevance_labels",
     "check_group_sizes",
     "graded_order",
     "has_gains",
@@ -111,6 +122,24 @@ class RerankerDataConfig(StageConfig):
     augmented_in_eval: bool = Field(
         False, description="Also write pairs of augmented rewrites into valid/test (default: originals only)."
     )
+    labels: Literal["reader", "relevance"] = Field(
+        "reader",
+        description="Training labels: reader (the mined preferences) or relevance (the control: train-split probes "
+        "relabelled from has_answer, gain 1/0; valid/test keep the reader's labels).",
+    )
+    valid_questions: int | None = Field(
+        None, ge=1, description="Ordered split: the first N question groups in file order are valid (give with "
+        "--test-questions; the fractions are then ignored). The held-out questions stay the same as more questions "
+        "are mined (a learning curve compares like with like); the file order should already be random (the "
+        "pipeline's split step shuffles).",
+    )
+    test_questions: int | None = Field(
+        None, ge=1, description="Ordered split: the next N question groups are test; the rest, in file order, train."
+    )
+    limit_train: int | None = Field(
+        None, ge=1, description="Keep only the first N training questions of the split (a learning curve; the "
+        "valid/test questions do not change)."
+    )
 
     @field_validator("label_rule", mode="before")
     @classmethod
@@ -122,6 +151,8 @@ class RerankerDataConfig(StageConfig):
         total = self.train_fraction + self.valid_fraction + self.test_fraction
         if abs(total - 1.0) > 1e-6:
             raise ValueError(f"train/valid/test fractions must sum to 1, got {total:g}")
+        if (self.valid_questions is None) != (self.test_questions is None):
+            raise ValueError("the ordered split needs both valid_questions and test_questions")
         return self
 
 
@@ -208,6 +239,23 @@ def graded_order(pref: Preference) -> list[Probe]:
     return _distinct(ordered)
 
 
+def relevance_labels(pref: Preference) -> Preference:
+    """The control's labels: every probe's gain is 1.0 if its passage contains a gold answer (``has_answer``) else 0.0,
+    category aligned/unaligned alike (the closed-book answer plays no part).
+
+    Raises:
+        ValueError: a probe whose passage has no ``has_answer`` (retrieve with answers to get it).
+    """
+    probes = []
+    for p in pref.probes:
+        if p.ctx.has_answer is None:
+            raise ValueError(f"question {pref.id}: labels 'relevance' needs has_answer on every probed passage "
+                             f"(rank {p.rank} has none)")
+        hit = bool(p.ctx.has_answer)
+        probes.append(p.model_copy(update={"gain": 1.0 if hit else 0.0, "category": ALIGNED if hit else UNALIGNED}))
+    return pref.model_copy(update={"probes": probes})
+
+
 def spread(items: list[Any], size: int) -> list[Any]:
     """``size`` items evenly spaced over ``items`` (first and last kept, order kept; repeats when too few)."""
     if not items:
@@ -277,13 +325,16 @@ def build_train_record(
     info["padded_positive"] = len(pos) < n_positive
     info["padded_negative"] = len(neg) < n_negative
     info["padded_rank_list"] = len(graded) < rank_list_size
+    picks = spread(graded, rank_list_size)
     record = {
         "query": pref.question,
-        "rank_list": [render_probe(p) for p in spread(graded, rank_list_size)],
+        "rank_list": [render_probe(p) for p in picks],
         "positive": _fill(pos, n_positive),
         "negative": _fill(neg, n_negative),
         "id": pref.id,
     }
+    if pref.graded:
+        record[GAINS_KEY] = [float(p.gain) for p in picks]
     if set(record["positive"]) & set(record["negative"]):  # cannot happen; guards future edits
         raise AssertionError(f"question {pref.id}: a passage is both positive and negative")
     return record, info
@@ -334,9 +385,31 @@ def build_list_record(pref: Preference) -> dict[str, Any] | None:
     return {"id": pref.id, "question": pref.question, "answers": list(pref.answers), "ctxs": ctxs}
 
 
+def _group_id(pref: Preference) -> str:
+    return pref.origin_id or pref.id
+
+
+def ordered_split(prefs: list[Preference], n_valid: int, n_test: int) -> dict[str, list[Preference]]:
+    """The first ``n_valid`` question groups (an original with its rewrites; in order of first appearance) are valid,
+    the next ``n_test`` test, the rest train.
+
+    Raises:
+        ValueError: fewer than ``n_valid + n_test + 1`` groups.
+    """
+    groups = list(dict.fromkeys(_group_id(p) for p in prefs))
+    if len(groups) <= n_valid + n_test:
+        raise ValueError(f"the ordered split holds out {n_valid} + {n_test} questions but there are only "
+                         f"{len(groups)}: nothing is left to train on")
+    where = {g: "valid" if i < n_valid else "test" if i < n_valid + n_test else "train" for i, g in enumerate(groups)}
+    parts: dict[str, list[Preference]] = {s: [] for s in SPLITS}
+    for p in prefs:
+        parts[where[_group_id(p)]].append(p)
+    return parts
+
+
 def _order_train(rec: dict[str, Any]) -> dict[str, Any]:
-    keys = ("query", "classification", "rank_list", "positive", "negative", "id")
-    return {k: rec[k] for k in keys}
+    keys = ("query", "classification", "rank_list", GAINS_KEY, "positive", "negative", "id")
+    return {k: rec[k] for k in keys if k in rec}
 
 
 def run(cfg: RerankerDataConfig) -> RerankerDataOutputs:
@@ -354,9 +427,18 @@ def run(cfg: RerankerDataConfig) -> RerankerDataOutputs:
     everything = prefs + augmented
     aug_ids = {a.id for a in augmented}
     fractions = [cfg.train_fraction, cfg.valid_fraction, cfg.test_fraction]
-    parts = dict(zip(SPLITS, split_by_group(everything, fractions, cfg.seed), strict=True))
+    if cfg.valid_questions is not None and cfg.test_questions is not None:
+        parts = ordered_split(everything, cfg.valid_questions, cfg.test_questions)
+    else:
+        parts = dict(zip(SPLITS, split_by_group(everything, fractions, cfg.seed), strict=True))
+    offered = len(parts["train"])
+    if cfg.limit_train is not None:  # whole groups (an original with its rewrites), in split order
+        keep = set(list(dict.fromkeys(_group_id(p) for p in parts["train"]))[: cfg.limit_train])
+        parts["train"] = [p for p in parts["train"] if _group_id(p) in keep]
+    if cfg.labels == "relevance":
+        parts["train"] = [relevance_labels(p) for p in parts["train"]]
 
-    graded = has_gains(prefs)
+    graded = has_gains(prefs) or cfg.labels == "relevance"
     pool = cfg.pool if cfg.pool != "auto" else ("ranked" if graded else "strict")
     train_stats: Counter[str] = Counter()
     train: list[dict[str, Any]] = []
@@ -406,6 +488,7 @@ def run(cfg: RerankerDataConfig) -> RerankerDataOutputs:
         out.splits,
         {
             "seed": cfg.seed,
+            "ordered": cfg.valid_questions is not None,
             "fractions": {"train": cfg.train_fraction, "valid": cfg.valid_fraction, "test": cfg.test_fraction},
             **{s: [p.id for p in parts[s]] for s in SPLITS},
         },
@@ -413,6 +496,8 @@ def run(cfg: RerankerDataConfig) -> RerankerDataOutputs:
     label_counts = Counter(r["classification"]["label"] for r in train)
     stats = {
         "label_rule": cfg.label_rule,
+        "labels": cfg.labels,
+        "train_questions_offered": offered,
         "pool": pool,
         "graded": graded,
         "held_out_lists": {s: len(lists[s]) for s in ("valid", "test")} if graded else None,

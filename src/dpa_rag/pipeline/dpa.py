@@ -430,6 +430,7 @@ def build_steps(cfg: PipelineConfig) -> list[Step]:
     w = _Wiring(cfg)
     steps = [_step(cfg, d) for d in _table(cfg, w)]
     enabled = [*(s.name for s in steps if s.enabled), "report"]
-    steps.append(_step(cfg, Decl("report", report, ("report",), tuple(system_steps(cfg).values()),
+    gate = ("promote",) if cfg.train_llm or cfg.reranker else ()  # the report's "Promotion gate" section reads it
+    steps.append(_step(cfg, Decl("report", report, ("report",), (*system_steps(cfg).values(), *gate),
                                  lambda f: w.report(f, enabled))))
     return steps

@@ -72,6 +72,10 @@ class AlignmentSection(ConfigSection):
         "pairs", description="Contrastive anchors: every pair representation (authors' code) or the query alone."
     )
     temperature: float = Field(0.07, gt=0, description="Contrastive temperature τ (= τ_base).")
+    listwise_temperature: float = Field(
+        1.0, gt=0, description="Listwise loss: T of its target distribution softmax(rank_gains / T) (smaller: more "
+        "mass on the best-gain passage)."
+    )
 
     @field_validator("losses", mode="before")
     @classmethod

@@ -437,7 +437,7 @@ def run(cfg: TrainRerankerConfig) -> TrainRerankerOutputs:
     align = cfg.alignment
     r.modules = build_losses(r.losses, options=LossOptions(
         num_labels=r.model.config.num_labels, temperature=align.temperature, base_temperature=align.temperature,
-        contrastive_anchor=align.contrastive_anchor))
+        contrastive_anchor=align.contrastive_anchor, listwise_temperature=align.listwise_temperature))
 
     r.held = HeldOut(cfg, r.ranks, utility=r.inputs.utility_test or None)
     if cfg.held_out.eval_retrieval:

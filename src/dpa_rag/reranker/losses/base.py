@@ -34,6 +34,7 @@ class LossOptions:
     pair_margin: float = 0.0
     query_anchor: bool = False  # collation: also encode each query alone
     warmup_temperature: float = 1.0
+    listwise_temperature: float = 1.0
 
 
 class RowBuilder:

@@ -48,7 +48,7 @@ class ListwiseLoss(RerankerLoss):
 
     @classmethod
     def from_options(cls, options: LossOptions) -> ListwiseLoss:
-        return cls()
+        return cls(options.listwise_temperature)
 
     @classmethod
     def check_record(cls, record: Any) -> str | None:
