@@ -28,7 +28,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import platform
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -101,6 +103,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--max-length", type=int, default=128, help="training truncation (tokens)")
     ap.add_argument("--eval-max-length", type=int, default=256, help="scoring truncation of the held-out lists")
+    ap.add_argument("--evals-per-epoch", type=int, default=4,
+                    help="held-out (valid) evaluations per epoch; the best one is kept (the stopping point is chosen "
+                    "on the valid lists)")
     ap.add_argument("--weighting", default="mgda-ub", help="weighting of the paper losses (MGDA-UB: one backward)")
     ap.add_argument("--listwise-temperature", type=float, default=1.0)
     ap.add_argument("--rank-list-size", type=int, default=5)
@@ -121,7 +126,8 @@ def main() -> None:
     n_train_max = n_mined - args.valid - args.test
     sizes = sorted({min(s, n_train_max) for s in args.sizes})
     curve_rows = args.curve_rows or args.rows
-    plan = [(row, size) for size in sizes for row in args.rows if row in curve_rows or size == sizes[-1]]
+    plan = [(row, size) for size in sorted(sizes, reverse=True) for row in args.rows  # the largest first
+            if row in curve_rows or size == sizes[-1]]
     print(f"cpu: {cpu_model()}; {n_mined} mined questions: valid {args.valid}, test {args.test}, train ≤ "
           f"{n_train_max}; sizes {sizes}; rows {args.rows}")
 
@@ -144,16 +150,21 @@ def main() -> None:
         test_lists = test_lists or load_utility_lists(str(d.test_lists))
         target = out / f"train-{row}-{size}"
         done = target / "effect_done.json"
-        settings = {"losses": spec["losses"], "epochs": args.epochs, "lr": args.lr, "batch": args.batch_size,
+        steps_per_epoch = max(1, math.ceil(stats["train"]["kept"] / args.batch_size))
+        eval_steps = max(1, steps_per_epoch // args.evals_per_epoch)
+        settings = {"losses": spec["losses"], "epochs": args.epochs, "eval_steps": eval_steps,
+                    "lr": args.lr, "batch": args.batch_size,
                     "max_length": args.max_length, "weighting": args.weighting, "seed": args.seed,
                     "listwise_temperature": args.listwise_temperature, "train_records": stats["train"]["kept"]}
         if not (done.exists() and json.loads(done.read_text()).get("settings") == settings):
+            shutil.rmtree(target, ignore_errors=True)  # other settings: start over, not resume
             t0 = time.perf_counter()
             train_reranker(TrainRerankerConfig(
                 train=str(d.train), utility_valid=str(d.valid_lists), utility_test=str(d.test_lists),
                 backbone=args.backbone, out_dir=str(target), losses=spec["losses"], weighting=args.weighting,
                 epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                 listwise_temperature=args.listwise_temperature, metric_for_best_model="utility_ndcg@3",
+                eval_strategy="steps", eval_steps=eval_steps,
                 seed=args.seed, device="cpu"))
             done.write_text(json.dumps({"settings": settings, "seconds": time.perf_counter() - t0}))
         info = json.loads(done.read_text())
