@@ -45,7 +45,7 @@ from dpa_rag.reranker.losses.registry import get_loss_class, warmup_loss_name
 from dpa_rag.reranker.metrics import answer_ranking_metrics, utility_table
 from dpa_rag.reranker.model import head_of
 from dpa_rag.reranker.model_card import render_model_card
-from dpa_rag.reranker.processes import Ranks
+from dpa_rag.reranker.processes import Ranks, single_process_warning
 from dpa_rag.reranker.step import build_losses
 from dpa_rag.reranker.trainer import RerankerTrainer, check_weighting_supported
 from dpa_rag.reranker.training_args import RerankerTrainingArguments
@@ -430,6 +430,8 @@ def _start(cfg: TrainRerankerConfig) -> _Run:
     if cfg.alignment.weighting == "fixed":
         weighting.weights({k: torch.zeros(()) for k in losses})  # fail early on a missing weight
     ranks = Ranks.from_env()
+    if not ranks.multi and (alone := single_process_warning()):
+        logger.warning(alone)
     check_weighting_supported(weighting, len(losses))  # mgda under ZeRO-3: fail before loading anything
     kind = get_kind(resolve_kind(cfg.backbone, cfg.kind))
     if kind.zero3_error and ranks.zero3:
