@@ -31,6 +31,7 @@ __all__ = [
     "ENCODER_KIND",
     "LLM_KIND",
     "fingerprint",
+    "hub_cached",
     "hub_reachable",
     "model_kind",
     "pick_device",
@@ -149,6 +150,27 @@ def hub_reachable() -> bool:
         logger.info("the hub (%s:%d) is not reachable within %g s: loading from the local cache only", host, port,
                     timeout)
     return ok
+
+
+_HUB_WEIGHTS = (
+    "model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json",
+)
+
+
+def hub_cached(name: str, cache_dir: str | Path | None = None) -> bool:
+    """Whether the hub id ``name`` (``org/name``) has its ``config.json``, weights and ``tokenizer_config.json`` in
+    the local Hugging Face cache (``cache_dir``, default the hub cache); reads the disk only, never the network."""
+    if name.count("/") != 1 or _looks_like_path(name) or Path(name).exists():
+        return False
+    from huggingface_hub import try_to_load_from_cache
+
+    def has(filename: str) -> bool:
+        return isinstance(try_to_load_from_cache(name, filename, cache_dir=cache_dir), str)
+
+    try:
+        return has("config.json") and has("tokenizer_config.json") and any(has(w) for w in _HUB_WEIGHTS)
+    except Exception:  # noqa: BLE001 - an id the hub library rejects is not cached
+        return False
 
 
 def _go_offline() -> None:

@@ -78,3 +78,13 @@ def test_help_shows_defaults(name, expected):
     for needle in expected:
         assert needle in text, f"{name} --help lacks {needle!r}"
     assert "\\[" not in text  # escapes are not shown
+
+
+def test_train_reranker_help_names_both_kinds_and_their_loaders():
+    """The default backbone (MiniLM) trains a bi-encoder: the help must not call the command a cross-encoder's."""
+    text = _rendered_help("train-reranker")
+    assert "Align a cross-encoder" not in text
+    for needle in ("cross-encoder", "bi-encoder", "sentence_transformers.CrossEncoder",
+                   "sentence_transformers.SentenceTransformer", "dpa_rag.reranker.Reranker", "Default backbone",
+                   "minilm", "--kind auto trains a bi-encoder", "BAAI/bge-reranker-large"):
+        assert needle in text, needle

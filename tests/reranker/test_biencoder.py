@@ -37,6 +37,25 @@ def test_kind_detection(tiny_bert_dir: Path, tmp_path: Path, tiny_bi) -> None:  
     assert resolve_kind("minilm") == "bi-encoder"  # the bundled embedding model: bi-encoder by default
 
 
+def test_saved_bi_encoder_refuses_cross_encoder_and_loads_in_sentence_transformers(tiny_bi, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """CrossEncoder would put a random head on the encoder and score every pair ~0.5: it refuses the folder."""
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    from dpa_rag.reranker.model import load_reranker_model
+
+    tiny_bi.save(tmp_path / "bi")
+    with pytest.raises(ImportError, match="load_with_SentenceTransformer_not_CrossEncoder"):
+        CrossEncoder(str(tmp_path / "bi"), device="cpu")
+    st = SentenceTransformer(str(tmp_path / "bi"), device="cpu")
+    assert st.encode(["who wrote hamlet"]).shape == (1, 32)
+    # the cross-encoder kind on this folder as its backbone drops the guard: its own export loads in CrossEncoder
+    model, tok = load_reranker_model(str(tmp_path / "bi"))
+    assert not hasattr(model.config, "sentence_transformers")
+    model.save_pretrained(tmp_path / "ce")
+    tok.save_pretrained(tmp_path / "ce")
+    assert CrossEncoder(str(tmp_path / "ce"), device="cpu").predict([("who wrote hamlet", "hamlet")]).shape == (1,)
+
+
 @pytest.mark.parametrize("grouped", [False, True])
 @pytest.mark.parametrize("anchor", ["pairs", "query"])
 def test_losses_fused_equal_per_group_and_scores_are_scaled_cosine(tiny_bi, grouped, anchor) -> None:  # type: ignore[no-untyped-def]
@@ -99,7 +118,8 @@ def test_train_bi_encoder_each_weighting_and_sentence_transformers_loads_it(
     log = json.loads(out.train_log.read_text())
     assert log["kind"] == "bi-encoder" and log["global_step"] == 3
     assert {w for s in log["steps"] for w in s["weights"]} == set(LOSSES)
-    assert "bi-encoder" in (model_dir / "README.md").read_text()
+    card = (model_dir / "README.md").read_text()
+    assert "- kind: `bi-encoder`" in card and "- loads with: `sentence_transformers.SentenceTransformer`" in card
     st = SentenceTransformer(str(model_dir), device="cpu")
     rr = Reranker(str(model_dir), device="cpu", dtype="fp32", fusion="off")
     assert rr.kind == "bi-encoder"

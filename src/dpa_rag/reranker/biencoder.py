@@ -17,6 +17,8 @@ length for chunked forwards), ``pair_query``/``pair_doc`` map each pair row to i
 
 Saved folders are plain sentence-transformers models (``SentenceTransformer(path)`` loads them; the inference score is
 their cosine similarity) plus ``dpa_rag_reranker.json`` with the kind, ``s``, ``b`` and the retriever-fusion weight.
+``sentence_transformers.CrossEncoder(path)`` refuses them (:data:`CROSS_ENCODER_GUARD`) instead of putting a random
+classification head on the encoder.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from dpa_rag.data.reranker_records import RerankerTrainRecord
 
 __all__ = [
     "BIENCODER_FILE",
+    "CROSS_ENCODER_GUARD",
     "BiEncoderCollator",
     "BiEncoderReranker",
     "encode_bi",
@@ -49,6 +52,15 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BIENCODER_FILE = "dpa_rag_reranker.json"
+CROSS_ENCODER_GUARD = {
+    "activation_fn": "torch.nn.dpa_rag_bi_encoder_reranker__load_with_SentenceTransformer_not_CrossEncoder",
+}
+"""Written to a saved bi-encoder's ``config.json`` as ``sentence_transformers``. A sentence-transformers folder loaded
+by ``CrossEncoder`` gets a new, random classification head (it scores every pair about 0.5, with only a "Converting"
+log line); ``CrossEncoder`` imports this activation from its config (a ``torch.`` path is trusted) and fails with an
+``ImportError`` naming it. ``SentenceTransformer``, ``AutoModel`` and the hub ignore the key; an explicit
+``CrossEncoder(path, activation_fn=...)`` still loads the folder, and the cross-encoder kind drops the key from a
+backbone (:func:`dpa_rag.reranker.model.load_reranker_model`)."""
 
 
 class _Config:
@@ -119,6 +131,10 @@ class BiEncoderReranker(nn.Module):
         """A sentence-transformers folder plus :data:`BIENCODER_FILE` (kind, scale, bias and ``extra``)."""
         path = Path(path)
         self.st.save(str(path))
+        config = _read_json(path / "config.json")
+        if config:  # refuse CrossEncoder(path) (see CROSS_ENCODER_GUARD)
+            config["sentence_transformers"] = dict(CROSS_ENCODER_GUARD)
+            (path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         settings = {**self.config.dpa_rag, "scale": float(self.scale.detach()), "bias": float(self.bias.detach()),
                     **(extra or {})}
         (path / BIENCODER_FILE).write_text(json.dumps(settings, indent=2) + "\n", encoding="utf-8")

@@ -4,6 +4,8 @@ Every flag of the authors' README command (``--pretrained_model_path --train_dat
 --test_data_path --gpu --outdir --tensorboard_log_dir --cls_loss --rank_loss --scl_loss``) is accepted as an extra
 option name. ``--cls_loss/--rank_loss/--scl_loss`` switch the point/pair/contrastive losses: bare (their script's
 ``store_true``) or with ``True``/``False``. ``--gpu=N`` trains on GPU N; without that GPU, one warning and the CPU.
+Their command without ``--pretrained_model_path`` trains their cross-encoder backbone (:data:`AUTHORS_BACKBONE`) when
+it is in the local Hugging Face cache, else our default backbone (:func:`apply_authors_backbone`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any, ClassVar, Literal
 
-from pydantic import AliasChoices, BaseModel, Field, field_validator, model_validator
+from pydantic import AliasChoices, BaseModel, Field, PrivateAttr, field_validator, model_validator
 
 from dpa_rag.config import ConfigSection, DeviceOption, Runtime, StageConfig
 from dpa_rag.data.loaders import dedupe_ids_field
@@ -19,7 +21,10 @@ from dpa_rag.models import DEFAULT_ENCODER
 from dpa_rag.reranker.kinds import kind_names
 from dpa_rag.reranker.losses.registry import align_loss_names, authors_flags, default_losses
 
-__all__ = ["RerankConfig", "TrainRerankerConfig", "apply_gpu_flag", "parse_bool", "parse_loss_weights"]
+__all__ = ["AUTHORS_BACKBONE", "RerankConfig", "TrainRerankerConfig", "apply_authors_backbone", "apply_gpu_flag",
+           "parse_bool", "parse_loss_weights"]
+
+AUTHORS_BACKBONE = "BAAI/bge-reranker-large"  # the authors' cross-encoder (their README: your/pretrained/bge/path)
 
 _TRUE = {"true", "1", "yes", "y", "on", "t"}
 _FALSE = {"false", "0", "no", "n", "off", "f"}
@@ -229,7 +234,8 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
         json_schema_extra={"cli": ["--tensorboard_log_dir"]},
     )
     backbone: str = Field(
-        DEFAULT_ENCODER, description="Encoder: bundled alias, hub id or folder.",
+        DEFAULT_ENCODER, description="Encoder: bundled alias, hub id or folder (minilm: an embedding model, a "
+        f"bi-encoder under --kind auto; {AUTHORS_BACKBONE}: the paper's cross-encoder).",
         json_schema_extra={"cli": ["--pretrained_model_path"]},
     )
     kind: str = Field(
@@ -307,11 +313,22 @@ class TrainRerankerConfig(DeviceOption, StageConfig):
     held_out: HeldOutSection = Field(default_factory=HeldOutSection, description="Held-out reports and fusion.")
 
     _kind = field_validator("kind")(classmethod(lambda cls, v: check_kind(v)))
+    _authors_switches: bool = PrivateAttr(False)  # built with the authors' --cls_loss/--rank_loss/--scl_loss
 
-    @model_validator(mode="before")
+    @model_validator(mode="wrap")
     @classmethod
-    def _flat_keys(cls, data: object) -> object:
-        return _fold(data) if isinstance(data, dict) else data
+    def _flat_keys(cls, data: object, handler: Any) -> Any:
+        if not isinstance(data, dict):
+            return handler(data)
+        switched = any(data.get(f) is not None for f in authors_flags())
+        cfg = handler(_fold(data))
+        cfg._authors_switches = cfg._authors_switches or switched
+        return cfg
+
+    @property
+    def authors_default_backbone(self) -> bool:
+        """The authors' command (their loss switches) without a backbone (``--pretrained_model_path``)."""
+        return self._authors_switches and "backbone" not in self.model_fields_set
 
     def __getattr__(self, name: str) -> Any:
         """The flat spelling of a section's field (``cfg.warmup_lr`` = ``cfg.warmup.lr``)."""
@@ -353,6 +370,19 @@ def apply_gpu_flag(cfg: TrainRerankerConfig) -> TrainRerankerConfig:
         return cfg.model_copy(update={"device": f"cuda:{cfg.gpu}"})
     logging.getLogger(__name__).warning("--gpu=%d: no such GPU on this machine, training on the CPU", cfg.gpu)
     return cfg.model_copy(update={"device": "cpu"})
+
+
+def apply_authors_backbone(cfg: TrainRerankerConfig) -> TrainRerankerConfig:
+    """The authors' command without ``--pretrained_model_path``: their cross-encoder backbone
+    (:data:`AUTHORS_BACKBONE`) when the local Hugging Face cache has it (no download, no network call); otherwise
+    ``cfg`` unchanged (the bundled MiniLM, a bi-encoder under ``--kind auto``: training logs one line saying so)."""
+    from dpa_rag.models import hub_cached
+
+    if not cfg.authors_default_backbone or not hub_cached(AUTHORS_BACKBONE):
+        return cfg
+    logging.getLogger(__name__).info("the authors' command without --pretrained_model_path: training their "
+                                     "cross-encoder backbone %s (found in the Hugging Face cache)", AUTHORS_BACKBONE)
+    return cfg.model_copy(update={"backbone": AUTHORS_BACKBONE})
 
 
 class RerankConfig(Runtime, StageConfig):

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from dpa_rag.models import resolve_encoder
+from dpa_rag.reranker.biencoder import CROSS_ENCODER_GUARD
 
 __all__ = [
     "HEADS",
@@ -85,6 +86,8 @@ def load_reranker_model(
         kwargs["id2label"] = {0: "relevance"}
         kwargs["label2id"] = {"relevance": 0}
     model = AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype or torch.float32, **kwargs)
+    if getattr(model.config, "sentence_transformers", None) == CROSS_ENCODER_GUARD:  # a bi-encoder folder as backbone
+        del model.config.sentence_transformers
     setattr(model.config, CONFIG_KEY, {"head": head, "score": score if head == "two-class" else "logit"})
     tokenizer = AutoTokenizer.from_pretrained(path)
     logger.info(

@@ -55,7 +55,8 @@ def render_model_card(
         + "trained with `dpa-rag train-reranker` to rank passages by what the reader LLM can use "
         "(DPA-RAG, Dong et al., WWW 2025): point-wise, pair-wise and contrastive preference losses combined by a "
         "weighting strategy.\n",
-        f"- backbone: `{config.get('backbone')}`\n- kind: `{kind}`\n" + own["head_line"] +
+        f"- backbone: `{config.get('backbone')}`\n- kind: `{kind}`\n- loads with: {own['loads_with']}\n"
+        + own["head_line"] +
         f"- inference score: `{score}`\n- weighting: `{weighting.get('weighting')}`\n",
         "## Usage\n",
         "```python\nfrom dpa_rag.reranker import Reranker\n"

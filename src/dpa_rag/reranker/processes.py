@@ -9,7 +9,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["Ranks"]
+__all__ = ["Ranks", "single_process_warning"]
+
+
+_WORLD = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
 def _env_int(names: tuple[str, ...], default: int) -> int:
@@ -39,7 +42,7 @@ class Ranks:
     def from_env(cls) -> Ranks:
         from dpa_rag.reranker.trainer import deepspeed_zero3_enabled
 
-        world = _env_int(("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE"), 1)
+        world = _env_int(_WORLD, 1)
         rank = _env_int(("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK"), 0)
         local = _env_int(("LOCAL_RANK", "MPI_LOCALRANKID", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK"),
                          0)
@@ -75,3 +78,20 @@ class Ranks:
             from accelerate import PartialState
 
             PartialState().wait_for_everyone()
+
+
+def single_process_warning() -> str | None:
+    """Why this process, launched as one of several, runs alone; ``None`` when nothing says so.
+
+    ``accelerate launch --num_processes N`` (N > 1) with ``--cpu``, or without ``--multi_gpu`` on a machine with fewer
+    than two GPUs, uses accelerate's one-process launcher: it sets ``MASTER_ADDR``/``MASTER_PORT`` for N processes
+    (and its ``ACCELERATE_*`` variables) but starts one, with no ``WORLD_SIZE``. Nothing else is detectable: a plain
+    ``python`` run cannot know how many processes were meant.
+    """
+    if "ACCELERATE_MIXED_PRECISION" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    if _env_int(_WORLD, 1) > 1:
+        return None
+    return ("accelerate launch was asked for several processes but started only this one (its --cpu / single-device "
+            "launcher runs one process): training in 1 process. For N processes use `accelerate launch --multi_gpu "
+            "--num_processes N` (CPUs too: gloo) or `torchrun --nproc_per_node N`")

@@ -27,19 +27,25 @@ from dpa_rag.data.reranker_records import load_reranker_pairs, load_reranker_tra
 from dpa_rag.io import write_json, write_text
 from dpa_rag.models import pick_device
 from dpa_rag.reranker.calibration import calibrate_trained
-from dpa_rag.reranker.config import TrainRerankerConfig, apply_gpu_flag, parse_loss_weights
+from dpa_rag.reranker.config import (
+    AUTHORS_BACKBONE,
+    TrainRerankerConfig,
+    apply_authors_backbone,
+    apply_gpu_flag,
+    parse_loss_weights,
+)
 from dpa_rag.reranker.data import RerankerTrainDataset, check_train_records
 from dpa_rag.reranker.evaluation import PairEvaluator, load_utility_lists
 from dpa_rag.reranker.fast_dropout import fast_cpu_dropout
 from dpa_rag.reranker.held_out import HeldOut, fusion_weight, held_out_records
-from dpa_rag.reranker.kinds import get_kind, resolve_kind
+from dpa_rag.reranker.kinds import DEFAULT_KIND, get_kind, resolve_kind
 from dpa_rag.reranker.kinds.base import RerankerKind
 from dpa_rag.reranker.losses.base import LossOptions
 from dpa_rag.reranker.losses.registry import get_loss_class, warmup_loss_name
 from dpa_rag.reranker.metrics import answer_ranking_metrics, utility_table
 from dpa_rag.reranker.model import head_of
 from dpa_rag.reranker.model_card import render_model_card
-from dpa_rag.reranker.processes import Ranks
+from dpa_rag.reranker.processes import Ranks, single_process_warning
 from dpa_rag.reranker.step import build_losses
 from dpa_rag.reranker.trainer import RerankerTrainer, check_weighting_supported
 from dpa_rag.reranker.training_args import RerankerTrainingArguments
@@ -389,6 +395,28 @@ def _write_outputs(run: _Run) -> list[str]:
     return outputs
 
 
+def _log_kind(cfg: TrainRerankerConfig, kind: RerankerKind) -> None:
+    """One line: the kind and backbone; for a kind other than the paper's cross-encoder (the bi-encoder), also what
+    ``model/`` loads with and the option that gives the paper's setting (a warning when ``--kind auto`` chose it)."""
+    if kind.name == DEFAULT_KIND:
+        logger.info("reranker kind: %s (backbone %s)", kind.name, cfg.backbone)
+        return
+    if cfg.kind == "auto":
+        why = "--kind auto: the backbone is a sentence-transformers embedding model"
+    else:
+        why = f"--kind {kind.name}"
+    if cfg.authors_default_backbone:
+        why += (f"; the authors' command without --pretrained_model_path, and {AUTHORS_BACKBONE} is not in the local "
+                "Hugging Face cache")
+    logger.log(
+        logging.WARNING if cfg.kind == "auto" else logging.INFO,
+        "reranker kind: %s, backbone %s (%s); model/ will load with sentence_transformers.%s(path) (score: its "
+        "similarity()) or dpa_rag.reranker.Reranker, not with CrossEncoder. For the paper's cross-encoder pass a "
+        "cross-encoder backbone: --backbone (their --pretrained_model_path) %s, or --kind cross-encoder for a new "
+        "classification head on this one", kind.name, cfg.backbone, why, kind.card_fields("single")["st_class"],
+        AUTHORS_BACKBONE)
+
+
 def _start(cfg: TrainRerankerConfig) -> _Run:
     """Resolve the run: losses, inputs, weighting, processes, kind and device (fails before loading any model)."""
     if not cfg.train:
@@ -402,10 +430,14 @@ def _start(cfg: TrainRerankerConfig) -> _Run:
     if cfg.alignment.weighting == "fixed":
         weighting.weights({k: torch.zeros(()) for k in losses})  # fail early on a missing weight
     ranks = Ranks.from_env()
+    if not ranks.multi and (alone := single_process_warning()):
+        logger.warning(alone)
     check_weighting_supported(weighting, len(losses))  # mgda under ZeRO-3: fail before loading anything
     kind = get_kind(resolve_kind(cfg.backbone, cfg.kind))
     if kind.zero3_error and ranks.zero3:
         raise ValueError(kind.zero3_error)
+    if ranks.main:
+        _log_kind(cfg, kind)
     device = pick_device(cfg.device)
     use_cpu = device == "cpu" or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return _Run(cfg, out_dir, kind, losses, weighting, ranks, device, use_cpu, rec, inputs)
@@ -425,14 +457,13 @@ def run(cfg: TrainRerankerConfig) -> TrainRerankerOutputs:
     """
     from transformers import set_seed
 
-    cfg = apply_gpu_flag(cfg)
+    cfg = apply_authors_backbone(apply_gpu_flag(cfg))
     r = _start(cfg)
     if r.ranks.multi:
         logger.info("process %d of %d (%s); the main process scores and writes", r.ranks.rank, r.ranks.world,
                     "DeepSpeed ZeRO-3: every process scores" if r.ranks.zero3 else "data parallel")
     set_seed(cfg.seed)
     r.model, r.tokenizer = r.kind.load_for_training(cfg)
-    logger.info("reranker kind: %s (backbone %s)", r.kind.name, cfg.backbone)
     _place_model(r, pre_scoring=bool(r.inputs.utility_test or cfg.held_out.eval_retrieval))
     align = cfg.alignment
     r.modules = build_losses(r.losses, options=LossOptions(

@@ -32,9 +32,16 @@ def register(app: typer.Typer) -> None:
         TrainRerankerConfig,
         _train,
         help=(
-            "Align a cross-encoder reranker with the reader's preferences: point-wise, pair-wise and contrastive "
-            "losses, MGDA weighting (method.md §6). Reads the authors' files; accepts their flags "
-            "(--pretrained_model_path, --train_data_path, --gpu=0, --outdir, --cls_loss, ...)."
+            "Align a reranker with the reader's preferences: point-wise, pair-wise and contrastive losses, MGDA "
+            "weighting (method.md §6). Two kinds (--kind): cross-encoder (the paper's; model/ loads with "
+            "sentence_transformers.CrossEncoder or AutoModelForSequenceClassification) and bi-encoder (scaled cosine "
+            "of query and passage embeddings; model/ loads with sentence_transformers.SentenceTransformer, scored "
+            "by its similarity(), not with CrossEncoder); both load with dpa_rag.reranker.Reranker. Default backbone: "
+            "the bundled MiniLM (minilm, an embedding model), so --kind auto trains a bi-encoder; a cross-encoder "
+            "backbone such as --backbone BAAI/bge-reranker-large (bge-reranker, ms-marco cross-encoders, plain "
+            "encoders) gives the paper's cross-encoder. Reads the authors' files; accepts their flags "
+            "(--pretrained_model_path, --train_data_path, --gpu=0, --outdir, --cls_loss, ...); their command "
+            "without --pretrained_model_path uses BAAI/bge-reranker-large when it is in the Hugging Face cache."
         ),
         rich_help_panel=PANEL,
     )

@@ -91,5 +91,6 @@ class RerankerKind:
     # --- model card ----------------------------------------------------------------------------------------------
     def card_fields(self, head: str) -> dict[str, str]:
         """The model card's kind-specific pieces: ``pipeline_tag``, ``tag``, ``description``, ``head_line``,
-        ``st_class`` and ``loader`` (a usage snippet)."""
+        ``st_class`` (the sentence-transformers class that loads the folder), ``loads_with`` (a line naming every
+        loading class) and ``loader`` (a usage snippet)."""
         raise NotImplementedError

@@ -122,6 +122,9 @@ class BiEncoderKind(RerankerKind):
                            "embeddings) ",
             "head_line": "",
             "st_class": "SentenceTransformer",
+            "loads_with": "`sentence_transformers.SentenceTransformer` (score: `model.similarity`), "
+                          "`dpa_rag.reranker.Reranker`; not `CrossEncoder` (there is no classification head: "
+                          "`CrossEncoder(path)` refuses this folder)",
             "loader": ('model = SentenceTransformer("path/to/model")\n'
                        'q, d = model.encode(["who wrote hamlet"]), model.encode(["Title: Hamlet Content: ..."])\n'
                        "model.similarity(q, d)  # the reranker's score (cosine)\n"),

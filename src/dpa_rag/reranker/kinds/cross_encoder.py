@@ -148,6 +148,8 @@ class CrossEncoderKind(RerankerKind):
             "head_line": f"- head: `{head}` "
                          f"({'1 relevance logit' if single else 'aligned/unaligned, label 1 = aligned'})\n",
             "st_class": "CrossEncoder",
+            "loads_with": "`sentence_transformers.CrossEncoder`, `AutoModelForSequenceClassification`, "
+                          "`dpa_rag.reranker.Reranker`",
             "loader": ('model = CrossEncoder("path/to/model")  # 1 logit; predict() applies a sigmoid\n' if single else
                        'model = CrossEncoder("path/to/model")  # 2 logits; aligned = index 1 (apply_softmax=True)\n'),
         }
