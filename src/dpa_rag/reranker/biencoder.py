@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dpa_rag.data.reranker_records import RerankerTrainRecord
+from dpa_rag.reranker.model import CROSS_ENCODER_GUARD
 
 __all__ = [
     "BIENCODER_FILE",
-    "CROSS_ENCODER_GUARD",
     "BiEncoderCollator",
     "BiEncoderReranker",
     "encode_bi",
@@ -52,15 +52,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BIENCODER_FILE = "dpa_rag_reranker.json"
-CROSS_ENCODER_GUARD = {
-    "activation_fn": "torch.nn.dpa_rag_bi_encoder_reranker__load_with_SentenceTransformer_not_CrossEncoder",
-}
-"""Written to a saved bi-encoder's ``config.json`` as ``sentence_transformers``. A sentence-transformers folder loaded
-by ``CrossEncoder`` gets a new, random classification head (it scores every pair about 0.5, with only a "Converting"
-log line); ``CrossEncoder`` imports this activation from its config (a ``torch.`` path is trusted) and fails with an
-``ImportError`` naming it. ``SentenceTransformer``, ``AutoModel`` and the hub ignore the key; an explicit
-``CrossEncoder(path, activation_fn=...)`` still loads the folder, and the cross-encoder kind drops the key from a
-backbone (:func:`dpa_rag.reranker.model.load_reranker_model`)."""
 
 
 class _Config:

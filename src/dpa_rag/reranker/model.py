@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from dpa_rag.models import resolve_encoder
-from dpa_rag.reranker.biencoder import CROSS_ENCODER_GUARD
 
 __all__ = [
+    "CROSS_ENCODER_GUARD",
     "HEADS",
     "SCORE_MODES",
     "EncodeOutput",
@@ -42,6 +42,16 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+CROSS_ENCODER_GUARD = {
+    "activation_fn": "torch.nn.dpa_rag_bi_encoder_reranker__load_with_SentenceTransformer_not_CrossEncoder",
+}
+"""Written by :class:`~dpa_rag.reranker.biencoder.BiEncoderReranker` to a saved bi-encoder's ``config.json`` as
+``sentence_transformers``. A sentence-transformers folder loaded by ``CrossEncoder`` gets a new, random classification
+head (it scores every pair about 0.5, with only a "Converting" log line); ``CrossEncoder`` imports this activation
+from its config (a ``torch.`` path is trusted) and fails with an ``ImportError`` naming it. ``SentenceTransformer``,
+``AutoModel`` and the hub ignore the key; an explicit ``CrossEncoder(path, activation_fn=...)`` still loads the folder,
+and the cross-encoder kind drops the key from a backbone (:func:`load_reranker_model`)."""
 
 HEADS = ("single", "two-class")
 SCORE_MODES = ("prob", "z1", "logit")
