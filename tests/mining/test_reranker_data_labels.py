@@ -34,6 +34,14 @@ def test_graded_record_carries_gains_in_rank_list_order() -> None:
     assert record is not None
     assert record[GAINS_KEY] == [2.0, 0.1, -1.0]  # best first, aligned with rank_list
     assert "useful paraphrase" in record["rank_list"][0] and "misleadingly" in record["rank_list"][-1]
+    from dpa_rag.data.reranker_records import RerankerTrainRecord
+    from dpa_rag.reranker.losses.listwise import GAINS_KEY as LOSS_KEY
+    from dpa_rag.reranker.losses.listwise import ListwiseLoss
+
+    assert LOSS_KEY == GAINS_KEY  # the builder writes what the loss reads
+    loaded = RerankerTrainRecord.model_validate({**record, "classification": {"text": record["positive"][0],
+                                                                              "label": 1}})
+    assert ListwiseLoss.check_record(loaded) is None
 
 
 def test_relevance_labels_follow_has_answer_and_need_it() -> None:
