@@ -39,6 +39,10 @@ def test_accelerate_command_line(tmp_path):
         "--num_processes", "8", "--main_process_port", "29501",
         "-m", "dpa_rag.cli.main", "train-llm", "--config", str(tmp_path / "launch.yaml"),
     ]
+    bare = launch_command(LauncherConfig(kind="accelerate", num_processes=2), "train-reranker", Path("x.yaml"))
+    assert bare[3:6] == ["--multi_gpu", "--num_processes", "2"]  # no config file: only --multi_gpu starts 2
+    one = launch_command(LauncherConfig(kind="accelerate", num_processes=1), "train-reranker", Path("x.yaml"))
+    assert "--multi_gpu" not in one
     ds = launch_command(LauncherConfig(kind="deepspeed", num_processes=2), "train-reranker", Path("x.yaml"))
     assert ds == ["deepspeed", "--num_gpus", "2", "--module", "dpa_rag.cli.main", "train-reranker", "--config",
                   "x.yaml"]

@@ -98,6 +98,10 @@ def launch_command(launcher: LauncherConfig, command: str, config_yaml: Path) ->
         config_file = launcher.resolved_config_file()
         if config_file is not None:
             argv += ["--config_file", str(config_file)]
+        elif (launcher.num_processes or 1) > 1 and "--multi_gpu" not in launcher.extra_args:
+            # without a config file, accelerate starts N processes only with --multi_gpu (torchrun underneath, on
+            # GPUs and on CPUs); otherwise it starts one
+            argv += ["--multi_gpu"]
         if launcher.num_processes is not None:
             argv += ["--num_processes", str(launcher.num_processes)]
         return [*argv, *launcher.extra_args, *module]
