@@ -26,6 +26,7 @@ Usage (after ``dpa-rag run configs/nq_pref_cpu.yaml --until mine``, or on its pa
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -131,6 +132,7 @@ def main() -> None:
     print(f"cpu: {cpu_model()}; {n_mined} mined questions: valid {args.valid}, test {args.test}, train ≤ "
           f"{n_train_max}; sizes {sizes}; rows {args.rows}")
 
+    @functools.cache  # listwise and paper share the reader-labelled set of a size
     def data(labels: str, size: int) -> Any:
         return build_data(RerankerDataConfig(
             preferences=prefs, out_dir=out / f"data-{labels}-{size}", rank_list_size=args.rank_list_size,

@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,6 +37,31 @@ def _stop(proc: subprocess.Popen) -> None:
     if proc.poll() is None:
         proc.kill()
         proc.wait(30)
+
+
+def signal_at(proc: subprocess.Popen, marker: Path, what: str, sig: int, timeout: float = 120,
+              wait: float = 120) -> None:
+    """Wait until the child writes ``marker`` (it reached ``what``), send it ``sig`` and wait for it to end; the child
+    never outlives the call."""
+    try:
+        _wait_for(marker, proc, what, timeout=timeout)
+        proc.send_signal(sig)
+        proc.wait(wait)
+    finally:
+        _stop(proc)
+
+
+def rerun_resumes(out_dir: Path, step: int, rerun: Callable[[], Any], caplog: pytest.LogCaptureFixture) -> Any:
+    """After a kill: the stage left ``checkpoint-<step>`` marked resumable and no manifest; ``rerun()`` says it resumes
+    from it. Returns what ``rerun`` returned."""
+    from dpa_rag.checkpoints import RESUME_FILE
+
+    ckpt = out_dir / "checkpoints" / f"checkpoint-{step}"
+    assert (ckpt / RESUME_FILE).exists() and not (out_dir / "manifest.json").exists()
+    with caplog.at_level("INFO", logger="dpa_rag"):
+        result = rerun()
+    assert f"resuming from {ckpt} (step {step}, same config and inputs)" in caplog.text
+    return result
 
 
 # ---------------------------------------------------------------- one writer per folder
@@ -157,12 +184,7 @@ def test_sigterm_during_mine_stops_saves_and_resumes(tmp_path: Path, mine_input:
     assert clean.wait(120) == 0, clean.stdout.read()[-3000:]  # type: ignore[union-attr]
     out, marker = tmp_path / "stopped", tmp_path / "ready"
     proc = _mine(_mine_args(mine_input, out), marker=str(marker))
-    try:
-        _wait_for(marker, proc, "its second batch")
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
-    finally:
-        _stop(proc)
+    signal_at(proc, marker, "its second batch", signal.SIGTERM)
     text = proc.stdout.read()  # type: ignore[union-attr]
     assert proc.returncode == PREEMPTED_EXIT, text[-3000:]
     stopped = [line for line in text.splitlines() if line.startswith("stopped:")]

@@ -165,7 +165,8 @@ def test_answer_failing_after_its_first_write_is_undone(tmp_path, monkeypatch):
     assert _tree(kept) == {"notes.txt": b"mine"}
 
 
-def test_discard_keeps_resume_state_and_restores_the_manifest(tmp_path):
+def _finished_stage(tmp_path, **files: str):
+    """A toy stage config and a folder a finished run of it left (``files`` plus a complete manifest)."""
     from dpa_rag.config import StageConfig
 
     class Cfg(StageConfig):
@@ -173,10 +174,15 @@ def test_discard_keeps_resume_state_and_restores_the_manifest(tmp_path):
 
     out = tmp_path / "stage"
     out.mkdir()
-    (out / "old.jsonl").write_text("old\n")
+    for name, text in files.items():
+        (out / name).write_text(text)
     (out / "manifest.json").write_text('{"status": "complete"}')
-    (out / "config.yaml").write_text("x: 0\n")
-    rec = stage.stage_recorder("toy", Cfg(), out, [])
+    return Cfg(), out
+
+
+def test_discard_keeps_resume_state_and_restores_the_manifest(tmp_path):
+    cfg, out = _finished_stage(tmp_path, **{"old.jsonl": "old\n", "config.yaml": "x: 0\n"})
+    rec = stage.stage_recorder("toy", cfg, out, [])
     rec.start()  # drops the manifest, writes the new config
     assert not (out / "manifest.json").exists()
     (out / "new.jsonl").write_text("new\n")
@@ -194,17 +200,9 @@ def test_discard_keeps_resume_state_and_restores_the_manifest(tmp_path):
 
 
 def test_discard_keeps_the_manifest_away_when_an_old_output_changed(tmp_path):
-    from dpa_rag.config import StageConfig
-
-    class Cfg(StageConfig):
-        x: int = 1
-
-    out = tmp_path / "stage"
-    out.mkdir()
-    (out / "out.jsonl").write_text("old\n")
-    (out / "manifest.json").write_text('{"status": "complete"}')
+    cfg, out = _finished_stage(tmp_path, **{"out.jsonl": "old\n"})
     mark = stage.recorder_mark()
-    rec = stage.stage_recorder("toy", Cfg(), out, [])
+    rec = stage.stage_recorder("toy", cfg, out, [])
     rec.start()
     (out / "out.jsonl").write_text("new, longer\n")
     stage.discard_unfinished(since=mark)

@@ -4,7 +4,6 @@ same weights and the same held-out validation (``--valid``, its kept weights inc
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,9 +18,7 @@ from dpa_rag.config import save_config
 from dpa_rag.jobs import PREEMPTED_EXIT
 from dpa_rag.llm import run
 from dpa_rag.llm.train import _inputs as _inputs_of
-from test_jobs import _stop, _wait_for
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+from test_jobs import ENV, rerun_resumes, signal_at
 
 # the CLI in a child process, slowed down at step `at` (a marker file says it got there)
 _CHILD = """
@@ -83,18 +80,9 @@ def test_sigkill_between_checkpoints_then_rerun_equals_uninterrupted(
     clean = run(_cfg(tiny_llm_dir, data, valid, run_dir / "clean", **opts))
     cfg = _cfg(tiny_llm_dir, data, valid, run_dir / "killed", **opts)
     proc, marker = _child(run_dir, cfg, at=3, sleep=600)
-    try:
-        _wait_for(marker, proc, "step 3", timeout=300)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        _stop(proc)
+    signal_at(proc, marker, "step 3", signal.SIGKILL, timeout=300, wait=30)
     assert proc.returncode == -signal.SIGKILL
-    ckpt = run_dir / "killed" / "checkpoints" / "checkpoint-2"
-    assert (ckpt / RESUME_FILE).exists() and not (run_dir / "killed" / "manifest.json").exists()
-    with caplog.at_level("INFO", logger="dpa_rag"):
-        resumed = run(cfg)
-    assert f"resuming from {ckpt} (step 2, same config and inputs)" in caplog.text
+    resumed = rerun_resumes(run_dir / "killed", 2, lambda: run(cfg), caplog)
     _same_result(resumed, clean)
     result = json.loads(resumed.validation.read_text())
     assert [r["step"] for r in result["steps"]] == [0, 2, 4, 6] and result["selected_step"] == 0
@@ -125,12 +113,7 @@ def test_sigterm_during_train_llm_saves_a_checkpoint_and_resumes(run_dir: Path, 
     clean = run(_cfg(tiny_llm_dir, data, valid, run_dir / "clean", **opts))
     cfg = _cfg(tiny_llm_dir, data, valid, run_dir / "stopped", **opts)
     proc, marker = _child(run_dir, cfg, at=2, sleep=3)
-    try:
-        _wait_for(marker, proc, "step 2", timeout=300)
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(300)
-    finally:
-        _stop(proc)
+    signal_at(proc, marker, "step 2", signal.SIGTERM, timeout=300, wait=300)
     text = proc.stdout.read()  # type: ignore[union-attr]
     assert proc.returncode == PREEMPTED_EXIT, text[-3000:]
     stopped = [line for line in text.splitlines() if line.startswith("stopped:")]

@@ -3,7 +3,6 @@ as an uninterrupted run (tiny cross-encoder, CPU, fixed seed)."""
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -16,10 +15,8 @@ from dpa_rag.checkpoints import RESUME_FILE
 from dpa_rag.config import save_config
 from dpa_rag.reranker.config import TrainRerankerConfig
 from dpa_rag.reranker.train import run as train_reranker
-from test_jobs import _stop, _wait_for
+from test_jobs import ENV, rerun_resumes, signal_at
 from toys import authors_train_records, write_rows
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
 
 _CHILD = """
 import time
@@ -65,18 +62,9 @@ def test_sigkill_during_train_reranker_then_rerun_equals_uninterrupted(
     code = _CHILD.format(marker=str(marker), config=str(config))
     proc = subprocess.Popen([sys.executable, "-c", code], env=ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    try:
-        _wait_for(marker, proc, "step 3", timeout=300)
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(30)
-    finally:
-        _stop(proc)
+    signal_at(proc, marker, "step 3", signal.SIGKILL, timeout=300, wait=30)
     assert proc.returncode == -signal.SIGKILL
-    ckpt = run_dir / "killed" / "checkpoints" / "checkpoint-2"
-    assert (ckpt / RESUME_FILE).exists() and not (run_dir / "killed" / "manifest.json").exists()
-    with caplog.at_level("INFO", logger="dpa_rag"):
-        resumed = train_reranker(cfg)
-    assert f"resuming from {ckpt} (step 2, same config and inputs)" in caplog.text
+    resumed = rerun_resumes(run_dir / "killed", 2, lambda: train_reranker(cfg), caplog)
     wa, wb = _weights(clean.model), _weights(resumed.model)
     assert wa.keys() == wb.keys()
     for k in wa:
