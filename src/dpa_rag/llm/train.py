@@ -13,6 +13,7 @@ Outputs in ``out_dir``: ``adapter/`` or ``model/``, ``merged/`` (``--merge``), `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import logging
 import os
@@ -25,7 +26,7 @@ from dpa_rag.checkpoints import CheckpointCallback, checkpoint_state, finished_c
 from dpa_rag.io import write_json
 from dpa_rag.jobs import preempt_requested
 from dpa_rag.llm.config import TrainLLMConfig
-from dpa_rag.llm.data import DataReport, LLMExample, check_lengths, find_data_file, load_examples
+from dpa_rag.llm.data import DataReport, LengthBuckets, LLMExample, check_lengths, find_data_file, load_examples
 from dpa_rag.llm.merge import TRAIN_INFO, merge_adapter
 from dpa_rag.llm.plot import plot_loss
 from dpa_rag.llm.recipes import deepspeed_config_path
@@ -199,12 +200,34 @@ def build_model(cfg: TrainLLMConfig, device: str | None = None) -> tuple[Any, An
         return model, None
     from peft import LoraConfig
 
-    targets = cfg.lora_target_modules
+    targets: list[str] | str = "all-linear" if cfg.lora_target_modules == ["all-linear"] else cfg.lora_target_modules
+    layers = _top_layers(model, cfg.lora_top_layers)
+    if layers is not None and targets == "all-linear":  # PEFT takes a layer list only with named modules
+        targets = _linear_module_names(model)
     peft_config = LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="CAUSAL_LM",
-        target_modules="all-linear" if targets == ["all-linear"] else targets,
+        target_modules=targets, layers_to_transform=layers,
     )
     return model, peft_config
+
+
+def _top_layers(model, top: int | None) -> list[int] | None:
+    """The indices of the top ``top`` decoder layers (None: all of them)."""
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    if top is None or n is None or top >= n:
+        if top is not None and n is None:
+            raise ValueError("--lora-top-layers needs a model config with num_hidden_layers")
+        return None
+    return list(range(n - top, n))
+
+
+def _linear_module_names(model) -> list[str]:
+    """The names of the linear layers PEFT's "all-linear" would adapt (every linear layer but the output head)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+                   if isinstance(m, torch.nn.Linear) and m is not head})
 
 
 def _load_data(cfg: TrainLLMConfig, tokenizer) -> tuple[list[LLMExample], DataReport]:
@@ -283,7 +306,7 @@ def build_trainer(cfg: TrainLLMConfig) -> tuple[Any, DataReport]:
     args = _sft_args(cfg, device, out_dir)
     model, peft_config = build_model(cfg, device)
     dataset = Dataset.from_list([ex.to_row() for ex in examples])
-    trainer = SFTTrainer(
+    trainer = (_bucketed_trainer() if cfg.group_by_length else SFTTrainer)(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
     if cfg.valid is not None:
@@ -293,6 +316,21 @@ def build_trainer(cfg: TrainLLMConfig) -> tuple[Any, DataReport]:
     checkpoints.hooks.owner = checkpoints
     trainer.add_callback(checkpoints.hooks)
     return trainer, report
+
+
+@functools.cache
+def _bucketed_trainer() -> type:
+    """``SFTTrainer`` whose training batches group examples of similar length (:class:`LengthBuckets`); made on
+    first use, so importing this module does not import TRL."""
+    from trl import SFTTrainer
+
+    class BucketedSFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            dataset = self.train_dataset if train_dataset is None else train_dataset
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            return LengthBuckets(lengths, self.args.per_device_train_batch_size, self.args.seed)
+
+    return BucketedSFTTrainer
 
 
 def _inputs(cfg: TrainLLMConfig) -> list[Path | str]:
@@ -488,7 +526,8 @@ def run(cfg: TrainLLMConfig) -> TrainLLMOutputs:
         write_json(out.data_report, report.to_dict())
     checkpoints = _owner(trainer, CheckpointCallback)
     validation = _owner(trainer, ValidationCallback)
-    assert checkpoints is not None
+    if checkpoints is None:  # build_trainer always adds it; a trainer built another way cannot resume
+        raise RuntimeError("train-llm: the trainer has no checkpoint callback (make it with build_trainer)")
     resume = resolve_resume(cfg.resume_from_checkpoint, out_dir / CHECKPOINTS_DIR, checkpoints.state, "train-llm")
     if resume is not None and validation is not None:
         validation.restore(resume)

@@ -286,8 +286,9 @@ class _Wiring:
         return {"valid_fraction": LLM_VALID_FRACTION, "sft_filter": "has-answer", "closed_book": "self",
                 **self.answer_prompt()}
 
-    def llm_valid_fraction(self) -> float:
-        return float(self.cfg.section("llm_data").get("valid_fraction", LLM_VALID_FRACTION))
+    def llm_valid_fraction(self, f: Folders) -> float:
+        """The llm-data step's held-out share, as that step is configured (its defaults under the user's section)."""
+        return float({**self.llm_data_defaults(f), **self.cfg.section("llm_data")}["valid_fraction"])
 
     def train_llm_defaults(self, f: Folders) -> dict[str, Any]:
         """The seed, and validation answered the answer step's way (passages, template, chat, decoding budget)."""
@@ -303,7 +304,7 @@ class _Wiring:
         out: dict[str, Any] = {"model": self.cfg.reader.model, "stage": stage, "out_dir": f[f"train-llm-{stage}"]}
         if stage == "prealign":  # validated through the SFT stage that starts from it (its step 0)
             return {**out, "data": [data.prealign]}
-        if self.llm_valid_fraction() > 0:
+        if self.llm_valid_fraction(f) > 0:
             out["valid"] = data.valid
         return {**out, "data": [data.sft], "merge": True, **(self.prealign_start(f) if self.cfg.prealign else {})}
 
