@@ -55,8 +55,9 @@ class TrainLLMConfig(DeviceOption, StageConfig):
         default_factory=lambda: ["all-linear"], description="Modules to adapt ('all-linear' or names like q_proj)."
     )
     lora_top_layers: int | None = Field(
-        None, ge=1, description="LoRA on the top N decoder layers only: the backward pass stops below them (SFT "
-        "steps about 40% faster on the demo's CPU with half the layers). [default: every layer]",
+        None, ge=1, description="LoRA on the top N decoder layers only: the backward pass stops below them (faster "
+        "steps; on the demo the reader learnt more slowly, docs/llm.md). A continued adapter keeps its own layers. "
+        "[default: every layer]",
     )
 
     # Optimisation
