@@ -70,6 +70,7 @@ def _rendered_help(name: str) -> str:
                             "[default: ['point', 'pair', 'contrastive']]"]),
         ("index", ["[default: minilm]"]),
         ("answer", ["[default: smollm2-135m]"]),
+        ("evaluate", ["[required]"]),
     ],
 )
 def test_help_shows_defaults(name, expected):
@@ -78,6 +79,7 @@ def test_help_shows_defaults(name, expected):
     for needle in expected:
         assert needle in text, f"{name} --help lacks {needle!r}"
     assert "\\[" not in text  # escapes are not shown
+    assert "PydanticUndefined" not in text  # a required option has no default to show
 
 
 def test_train_reranker_help_names_both_kinds_and_their_loaders():

@@ -72,6 +72,8 @@ def _cli_type(annotation: Any) -> tuple[Any, str]:
 
 
 def _default_text(field: FieldInfo) -> str:
+    if field.is_required():  # no default to show (typer marks the option [required])
+        return ""
     if field.default_factory is not None:
         try:
             value = field.default_factory()  # type: ignore[call-arg]
