@@ -216,7 +216,6 @@ def test_lora_top_layers_adapts_only_the_upper_layers(run_dir: Path, tiny_llm_di
     # the tiny Llama has 2 layers: the same linear modules as all-linear, in layer 1 only
     assert lora_modules(top) == {m for m in lora_modules(every) if m.startswith("1.")}
     assert any(m.startswith("0.") for m in lora_modules(every))
-    top.train()
     out = run(_cfg(tiny_llm_dir, qa_file, run_dir / "top-run", lora_top_layers=1))
     assert json.loads((out.adapter / "adapter_config.json").read_text())["layers_to_transform"] == [1]
     # the next stage continues the same adapter, on the same layers

@@ -213,12 +213,12 @@ def build_model(cfg: TrainLLMConfig, device: str | None = None) -> tuple[Any, An
 
 def _top_layers(model, top: int | None) -> list[int] | None:
     """The indices of the top ``top`` decoder layers (None: all of them)."""
-    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
-    if top is None or n is None or top >= n:
-        if top is not None and n is None:
-            raise ValueError("--lora-top-layers needs a model config with num_hidden_layers")
+    if top is None:
         return None
-    return list(range(n - top, n))
+    n = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    if n is None:
+        raise ValueError("--lora-top-layers needs a model config with num_hidden_layers")
+    return None if top >= n else list(range(n - top, n))
 
 
 def _linear_module_names(model) -> list[str]:
@@ -321,7 +321,9 @@ def build_trainer(cfg: TrainLLMConfig) -> tuple[Any, DataReport]:
 @functools.cache
 def _bucketed_trainer() -> type:
     """``SFTTrainer`` whose training batches group examples of similar length (:class:`LengthBuckets`); made on
-    first use, so importing this module does not import TRL."""
+    first use, so importing this module does not import TRL. Not transformers' ``group_by_length`` sampler: it sorts
+    each megabatch (up to 50 batches; a quarter of a small data set) longest first, so training sweeps from long to
+    short examples a few times per epoch instead of meeting them in random order."""
     from trl import SFTTrainer
 
     class BucketedSFTTrainer(SFTTrainer):
