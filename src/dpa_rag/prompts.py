@@ -223,3 +223,23 @@ def clean_answer(text: str) -> str:
 
 def _drop_period(s: str) -> str:
     return s[:-1].rstrip() if s.endswith(".") and not s.endswith("..") else s
+
+
+_SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
+
+
+def finished_line(text: str) -> str | None:
+    """The first non-empty line of a raw completion if the reader finished it, else ``None``.
+
+    A line is finished when it ends a sentence (``.``, ``!``, ``?`` or ``…``, then optional closing quotes or
+    brackets) or when the completion goes on to another line. A completion cut by the token budget ends mid-sentence
+    ("The largest bill in American money is the $100 bill, which is"): training on it as a target (the end-of-turn
+    token after it) would teach the reader to stop mid-sentence. Kept as written: no prefix, quote or period removed.
+    """
+    lines = [line.strip() for line in text.strip().splitlines()]
+    lines = [line for line in lines if line]
+    if not lines:
+        return None
+    if len(lines) > 1 or _SENTENCE_END.search(lines[0]):
+        return lines[0]
+    return None

@@ -259,6 +259,19 @@ def test_llm_data_holds_out_validation_filters_and_adds_closed_book(tmp_path: Pa
     assert len(cb) == 10 - 3 and all(m["messages"][2]["content"] == "cb" for m in cb)  # the reader's own answer
     assert cb[0]["messages"][1]["content"].startswith("Question: ")
 
+    # with the raw completion (mine keeps it): the answer as written, and none from an answer cut mid-sentence
+    prefs = [json.loads(x) for x in pref_path.read_text().splitlines()]
+    for i, p in enumerate(prefs):
+        p["closed_book"]["raw"] = f"The answer is {p['id']}." if i % 2 == 0 else f"The answer to {p['id']} is the"
+    write_jsonl(pref_path, prefs)
+    raw = run_llm(cfg.model_copy(update={"closed_book": "self", "out_dir": tmp_path / "r"}))
+    sft = [json.loads(x) for x in raw.sft.read_text().splitlines()]
+    targets = {m["messages"][2]["content"] for m in sft if "Passages:" not in m["messages"][1]["content"]}
+    kept = {f"The answer is q{i}." for i in range(0, 10, 2) if f"q{i}" not in held}
+    assert targets == kept
+    unfinished = sum(1 for i in range(1, 10, 2) if f"q{i}" not in held)
+    assert json.loads(raw.stats.read_text())["sft"]["closed_book_skipped_unfinished"] == unfinished
+
 
 def test_prealign_example_is_seeded_and_local() -> None:
     p = mixed_pref("q")

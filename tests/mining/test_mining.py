@@ -106,6 +106,16 @@ def test_qa_prompt_and_clean_answer() -> None:
     assert clean_answer("   ") == ""
 
 
+def test_finished_line_tells_a_finished_answer_from_a_cut_one() -> None:
+    from dpa_rag.prompts import finished_line
+
+    assert finished_line("The capital of Alabama is Montgomery.") == "The capital of Alabama is Montgomery."
+    assert finished_line(' He said "no!" ') == 'He said "no!"'
+    assert finished_line("Paris\nThe capital of France") == "Paris"  # it went on to another line: finished
+    assert finished_line("The largest bill in American money is the $100 bill, which is") is None  # budget cut
+    assert finished_line("  \n ") is None
+
+
 # ---------------------------------------------------------------- a synthetic retrieval file and a scripted reader
 
 def scripted_reader(text: str) -> str:
@@ -146,7 +156,7 @@ def test_mine_outputs_categories_and_batching(run_dir: Path) -> None:
     prefs = _read(path)
     assert [p["id"] for p in prefs] == [f"q{i}" for i in range(10)]
     first = prefs[0]
-    assert first["closed_book"] == {"answer": "Paris", "hit": 1, "f1": 1.0}
+    assert first["closed_book"] == {"answer": "Paris", "hit": 1, "f1": 1.0, "raw": "Paris"}
     assert [p["rank"] for p in first["probes"]] == [1, 2, 3, 4]
     assert set(first["probes"][0]["ctx"]) >= {"id", "title", "text"}
     cats = {p["category"] for pref in prefs for p in pref["probes"]}

@@ -67,7 +67,7 @@ def test_mined_file_round_trips_byte_for_byte(tmp_path: Path, kw: dict) -> None:
         assert all(p.closed_book.answer is not None for p in prefs)
         assert prefs[0].probes[0].answer is not None and prefs[4].probes[0].answer is None
         first = json.loads(path.read_text(encoding="utf-8").splitlines()[0])
-        assert list(first["closed_book"]) == ["loglik", "answer", "hit", "f1"]
+        assert list(first["closed_book"]) == ["loglik", "answer", "hit", "f1", "raw"]
         assert list(first["probes"][0]) == ["rank", "ctx", "loglik", "gain", "category", "answer", "hit", "f1",
                                             "hit_category"]
     else:

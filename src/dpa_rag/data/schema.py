@@ -119,9 +119,11 @@ def _ordered(data: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
 class ClosedBook(BaseModel):
     """The reader's closed-book result of a question.
 
-    ``answer``/``hit``/``f1`` when it was answered by generation (rules ``hit``, ``f1-delta``; under ``loglik`` only
-    for the ``agreement_questions``), ``loglik`` (best length-normalised log-probability of a gold) under ``loglik``.
-    Dumped (with ``exclude_none``) in the order ``mine`` writes: ``loglik`` first, then ``answer``, ``hit``, ``f1``.
+    ``answer``/``hit``/``f1`` when it was answered by generation (rules ``hit``, ``f1-delta``; under ``loglik`` for
+    every question with ``closed_book_answers``), ``loglik`` (best length-normalised log-probability of a gold) under
+    ``loglik``, ``raw`` (the reader's completion before :func:`~dpa_rag.prompts.clean_answer`; build-llm-data's
+    closed-book examples are made from it). Dumped (with ``exclude_none``) in the order ``mine`` writes: ``loglik``
+    first, then ``answer``, ``hit``, ``f1``, ``raw``.
     """
 
     model_config = ConfigDict(extra="allow")
@@ -130,6 +132,7 @@ class ClosedBook(BaseModel):
     answer: str | None = None
     hit: int | None = None
     f1: float | None = None
+    raw: str | None = None
 
 
 _HIT_PROBE_KEYS = ("rank", "ctx", "answer", "hit", "f1", "category")

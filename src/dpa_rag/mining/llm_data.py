@@ -40,7 +40,7 @@ from dpa_rag.mining.common import (
 )
 from dpa_rag.mining.labels import ALIGNED, AUTHORS_CATEGORY, normalize_rule
 from dpa_rag.mining.prompts import judge_prompt, judge_target, qa_prompt
-from dpa_rag.prompts import DEFAULT_TEMPLATE
+from dpa_rag.prompts import DEFAULT_TEMPLATE, finished_line
 from dpa_rag.stage import StageOutputs, stage_recorder
 
 __all__ = [
@@ -98,8 +98,9 @@ class LLMDataConfig(StageConfig):
     closed_book: Literal["none", "self"] = Field(
         "none",
         description="Closed-book SFT examples: none, or self (each mined question's closed-book prompt with the "
-        "reader's own closed-book answer as the target: a regulariser toward the base reader, so learning to answer "
-        "briefly from passages does not cost the answers it had without them).",
+        "reader's own closed-book answer, as it wrote it, as the target: a regulariser toward the base reader, so "
+        "learning to answer briefly from passages does not cost the answers it had without them; answers the token "
+        "budget cut mid-sentence are left out).",
     )
     sft_filter: Literal["all", "has-answer"] = Field(
         "all",
@@ -273,6 +274,27 @@ def _with_augmented_retrieval(records: list[RetrievalRecord], augmented: list[Qu
     return out
 
 
+def closed_book_target(pref: Preference, counts: Counter[str]) -> str:
+    """The target of a question's closed-book example: the reader's own closed-book answer, as it wrote it.
+
+    From the raw completion (``mine`` keeps it) when the reader finished its first line; an answer cut mid-sentence
+    by the token budget gives no example (counted as ``closed_book_unfinished``): trained on, it teaches the reader
+    to stop mid-sentence, and the closed-book answers it had got worse, not kept (README, NQ). Preferences mined
+    before ``raw`` was kept fall back to the cleaned answer.
+    """
+    cb = pref.closed_book
+    if cb is None:
+        return ""
+    if cb.raw is None:
+        return (cb.answer or "").strip()
+    line = finished_line(cb.raw)
+    if line is None:
+        counts["closed_book_unfinished"] += 1
+        return ""
+    return line
+
+
+
 def run(cfg: LLMDataConfig) -> LLMDataOutputs:
     """Write the pre-aligned and SFT sets (alpaca JSON + chat JSONL), ``dataset_info.json``, ``stats.json``."""
     out_dir = Path(cfg.out_dir)
@@ -327,9 +349,16 @@ def run(cfg: LLMDataConfig) -> LLMDataOutputs:
         sft.append(sft_example(r.question, passages, r.answers, cfg.sft_answer, cfg.template, cfg.chat))
 
     if cfg.closed_book == "self":
+        if any(p.closed_book is not None and p.closed_book.answer and p.closed_book.raw is None for p in prefs):
+            logger.warning(
+                "%s was mined before `mine` kept the raw closed-book completions: the closed-book examples use the "
+                "cleaned answers, cut mid-sentence where the token budget ended them (which teaches the reader to "
+                "stop mid-sentence); re-run `mine` (its generation cache makes it quick) to keep finished ones only",
+                pref_path,
+            )
         for pref in prefs:
-            answer = (pref.closed_book.answer or "").strip() if pref.closed_book is not None else ""
-            if pref.id in held or not answer:
+            answer = "" if pref.id in held else closed_book_target(pref, counts)
+            if not answer:
                 counts["closed_book_skipped"] += 1
                 continue
             messages = qa_prompt(pref.question, [], cfg.template)
@@ -372,6 +401,7 @@ def run(cfg: LLMDataConfig) -> LLMDataOutputs:
             "fewer_than_k_passages": counts["sft_short"],
             "filter": cfg.sft_filter,
             "closed_book_self": counts["closed_book_self"],
+            "closed_book_skipped_unfinished": counts["closed_book_unfinished"],
         },
         "valid": {"questions": len(valid), "fraction": cfg.valid_fraction, "prealign_held_out":
                   counts["prealign_held_out"]},

@@ -199,7 +199,7 @@ def mine_records(
     for r, ranks in zip(records, plan, strict=True):
         cb_answer = clean_answer(outs[i])
         i += 1
-        before = ClosedBook(answer=cb_answer, **score(cb_answer, r.answers))
+        before = ClosedBook(answer=cb_answer, **score(cb_answer, r.answers), raw=outs[i - 1])
         probes = []
         for k in ranks:
             answer = clean_answer(outs[i])
@@ -259,7 +259,7 @@ def mine_loglik(
         before = ClosedBook(loglik=values[0])
         if texts:
             cb = clean_answer(texts[0])
-            before = ClosedBook(loglik=values[0], answer=cb, **score(cb, r.answers))
+            before = ClosedBook(loglik=values[0], answer=cb, **score(cb, r.answers), raw=texts[0])
         probes = []
         for n, k in enumerate(ranks, start=1):
             gain = values[n] - values[0]
