@@ -226,20 +226,27 @@ def _drop_period(s: str) -> str:
 
 
 _SENTENCE_END = re.compile(r"[.!?…][\"'”’)\]]*$")
+_PIECES = re.compile(r"\w+|[^\w\s]")
 
 
-def finished_line(text: str) -> str | None:
+def finished_line(text: str, max_new_tokens: int | None = None) -> str | None:
     """The first non-empty line of a raw completion if the reader finished it, else ``None``.
 
     A line is finished when it ends a sentence (``.``, ``!``, ``?`` or ``…``, then optional closing quotes or
-    brackets) or when the completion goes on to another line. A completion cut by the token budget ends mid-sentence
-    ("The largest bill in American money is the $100 bill, which is"): training on it as a target (the end-of-turn
-    token after it) would teach the reader to stop mid-sentence. Kept as written: no prefix, quote or period removed.
+    brackets), when the completion goes on to another line, or, given the token budget it was generated with, when
+    it has fewer than half as many words and punctuation marks as the budget has tokens ("Paris" of 16: a completion
+    the budget cut fills the budget, and a token rarely spans two of them). A completion cut by the budget ends
+    mid-sentence ("The largest bill in American money is the $100 bill, which is"): training on it as a target (the
+    end-of-turn token after it) would teach the reader to stop mid-sentence. Kept as written: no prefix, quote or
+    period removed.
     """
     lines = [line.strip() for line in text.strip().splitlines()]
     lines = [line for line in lines if line]
     if not lines:
         return None
-    if len(lines) > 1 or _SENTENCE_END.search(lines[0]):
-        return lines[0]
+    first = lines[0]
+    if len(lines) > 1 or _SENTENCE_END.search(first):
+        return first
+    if max_new_tokens is not None and 2 * len(_PIECES.findall(first)) < max_new_tokens:
+        return first
     return None

@@ -271,6 +271,14 @@ def test_llm_data_holds_out_validation_filters_and_adds_closed_book(tmp_path: Pa
     assert targets == kept
     unfinished = sum(1 for i in range(1, 10, 2) if f"q{i}" not in held)
     assert json.loads(raw.stats.read_text())["sft"]["closed_book_skipped_unfinished"] == unfinished
+    # the budget mine generated with (its config.yaml): six pieces of a 16-token budget were not cut; of 8, maybe
+    mine_cfg = (pref_path.parent / "config.yaml").read_text()
+    (pref_path.parent / "config.yaml").write_text(mine_cfg + "max_new_tokens: 16\n")
+    budget = run_llm(cfg.model_copy(update={"closed_book": "self", "out_dir": tmp_path / "b"}))
+    assert json.loads(budget.stats.read_text())["sft"]["closed_book_self"] == 10 - 3
+    (pref_path.parent / "config.yaml").write_text(mine_cfg + "max_new_tokens: 8\n")
+    budget = run_llm(cfg.model_copy(update={"closed_book": "self", "out_dir": tmp_path / "b8"}))
+    assert json.loads(budget.stats.read_text())["sft"]["closed_book_self"] == len(kept)
 
 
 def test_prealign_example_is_seeded_and_local() -> None:

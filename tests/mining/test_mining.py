@@ -114,6 +114,11 @@ def test_finished_line_tells_a_finished_answer_from_a_cut_one() -> None:
     assert finished_line("Paris\nThe capital of France") == "Paris"  # it went on to another line: finished
     assert finished_line("The largest bill in American money is the $100 bill, which is") is None  # budget cut
     assert finished_line("  \n ") is None
+    # given the budget: far shorter than it means the reader stopped on its own; a dense string may still be a cut
+    assert finished_line("Paris") is None and finished_line("Paris", max_new_tokens=16) == "Paris"
+    assert finished_line("The answer is: 1972", max_new_tokens=16) == "The answer is: 1972"
+    assert finished_line("Canadatr.gov.ca/en/2018/", max_new_tokens=16) is None
+    assert finished_line("The largest bill in American money is the", max_new_tokens=16) is None
 
 
 # ---------------------------------------------------------------- a synthetic retrieval file and a scripted reader

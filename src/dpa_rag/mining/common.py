@@ -149,17 +149,22 @@ def split_by_group(
     return [parts[str(i)] for i in range(len(fractions))]
 
 
-def mine_config_retrieval(preferences: str | Path) -> Path | None:
-    """The retrieval file the mine stage read, from its ``config.yaml`` next to ``preferences.jsonl`` (if any)."""
+def mine_config(preferences: str | Path) -> dict[str, Any]:
+    """The mine stage's ``config.yaml`` next to ``preferences.jsonl``: ``{}`` if there is none or it is unreadable."""
     import yaml
 
     cfg_path = resolve_preferences(preferences).parent / "config.yaml"
     if not cfg_path.exists():
-        return None
+        return {}
     try:
         data = yaml.safe_load(cfg_path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError:
-        return None
-    value = data.get("retrieval") if isinstance(data, dict) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def mine_config_retrieval(preferences: str | Path) -> Path | None:
+    """The retrieval file the mine stage read, from its ``config.yaml`` next to ``preferences.jsonl`` (if any)."""
+    value = mine_config(preferences).get("retrieval")
     return Path(value) if value else None
 

@@ -34,6 +34,7 @@ from dpa_rag.mining.common import (
     inherit_augmented,
     load_augmented,
     load_preferences,
+    mine_config,
     mine_config_retrieval,
     relabel,
     resolve_preferences,
@@ -274,25 +275,24 @@ def _with_augmented_retrieval(records: list[RetrievalRecord], augmented: list[Qu
     return out
 
 
-def closed_book_target(pref: Preference, counts: Counter[str]) -> str:
+def closed_book_target(pref: Preference, counts: Counter[str], max_new_tokens: int | None = None) -> str:
     """The target of a question's closed-book example: the reader's own closed-book answer, as it wrote it.
 
-    From the raw completion (``mine`` keeps it) when the reader finished its first line; an answer cut mid-sentence
-    by the token budget gives no example (counted as ``closed_book_unfinished``): trained on, it teaches the reader
-    to stop mid-sentence, and the closed-book answers it had got worse, not kept (README, NQ). Preferences mined
-    before ``raw`` was kept fall back to the cleaned answer.
+    From the raw completion (``mine`` keeps it) when the reader finished its first line (:func:`finished_line`, with
+    the budget ``mine`` generated it with); an answer cut mid-sentence by the token budget gives no example (counted
+    as ``closed_book_unfinished``): trained on, it taught the reader to stop mid-sentence, and it lost closed-book
+    answers it had (README, NQ). Preferences mined before ``raw`` was kept fall back to the cleaned answer.
     """
     cb = pref.closed_book
     if cb is None:
         return ""
     if cb.raw is None:
         return (cb.answer or "").strip()
-    line = finished_line(cb.raw)
+    line = finished_line(cb.raw, max_new_tokens)
     if line is None:
         counts["closed_book_unfinished"] += 1
         return ""
     return line
-
 
 
 def run(cfg: LLMDataConfig) -> LLMDataOutputs:
@@ -356,8 +356,10 @@ def run(cfg: LLMDataConfig) -> LLMDataOutputs:
                 "stop mid-sentence); re-run `mine` (its generation cache makes it quick) to keep finished ones only",
                 pref_path,
             )
+        budget = mine_config(pref_path).get("max_new_tokens")
+        budget = budget if isinstance(budget, int) else None
         for pref in prefs:
-            answer = "" if pref.id in held else closed_book_target(pref, counts)
+            answer = "" if pref.id in held else closed_book_target(pref, counts, budget)
             if not answer:
                 counts["closed_book_skipped"] += 1
                 continue

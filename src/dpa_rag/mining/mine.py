@@ -197,9 +197,10 @@ def mine_records(
     out: list[Preference] = []
     i = 0
     for r, ranks in zip(records, plan, strict=True):
-        cb_answer = clean_answer(outs[i])
+        raw = outs[i]
         i += 1
-        before = ClosedBook(answer=cb_answer, **score(cb_answer, r.answers), raw=outs[i - 1])
+        cb_answer = clean_answer(raw)
+        before = ClosedBook(answer=cb_answer, **score(cb_answer, r.answers), raw=raw)
         probes = []
         for k in ranks:
             answer = clean_answer(outs[i])
