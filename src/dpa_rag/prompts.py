@@ -240,8 +240,7 @@ def finished_line(text: str, max_new_tokens: int | None = None) -> str | None:
     end-of-turn token after it) would teach the reader to stop mid-sentence. Kept as written: no prefix, quote or
     period removed.
     """
-    lines = [line.strip() for line in text.strip().splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return None
     first = lines[0]

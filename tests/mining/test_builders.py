@@ -224,7 +224,9 @@ def test_build_llm_data(tmp_path: Path) -> None:
     assert info["dpa_rag_prealign"]["columns"]["prompt"] == "instruction"
 
 
-def test_llm_data_holds_out_validation_filters_and_adds_closed_book(tmp_path: Path) -> None:
+def test_llm_data_holds_out_validation_filters_and_adds_closed_book(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     """valid.jsonl: held-out questions (and their rewrites) left out of both sets; has-answer drops SFT targets the
     passages do not hold; closed_book=self adds the reader's own closed-book answers as closed-book examples."""
     from dpa_rag.mining.llm_data import held_out_ids
@@ -257,6 +259,8 @@ def test_llm_data_holds_out_validation_filters_and_adds_closed_book(tmp_path: Pa
     sft = [json.loads(x) for x in closed.sft.read_text().splitlines()]
     cb = [m for m in sft if "Passages:" not in m["messages"][1]["content"]]
     assert len(cb) == 10 - 3 and all(m["messages"][2]["content"] == "cb" for m in cb)  # the reader's own answer
+    assert "mined before `mine` kept the raw closed-book completions: 7 closed-book examples" in caplog.text
+    caplog.clear()
     assert cb[0]["messages"][1]["content"].startswith("Question: ")
 
     # with the raw completion (mine keeps it): the answer as written, and none from an answer cut mid-sentence
@@ -271,6 +275,7 @@ def test_llm_data_holds_out_validation_filters_and_adds_closed_book(tmp_path: Pa
     assert targets == kept
     unfinished = sum(1 for i in range(1, 10, 2) if f"q{i}" not in held)
     assert json.loads(raw.stats.read_text())["sft"]["closed_book_skipped_unfinished"] == unfinished
+    assert "mined before" not in caplog.text
     # the budget mine generated with (its config.yaml): six pieces of a 16-token budget were not cut; of 8, maybe
     mine_cfg = (pref_path.parent / "config.yaml").read_text()
     (pref_path.parent / "config.yaml").write_text(mine_cfg + "max_new_tokens: 16\n")

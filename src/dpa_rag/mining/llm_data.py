@@ -287,6 +287,7 @@ def closed_book_target(pref: Preference, counts: Counter[str], max_new_tokens: i
     if cb is None:
         return ""
     if cb.raw is None:
+        counts["closed_book_without_raw"] += int(bool(cb.answer))
         return (cb.answer or "").strip()
     line = finished_line(cb.raw, max_new_tokens)
     if line is None:
@@ -349,24 +350,23 @@ def run(cfg: LLMDataConfig) -> LLMDataOutputs:
         sft.append(sft_example(r.question, passages, r.answers, cfg.sft_answer, cfg.template, cfg.chat))
 
     if cfg.closed_book == "self":
-        if any(p.closed_book is not None and p.closed_book.answer and p.closed_book.raw is None for p in prefs):
-            logger.warning(
-                "%s was mined before `mine` kept the raw closed-book completions: the closed-book examples use the "
-                "cleaned answers, cut mid-sentence where the token budget ended them (which teaches the reader to "
-                "stop mid-sentence); re-run `mine` (its generation cache makes it quick) to keep finished ones only",
-                pref_path,
-            )
         budget = mine_config(pref_path).get("max_new_tokens")
         budget = budget if isinstance(budget, int) else None
         for pref in prefs:
             answer = "" if pref.id in held else closed_book_target(pref, counts, budget)
             if not answer:
-                counts["closed_book_skipped"] += 1
                 continue
             messages = qa_prompt(pref.question, [], cfg.template)
             messages.append({"role": "assistant", "content": answer})
             sft.append(_as_record(messages, cfg.chat))
             counts["closed_book_self"] += 1
+        if counts["closed_book_without_raw"]:
+            logger.warning(
+                "%s was mined before `mine` kept the raw closed-book completions: %d closed-book examples use the "
+                "cleaned answers, cut mid-sentence where the token budget ended them (which teaches the reader to "
+                "stop mid-sentence); re-run `mine` (its generation cache makes it quick) to keep finished ones only",
+                pref_path, counts["closed_book_without_raw"],
+            )
     out = LLMDataOutputs.at(out_dir)
     write_json(out.prealign_alpaca, [to_alpaca(e) for e in prealign])
     write_jsonl(out.prealign, prealign)
