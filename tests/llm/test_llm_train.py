@@ -167,6 +167,39 @@ def test_labels_mask_exactly_the_prompt_and_padding(run_dir: Path, tiny_llm_dir:
         assert tok.decode(ids[i, n_prompt:n_total]) == f"{a}<|im_end|>\n"
 
 
+def test_cpu_training_scores_only_the_labelled_positions(run_dir: Path, tiny_llm_dir: Path, qa_file: Path) -> None:
+    """On CPU the fused LM head projects only the answer's positions, with the loss and gradients of the model's own
+    full-logits loss (TRL would score every prompt position there)."""
+    import trl.trainer.utils as trl_utils
+
+    trainer, _ = build_trainer(_cfg(tiny_llm_dir, qa_file, run_dir / "out"))
+    assert trl_utils._use_triton(torch.device("cpu")), "the CPU switch of TRL's fused LM head is not set"
+    batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+    model = trainer.model
+    labelled = int((batch["labels"][:, 1:] != -100).sum())
+    assert 0 < labelled < batch["labels"][:, 1:].numel() / 2  # the prompts are most of the batch
+
+    rows, apply = [], trl_utils._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        rows.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    trl_utils._ChunkedLogProbFunction.apply = spy
+    try:
+        fused = model(**batch, fused_lm_head=True).loss
+    finally:
+        trl_utils._ChunkedLogProbFunction.apply = apply
+    assert rows == [labelled]
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused_grads = torch.autograd.grad(fused, params)
+    full = model(**batch).loss  # the model's own loss over the full logits
+    full_grads = torch.autograd.grad(full, params)
+    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-6)
+    for a, b in zip(fused_grads, full_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_length_buckets_batch_similar_lengths_in_random_order() -> None:
     from dpa_rag.llm.data import LengthBuckets
 

@@ -306,6 +306,8 @@ def build_trainer(cfg: TrainLLMConfig) -> tuple[Any, DataReport]:
     args = _sft_args(cfg, device, out_dir)
     model, peft_config = build_model(cfg, device)
     dataset = Dataset.from_list([ex.to_row() for ex in examples])
+    if device == "cpu":
+        score_labelled_positions_only()
     trainer = (_bucketed_trainer() if cfg.group_by_length else SFTTrainer)(
         model=model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config
     )
@@ -316,6 +318,30 @@ def build_trainer(cfg: TrainLLMConfig) -> tuple[Any, DataReport]:
     checkpoints.hooks.owner = checkpoints
     trainer.add_callback(checkpoints.hooks)
     return trainer, report
+
+
+@functools.cache
+def score_labelled_positions_only() -> bool:
+    """Make TRL's fused LM head score only the positions that have a label on CPU too; True if it now does.
+
+    TRL (1.16) runs the 49k-token LM head, log-softmax, entropy and top-1 check over the labelled positions only on
+    devices with Triton kernels, and over *every* position elsewhere (fixed tile shapes for graph compilers such as
+    Neuron's). On CPU, with the loss on the answer only, that is the whole prompt scored for an answer of a few tokens:
+    about a fifth of each step on the demo's data (docs/llm.md). The loss and gradients are the same either way (the
+    unlabelled positions are masked out of both); CPU has no compiler to keep shapes for. TRL reads the switch
+    ``trl.trainer.utils._use_triton`` at call time; a TRL without it keeps its own behaviour (False here).
+    """
+    import trl.trainer.utils as trl_utils
+
+    original = getattr(trl_utils, "_use_triton", None)
+    if original is None:
+        return False
+
+    def compact_on_cpu(device) -> bool:
+        return device.type == "cpu" or original(device)
+
+    trl_utils._use_triton = compact_on_cpu
+    return True
 
 
 @functools.cache
