@@ -327,7 +327,7 @@ def score_labelled_positions_only() -> bool:
     TRL (1.16) runs the 49k-token LM head, log-softmax, entropy and top-1 check over the labelled positions only on
     devices with Triton kernels, and over *every* position elsewhere (fixed tile shapes for graph compilers such as
     Neuron's). On CPU, with the loss on the answer only, that is the whole prompt scored for an answer of a few tokens:
-    about a fifth of each step on the demo's data (docs/llm.md). The loss and gradients are the same either way (the
+    about a third of each step on the demo's data (docs/llm.md). The loss and gradients are the same either way (the
     unlabelled positions are masked out of both); CPU has no compiler to keep shapes for. TRL reads the switch
     ``trl.trainer.utils._use_triton`` at call time; a TRL without it keeps its own behaviour (False here).
     """
