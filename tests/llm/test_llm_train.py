@@ -167,7 +167,9 @@ def test_labels_mask_exactly_the_prompt_and_padding(run_dir: Path, tiny_llm_dir:
         assert tok.decode(ids[i, n_prompt:n_total]) == f"{a}<|im_end|>\n"
 
 
-def test_cpu_training_scores_only_the_labelled_positions(run_dir: Path, tiny_llm_dir: Path, qa_file: Path) -> None:
+def test_cpu_training_scores_only_the_labelled_positions(
+    run_dir: Path, tiny_llm_dir: Path, qa_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On CPU the fused LM head projects only the answer's positions, with the loss and gradients of the model's own
     full-logits loss (TRL would score every prompt position there)."""
     import trl.trainer.utils as trl_utils
@@ -185,11 +187,9 @@ def test_cpu_training_scores_only_the_labelled_positions(run_dir: Path, tiny_llm
         rows.append(hidden.shape[0])
         return apply(hidden, *args)
 
-    trl_utils._ChunkedLogProbFunction.apply = spy
-    try:
+    with monkeypatch.context() as patch:
+        patch.setattr(trl_utils._ChunkedLogProbFunction, "apply", spy)
         fused = model(**batch, fused_lm_head=True).loss
-    finally:
-        trl_utils._ChunkedLogProbFunction.apply = apply
     assert rows == [labelled]
     params = [p for p in model.parameters() if p.requires_grad]
     fused_grads = torch.autograd.grad(fused, params)
