@@ -99,6 +99,9 @@ def main() -> None:
     ap.add_argument("--curve-rows", nargs="+", default=None, choices=list(ROWS),
                     help="rows trained at every size (default: all --rows); the others only at the largest size")
     ap.add_argument("--backbone", default="minilm")
+    ap.add_argument("--kind", default="auto",
+                    help="reranker kind to train (auto: a bi-encoder for an embedding backbone; cross-encoder: a new "
+                    "classification head on it); the untrained row is always the backbone as a bi-encoder")
     ap.add_argument("--epochs", type=float, default=1.0)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -157,13 +160,15 @@ def main() -> None:
         settings = {"losses": spec["losses"], "epochs": args.epochs, "eval_steps": eval_steps,
                     "lr": args.lr, "batch": args.batch_size,
                     "max_length": args.max_length, "weighting": args.weighting, "seed": args.seed,
-                    "listwise_temperature": args.listwise_temperature, "train_records": stats["train"]["kept"]}
+                    "listwise_temperature": args.listwise_temperature, "train_records": stats["train"]["kept"],
+                    **({"kind": args.kind} if args.kind != "auto" else {})}
         if not (done.exists() and json.loads(done.read_text()).get("settings") == settings):
             shutil.rmtree(target, ignore_errors=True)  # other settings: start over, not resume
             t0 = time.perf_counter()
             train_reranker(TrainRerankerConfig(
                 train=str(d.train), utility_valid=str(d.valid_lists), utility_test=str(d.test_lists),
-                backbone=args.backbone, out_dir=str(target), losses=spec["losses"], weighting=args.weighting,
+                backbone=args.backbone, kind=args.kind, out_dir=str(target), losses=spec["losses"],
+                weighting=args.weighting,
                 epochs=args.epochs, learning_rate=args.lr, batch_size=args.batch_size, max_length=args.max_length,
                 listwise_temperature=args.listwise_temperature, metric_for_best_model="utility_ndcg@3",
                 eval_strategy="steps", eval_steps=eval_steps,
