@@ -99,7 +99,9 @@ def main() -> None:
     ap.add_argument("--curve-rows", nargs="+", default=None, choices=list(ROWS),
                     help="rows trained at every size (default: all --rows); the others only at the largest size")
     ap.add_argument("--backbone", default="minilm")
-    ap.add_argument("--kind", default="auto",
+    from dpa_rag.reranker.kinds import kind_names
+
+    ap.add_argument("--kind", default="auto", choices=["auto", *kind_names()],
                     help="reranker kind to train (auto: a bi-encoder for an embedding backbone; cross-encoder: a new "
                     "classification head on it); the untrained row is always the backbone as a bi-encoder")
     ap.add_argument("--epochs", type=float, default=1.0)
