@@ -117,6 +117,54 @@ def test_a_reader_made_worse_keeps_its_starting_weights(run_dir: Path, tiny_llm_
     assert [e["step"] for e in log if "loss" in e][-1] == 6  # it did train; the kept weights are step 0's
 
 
+def test_lora_validation_answers_through_merged_weights_and_restores_them_exactly(
+    run_dir: Path, tiny_llm_dir: Path
+) -> None:
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import AutoModelForCausalLM
+
+    from dpa_rag.llm.train import merged_lora
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llm_dir, dtype=torch.float32)
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(0.0, 0.5)  # an adapter that changes the outputs
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with model.disable_adapter():
+            plain = model(input_ids=ids).logits
+        with merged_lora(model):
+            assert layers and all(m.merged for m in layers)
+            merged = model(input_ids=ids).logits
+        with model.disable_adapter(), merged_lora(model):  # the base reader's pass: nothing to merge
+            assert not any(m.merged for m in layers)
+    assert not torch.allclose(adapted, plain, atol=1e-3)
+    assert torch.allclose(merged, adapted, atol=1e-4)
+    assert not any(m.merged for m in layers)
+    changed = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    assert not changed  # bit for bit, not a float-rounded unmerge
+
+    # end to end: the merged/ model the stage writes answers the validation questions as the run recorded
+    from transformers import AutoTokenizer
+
+    data, valid = _inputs(run_dir)
+    out = run(_cfg(tiny_llm_dir, data, valid, run_dir / "lora", learning_rate=1e-2, max_steps=4, eval_steps=2,
+                   lora_r=4, lora_alpha=8, lora_dropout=0.0, merge=True))
+    result = json.loads(out.validation.read_text())
+    assert [r["step"] for r in result["steps"]] == [0, 2, 4]
+    records = [RetrievalRecord.model_validate(json.loads(x)) for x in valid.read_text().splitlines()]
+    kept = AutoModelForCausalLM.from_pretrained(out.merged, dtype=torch.float32)
+    again, _ = Validator(records, AutoTokenizer.from_pretrained(out.merged), max_new_tokens=8,
+                         closed_book=True).evaluate(kept)
+    assert again == result["selected"]
+
+
 def test_without_valid_nothing_changes(run_dir: Path, tiny_llm_dir: Path) -> None:
     data, _ = _inputs(run_dir)
     out = run(_cfg(tiny_llm_dir, data, None, run_dir / "plain", learning_rate=1e-2, max_steps=1))
