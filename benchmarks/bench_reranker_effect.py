@@ -10,7 +10,9 @@ training-set size and ranks the held-out *training-split* lists against the read
   loss — the same loss, budget and selection rule as ``listwise``;
 * ``relevance-paper``: the control with the paper's losses (point + pair + contrastive, MGDA-UB);
 * ``paper``: the reader's preferences, the paper's losses (point + pair + contrastive), MGDA-UB weighting;
-* ``listwise``: the reader's graded gains, the listwise loss (ListNet on softmax(gain / T)).
+* ``listwise``: the reader's graded gains, the listwise loss (ListNet on softmax(gain / T));
+* ``mix``: the reader's labels, listwise + the paper's three losses under the same weighting (``relevance-mix``: its
+  control).
 
 Printed and written (``effect.json``, ``effect.md``, ``effect.png``): utility nDCG@3 (gain⁺ as graded relevance),
 the top-1 passage's gain and answer presence per row and size; paired bootstrap 95% intervals of each row minus
@@ -41,8 +43,10 @@ ROWS = {
     "relevance-paper": {"labels": "relevance", "losses": ["point", "pair", "contrastive"]},
     "paper": {"labels": "reader", "losses": ["point", "pair", "contrastive"]},
     "listwise": {"labels": "reader", "losses": ["listwise"]},
+    "mix": {"labels": "reader", "losses": ["listwise", "point", "pair", "contrastive"]},
+    "relevance-mix": {"labels": "relevance", "losses": ["listwise", "point", "pair", "contrastive"]},
 }
-CONTROL = {"listwise": "relevance", "paper": "relevance-paper"}
+CONTROL = {"listwise": "relevance", "paper": "relevance-paper", "mix": "relevance-mix"}
 
 
 def cpu_model() -> str:
