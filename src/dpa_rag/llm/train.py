@@ -403,13 +403,13 @@ class ValidationCallback:
 
             def on_step_end(hooks, args, state, control, model=None, **kw):  # noqa: N805
                 if state.global_step % self.every == 0:
-                    self._validate(state.global_step, model, merge=self._merge)
+                    self._validate(state.global_step, model)
 
             def on_train_end(hooks, args, state, control, model=None, **kw):  # noqa: N805
                 if preempt_requested() is not None:  # stopped early: the resumed run validates at its end
                     return
                 if not self.result.steps or self.result.steps[-1]["step"] != state.global_step:
-                    self._validate(state.global_step, model, merge=self._merge)
+                    self._validate(state.global_step, model)
 
             def on_save(hooks, args, state, control, **kw):  # noqa: N805
                 ckpt = Path(args.output_dir) / f"checkpoint-{state.global_step}"
@@ -467,8 +467,7 @@ class ValidationCallback:
         logger.info("validation: base reader %s", _fmt(self.result.base))
         # from the base model (a fresh LoRA adapter starts with B = 0) step 0 is the base reader, already answered
         from_base = self.cfg.init_adapter is None and self.cfg.init_model is None and state.global_step == 0
-        self._validate(state.global_step, model, (self.result.base, self.base_predictions) if from_base else None,
-                       merge=self._merge)
+        self._validate(state.global_step, model, (self.result.base, self.base_predictions) if from_base else None)
 
     def _base_evaluation(self, model) -> tuple[dict[str, float], dict[str, list[dict[str, Any]]]]:
         if hasattr(model, "disable_adapter"):  # LoRA: the base model is the same model with the adapter off
@@ -485,11 +484,9 @@ class ValidationCallback:
         finally:
             del base
 
-    def _validate(
-        self, step: int, model, done: tuple[dict[str, float], dict[str, Any]] | None = None, merge: bool = False
-    ) -> None:
-        if done is None:
-            with merged_lora(model) if merge else contextlib.nullcontext():
+    def _validate(self, step: int, model, done: tuple[dict[str, float], dict[str, Any]] | None = None) -> None:
+        if done is None:  # a LoRA reader answers through its merged weights where they can be merged in place
+            with merged_lora(model) if self._merge else contextlib.nullcontext():
                 done = self.validator.evaluate(model)
         metrics, preds = done
         row = {"step": step, **metrics}
