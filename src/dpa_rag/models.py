@@ -322,6 +322,7 @@ def resolve_llm(name: str, cache_dir: str | Path | None = None) -> str:
 
 
 def _convert_gguf(gguf: Path, out: Path) -> None:
+    import copy
     import tempfile
 
     import torch
@@ -329,8 +330,11 @@ def _convert_gguf(gguf: Path, out: Path) -> None:
 
     folder, fname = str(gguf.parent), gguf.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=fname)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, dtype=torch.float32)
+    # each GGUF read parses the file's metadata (the 49k-token vocabulary included): ~8 s here. One config read
+    # serves both models; `from_pretrained` given none reads it again itself.
     config = AutoConfig.from_pretrained(folder, gguf_file=fname)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=fname, config=copy.deepcopy(config),
+                                                  dtype=torch.float32)
     for attr in ("quantization_config",):
         if hasattr(config, attr):
             delattr(config, attr)

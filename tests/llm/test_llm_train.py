@@ -259,6 +259,36 @@ def test_lora_top_layers_adapts_only_the_upper_layers(run_dir: Path, tiny_llm_di
         lora_modules(every)
 
 
+def test_continued_adapter_takes_this_runs_dropout_and_keeps_its_shape(
+    run_dir: Path, tiny_llm_dir: Path, qa_file: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from peft.tuners.lora import LoraLayer
+
+    def dropouts(model) -> set[float | None]:
+        layers = [m.lora_dropout["default"] for m in model.modules() if isinstance(m, LoraLayer)]
+        assert layers
+        return {getattr(d, "p", None) for d in layers}  # nn.Identity has no p
+
+    prealign = run(_cfg(tiny_llm_dir, qa_file, run_dir / "p", lora_dropout=0.2))
+    assert json.loads((prealign.adapter / "adapter_config.json").read_text())["lora_dropout"] == 0.2
+    # PEFT alone would restore the saved 0.2; this run asks for none
+    model, _ = build_model(_cfg(tiny_llm_dir, qa_file, run_dir / "s0", init_adapter=prealign.adapter))
+    assert dropouts(model) == {None}
+    model, _ = build_model(_cfg(tiny_llm_dir, qa_file, run_dir / "s1", init_adapter=prealign.adapter,
+                                lora_dropout=0.1))
+    assert dropouts(model) == {0.1}
+    with caplog.at_level(logging.WARNING, logger="dpa_rag.llm.train"):
+        sft = run(_cfg(tiny_llm_dir, qa_file, run_dir / "s2", init_adapter=prealign.adapter, lora_r=16))
+    saved = json.loads((sft.adapter / "adapter_config.json").read_text())
+    assert saved["lora_dropout"] == 0.0 and saved["r"] == 4  # the shape is the adapter's
+    assert "keeps the adapter's own lora_r=4 (asked 16)" in caplog.text
+    # rank and alpha as the adapter has them, or left unset: nothing to warn about
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dpa_rag.llm.train"):
+        build_model(_cfg(tiny_llm_dir, qa_file, run_dir / "s3", init_adapter=prealign.adapter))
+    assert "keeps the adapter" not in caplog.text
+
+
 def test_full_finetuning_overfits_four_examples(run_dir: Path, tiny_llm_dir: Path) -> None:
     records = [_messages(q, a) for q, a in QA]
     records.insert(1, _messages("q", ""))  # empty answer: dropped, reported

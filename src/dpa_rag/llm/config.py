@@ -48,11 +48,14 @@ class TrainLLMConfig(DeviceOption, StageConfig):
 
     # Method
     method: Literal["lora", "qlora", "full"] = Field("lora", description="LoRA, QLoRA (bitsandbytes, CUDA) or full.")
-    lora_r: int = Field(16, ge=1, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha.")
-    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    lora_r: int = Field(16, ge=1, description="LoRA rank (a continued --init-adapter keeps its own).")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (a continued --init-adapter keeps its own).")
+    lora_dropout: float = Field(
+        0.05, ge=0.0, lt=1.0, description="LoRA dropout (also applied to a continued --init-adapter)."
+    )
     lora_target_modules: list[str] = Field(
-        default_factory=lambda: ["all-linear"], description="Modules to adapt ('all-linear' or names like q_proj)."
+        default_factory=lambda: ["all-linear"],
+        description="Modules to adapt ('all-linear' or names like q_proj; a continued --init-adapter keeps its own).",
     )
     lora_top_layers: int | None = Field(
         None, ge=1, description="LoRA on the top N decoder layers only: the backward pass stops below them (faster "

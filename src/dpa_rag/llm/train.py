@@ -196,7 +196,9 @@ def build_model(cfg: TrainLLMConfig, device: str | None = None) -> tuple[Any, An
             logger.info("merging %s into the base model, then full fine-tuning", adapter)
             return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), None
         logger.info("continuing to train the adapter %s", adapter)
-        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True), None
+        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
+        _continue_adapter(model, cfg)
+        return model, None
     if cfg.method == "full":
         return model, None
     from peft import LoraConfig
@@ -210,6 +212,30 @@ def build_model(cfg: TrainLLMConfig, device: str | None = None) -> tuple[Any, An
         target_modules=targets, layers_to_transform=layers,
     )
     return model, peft_config
+
+
+def _continue_adapter(model, cfg: TrainLLMConfig) -> None:
+    """Give a loaded adapter the dropout this run asks for, and say which asked-for shape settings it keeps.
+
+    PEFT restores a saved adapter with the dropout it was trained with; dropout is a training setting, not part of
+    the adapter, so ``--lora-dropout`` replaces it on every LoRA layer (and in the config saved with the adapter).
+    Rank, alpha and target modules are the adapter's shape: they stay, with a warning when the run set others.
+    """
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    name = model.active_adapter
+    saved = model.peft_config[name]
+    p = cfg.lora_dropout
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and name in module.lora_dropout:
+            module.lora_dropout[name] = torch.nn.Dropout(p=p) if p > 0 else torch.nn.Identity()
+    saved.lora_dropout = p
+    asked = {"lora_r": ("r", cfg.lora_r), "lora_alpha": ("lora_alpha", cfg.lora_alpha)}
+    kept = [f"{field}={getattr(saved, attr)} (asked {value})" for field, (attr, value) in asked.items()
+            if field in cfg.model_fields_set and getattr(saved, attr) != value]
+    if kept:
+        logger.warning("--init-adapter keeps the adapter's own %s", ", ".join(kept))
 
 
 def _top_layers(model, top: int | None) -> list[int] | None:
