@@ -282,7 +282,7 @@ def test_continued_adapter_takes_this_runs_dropout_and_keeps_its_shape(
     saved = json.loads((sft.adapter / "adapter_config.json").read_text())
     assert saved["lora_dropout"] == 0.0 and saved["r"] == 4  # the shape is the adapter's
     assert "keeps the adapter's own lora_r=4 (asked 16)" in caplog.text
-    # rank and alpha as the adapter has them, or left unset: nothing to warn about
+    # rank and alpha as the adapter has them: nothing to warn about
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="dpa_rag.llm.train"):
         build_model(_cfg(tiny_llm_dir, qa_file, run_dir / "s3", init_adapter=prealign.adapter))
