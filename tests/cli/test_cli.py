@@ -63,7 +63,8 @@ def _rendered_help(name: str) -> str:
 @pytest.mark.parametrize(
     ("name", "expected"),
     [
-        ("train-llm", ["LoRA rank. [default: 16]", "Peak learning rate. [default: 0.0002]", "Epochs. [default: 3.0]",
+        ("train-llm", ["LoRA rank (a continued --init-adapter keeps its own). [default: 16]",
+                       "Peak learning rate. [default: 0.0002]", "Epochs. [default: 3.0]",
                        "[default: smollm2-135m]", "Output folder. [default: runs/llm-<stage>]",
                        "bf16 mixed precision. [default: on for CUDA with bf16, else off]", "[required]"]),
         ("train-reranker", ["[default: minilm]", "Training epochs. [default: 10.0]",
