@@ -196,9 +196,8 @@ def build_model(cfg: TrainLLMConfig, device: str | None = None) -> tuple[Any, An
             logger.info("merging %s into the base model, then full fine-tuning", adapter)
             return PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(), None
         logger.info("continuing to train the adapter %s", adapter)
-        model = PeftModel.from_pretrained(model, str(adapter), is_trainable=True)
-        _continue_adapter(model, cfg)
-        return model, None
+        config = _continued_adapter_config(adapter, cfg)
+        return PeftModel.from_pretrained(model, str(adapter), is_trainable=True, config=config), None
     if cfg.method == "full":
         return model, None
     from peft import LoraConfig
@@ -214,28 +213,24 @@ def build_model(cfg: TrainLLMConfig, device: str | None = None) -> tuple[Any, An
     return model, peft_config
 
 
-def _continue_adapter(model, cfg: TrainLLMConfig) -> None:
-    """Give a loaded adapter the dropout this run asks for, and say which asked-for shape settings it keeps.
+def _continued_adapter_config(adapter: Path, cfg: TrainLLMConfig) -> Any:
+    """The saved adapter's config with this run's dropout, for ``PeftModel.from_pretrained(config=...)``.
 
-    PEFT restores a saved adapter with the dropout it was trained with; dropout is a training setting, not part of
-    the adapter, so ``--lora-dropout`` replaces it on every LoRA layer (and in the config saved with the adapter).
-    Rank, alpha and target modules are the adapter's shape: they stay, with a warning when the run set others.
+    PEFT would restore the adapter with the dropout it was trained with; dropout is a training setting, not part of
+    the adapter, so ``--lora-dropout`` wins (and is what the adapter saved by this run records). Rank and alpha are
+    the adapter's shape: they stay, with a warning when the run asked for others.
     """
-    import torch
-    from peft.tuners.lora import LoraLayer
+    from peft import PeftConfig
 
-    name = model.active_adapter
-    saved = model.peft_config[name]
-    p = cfg.lora_dropout
-    for module in model.modules():
-        if isinstance(module, LoraLayer) and name in module.lora_dropout:
-            module.lora_dropout[name] = torch.nn.Dropout(p=p) if p > 0 else torch.nn.Identity()
-    saved.lora_dropout = p
-    asked = {"lora_r": ("r", cfg.lora_r), "lora_alpha": ("lora_alpha", cfg.lora_alpha)}
-    kept = [f"{field}={getattr(saved, attr)} (asked {value})" for field, (attr, value) in asked.items()
-            if field in cfg.model_fields_set and getattr(saved, attr) != value]
+    config = PeftConfig.from_pretrained(str(adapter))
+    if hasattr(config, "lora_dropout"):
+        config.lora_dropout = cfg.lora_dropout
+    kept = [f"{field}={getattr(config, attr)} (asked {getattr(cfg, field)})"
+            for field, attr in (("lora_r", "r"), ("lora_alpha", "lora_alpha"))
+            if field in cfg.model_fields_set and getattr(config, attr, getattr(cfg, field)) != getattr(cfg, field)]
     if kept:
         logger.warning("--init-adapter keeps the adapter's own %s", ", ".join(kept))
+    return config
 
 
 def _top_layers(model, top: int | None) -> list[int] | None:
